@@ -1,0 +1,39 @@
+"""File-backed stand-ins for xenstore and qubesdb (tests only).
+
+Each key is one file in $FAKE_XENSTORE_DIR or $FAKE_QUBESDB_DIR, named by the
+key with every character but letters and digits percent-encoded; the file
+holds the value with no trailing newline.  Writes are atomic (rename).
+"""
+
+import os
+import sys
+from urllib.parse import quote
+
+
+def key_file(directory: str, key: str) -> str:
+    return os.path.join(directory, quote(key, safe=""))
+
+
+def read(directory: str, key: str):
+    try:
+        with open(key_file(directory, key), encoding="utf-8", errors="surrogateescape") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        return None
+
+
+def write(directory: str, key: str, value: str) -> None:
+    os.makedirs(directory, exist_ok=True)
+    path = key_file(directory, key)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8", errors="surrogateescape") as handle:
+        handle.write(value)
+    os.replace(tmp, path)
+
+
+def store(env: str) -> str:
+    directory = os.environ.get(env)
+    if not directory:
+        sys.stderr.write(f"{os.path.basename(sys.argv[0])}: {env} is not set\n")
+        sys.exit(1)
+    return directory

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Install what the project and its tests need on a Debian machine, as root:
+# the system tools, then a virtualenv (.venv) holding the project and pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(iproute2 iptables nftables conntrack dnsmasq-base iputils-ping procps dbus
+          python3 python3-venv)
+missing=()
+for pkg in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q >/dev/null || echo "install.sh: apt-get update failed; trying the cached lists" >&2
+    apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+python=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$python" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+echo "install.sh: ready (.venv/bin/vif-route-qubes)" >&2

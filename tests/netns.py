@@ -1,0 +1,173 @@
+"""Network namespaces joined like Xen vifs, for tests (CONTRACT section 6).
+
+Every namespace made here is recorded and deleted by the fixture's finalizer,
+even when the test fails.  Names carry a per-run prefix so that runs never
+collide and leftovers are recognisable.
+"""
+
+import itertools
+import os
+import shlex
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+FAKEBIN = Path(__file__).parent / "fakebin"
+BIN = Path(sys.executable).parent
+RUN_PREFIX = "vrq" + uuid.uuid4().hex[:5]
+_counter = itertools.count(1)
+VIF_MAC = "fe:ff:ff:ff:ff:ff"
+
+
+def sh(cmd: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, shell=True, capture_output=True, text=True, **kwargs)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{cmd!r} failed ({result.returncode}): {result.stderr.strip()}")
+    return result
+
+
+@dataclass
+class Namespace:
+    name: str
+
+    def sh(self, cmd: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+        return sh(f"ip netns exec {self.name} sh -c {shlex.quote(cmd)}", check=check, **kwargs)
+
+    def popen(self, argv: list[str], **kwargs) -> subprocess.Popen:
+        return subprocess.Popen(["ip", "netns", "exec", self.name, *argv], **kwargs)
+
+    def out(self, cmd: str) -> str:
+        return self.sh(cmd).stdout
+
+
+@dataclass
+class Namespaces:
+    """Factory and registry: make namespaces, join them, delete them all."""
+
+    made: list[Namespace] = field(default_factory=list)
+
+    def make(self, role: str) -> Namespace:
+        ns = Namespace(f"{RUN_PREFIX}-{next(_counter)}{role[:4]}")
+        sh(f"ip netns add {ns.name}")
+        self.made.append(ns)
+        ns.sh("ip link set lo up")
+        return ns
+
+    def vif(self, provider: Namespace, vm: Namespace, vif: str, vm_mac: str = "00:16:3e:5e:6c:19",
+            vm_addrs: tuple[str, ...] = (), gateway: str | None = None) -> None:
+        """A veth pair standing in for a Xen vif: `vif` in provider (down, MAC
+        fe:ff:ff:ff:ff:ff, as Xen creates it), eth0 in the VM, configured the
+        way a Qubes VM configures itself (address /32, default route via the
+        gateway on the link)."""
+        tmp = f"v{uuid.uuid4().hex[:10]}"
+        sh(f"ip link add {tmp} type veth peer name {tmp}p")
+        sh(f"ip link set {tmp} netns {provider.name}")
+        sh(f"ip link set {tmp}p netns {vm.name}")
+        provider.sh(f"ip link set {tmp} name {vif} && ip link set {vif} address {VIF_MAC}")
+        vm.sh(f"ip link set {tmp}p name eth0 && ip link set eth0 address {vm_mac} && ip link set eth0 up")
+        for addr in vm_addrs:
+            if ":" in addr:
+                vm.sh(f"ip -6 addr add {addr}/128 dev eth0 nodad")
+            else:
+                vm.sh(f"ip addr add {addr}/32 dev eth0")
+        if gateway:
+            if ":" in gateway:
+                vm.sh(f"ip -6 route add {gateway} dev eth0 && ip -6 route add default via {gateway} dev eth0")
+            else:
+                vm.sh(f"ip route add {gateway} dev eth0 && ip route add default via {gateway} dev eth0")
+
+    def link(self, a: Namespace, a_if: str, b: Namespace, b_if: str) -> None:
+        tmp = f"l{uuid.uuid4().hex[:10]}"
+        sh(f"ip link add {tmp} type veth peer name {tmp}p")
+        sh(f"ip link set {tmp} netns {a.name}")
+        sh(f"ip link set {tmp}p netns {b.name}")
+        a.sh(f"ip link set {tmp} name {a_if} && ip link set {a_if} up")
+        b.sh(f"ip link set {tmp}p name {b_if} && ip link set {b_if} up")
+
+    def cleanup(self) -> None:
+        for ns in reversed(self.made):
+            subprocess.run(["ip", "netns", "pids", ns.name], capture_output=True)
+            pids = subprocess.run(["ip", "netns", "pids", ns.name], capture_output=True, text=True).stdout.split()
+            for pid in pids:
+                subprocess.run(["kill", "-9", pid], capture_output=True)
+            subprocess.run(["ip", "netns", "del", ns.name], capture_output=True)
+        self.made.clear()
+
+
+class XenEnv:
+    """File-backed xenstore and qubesdb, a lock file and a hooks folder of one test."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.xenstore = root / "xenstore"
+        self.qubesdb = root / "qubesdb"
+        self.hooks = root / "hooks"
+        for folder in (self.xenstore, self.qubesdb, self.hooks):
+            folder.mkdir(parents=True, exist_ok=True)
+        self.lock = root / "vif-route-qubes.lock"
+
+    def _file(self, folder: Path, key: str) -> Path:
+        from urllib.parse import quote
+
+        return folder / quote(key, safe="")
+
+    def xs_write(self, key: str, value: str) -> None:
+        self._file(self.xenstore, key).write_text(value)
+
+    def xs_read(self, key: str) -> str | None:
+        path = self._file(self.xenstore, key)
+        return path.read_text() if path.exists() else None
+
+    def xs_rm(self, key: str) -> None:
+        self._file(self.xenstore, key).unlink(missing_ok=True)
+
+    def qdb_write(self, key: str, value: str) -> None:
+        self._file(self.qubesdb, key).write_text(value)
+
+    def qdb_rm(self, key: str) -> None:
+        self._file(self.qubesdb, key).unlink(missing_ok=True)
+
+    def backend(self, domid: int, devid: int = 0, ip: str | None = None, mac: str | None = None,
+                dev_type: str = "vif") -> str:
+        """Write a vif's backend keys the way Xen's toolstack does; return XENBUS_PATH."""
+        path = f"/local/domain/0/backend/vif/{domid}/{devid}"
+        if ip is not None:
+            self.xs_write(f"{path}/ip", ip)
+        if mac is not None:
+            self.xs_write(f"{path}/mac", mac)
+        self.xs_write(f"{path}/type", dev_type)
+        return path
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {key: value for key, value in os.environ.items()
+               if not key.startswith(("VIF_ROUTE_", "QUBES_", "XENBUS", "FAKE_")) and key not in ("vif", "ip", "type_if")}
+        env.update({
+            "PATH": f"{FAKEBIN}:{BIN}:{env.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}",
+            "FAKE_XENSTORE_DIR": str(self.xenstore),
+            "FAKE_QUBESDB_DIR": str(self.qubesdb),
+            "VIF_ROUTE_LOCK_FILE": str(self.lock),
+            "VIF_ROUTE_HOOKS_DIR": str(self.hooks),
+        })
+        env.update(extra)
+        return env
+
+
+def run_cmd(ns: Namespace, argv: list[str], env: dict[str, str], timeout: float = 60,
+            **kwargs) -> subprocess.CompletedProcess:
+    """Run one of our programs (by its installed entry point) inside a namespace."""
+    return subprocess.run(["ip", "netns", "exec", ns.name, *argv], env=env, capture_output=True,
+                          text=True, timeout=timeout, **kwargs)
+
+
+def state_of(ns: Namespace) -> str:
+    """Everything online may change, as text: rules without counters, routes, addresses, neighbours."""
+    parts = []
+    for cmd in ("iptables-save", "ip6tables-save"):
+        text = ns.out(cmd)
+        parts.append("\n".join(line for line in text.splitlines() if not line.startswith("#")))
+    for cmd in ("ip -4 route show table all", "ip -6 route show table all", "ip -4 addr", "ip -6 addr",
+                "ip neigh show nud permanent", "ip -6 neigh show nud permanent"):
+        parts.append(f"$ {cmd}\n" + ns.out(cmd))
+    return "\n".join(parts)

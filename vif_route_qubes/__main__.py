@@ -1,0 +1,3 @@
+from vif_route_qubes.cli import main
+
+main()

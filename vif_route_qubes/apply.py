@@ -1,0 +1,167 @@
+"""The applier: the only code that changes the system.
+
+It carries out a Batch step by step, in order, and stops at the first step
+that fails (raising VifError with the step's rendered line).  Netlink is used
+for links, addresses, routes, neighbours and conntrack; /proc/sys for sysctls;
+iptables-restore, hooks and xenstore-write are forked.
+"""
+
+import errno
+import logging
+import os
+import signal
+import socket
+import subprocess
+
+from vif_route_qubes import netlink, sources
+from vif_route_qubes.batch import (Addr, Batch, ConntrackPurge, Hook, Link, Neigh, Note, Rename,
+                                   Restore, Route, Sysctl, XenstoreWrite)
+from vif_route_qubes.errors import VifError
+
+log = logging.getLogger("vif-route-qubes")
+NUD_PERMANENT = 0x80
+RT_SCOPE_LINK = 253
+RTPROT_BOOT = 3  # what `ip route` sets, so dry-run and real runs agree
+RESTORE_TIMEOUT = 30.0
+
+
+class Applier:
+    def __init__(self) -> None:
+        self._ipr = None
+
+    def __enter__(self) -> "Applier":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._ipr is not None:
+            self._ipr.close()
+
+    @property
+    def ipr(self):
+        if self._ipr is None:
+            self._ipr = netlink.iproute()
+        return self._ipr
+
+    def run(self, batch: Batch) -> None:
+        for step in batch.steps:
+            try:
+                getattr(self, "_" + type(step).__name__.lower())(step)
+            except VifError:
+                raise
+            except OSError as exc:  # NetlinkError is an OSError too
+                reason = exc.strerror or os.strerror(exc.errno or 0) or str(exc)
+                raise VifError(f"{step.render().splitlines()[0]}: {reason}") from None
+
+    # -- one method per step type ------------------------------------------
+
+    def _note(self, step: Note) -> None:
+        (log.error if step.error else log.info)("%s", step.message)
+
+    def _restore(self, step: Restore) -> None:
+        tool = "ip6tables-restore" if step.family == 6 else "iptables-restore"
+        try:
+            result = subprocess.run([tool, "-w", "10", "--noflush"], input=step.text, text=True,
+                                    capture_output=True, timeout=RESTORE_TIMEOUT)
+        except FileNotFoundError:
+            raise VifError(f"{tool} is not installed") from None
+        except subprocess.TimeoutExpired:
+            raise VifError(f"{tool} did not finish within {RESTORE_TIMEOUT:g} s") from None
+        if result.returncode != 0:
+            detail = " ".join(result.stderr.split())[:300] or f"exit {result.returncode}"
+            raise VifError(f"{tool} failed: {detail}")
+
+    def _sysctl(self, step: Sysctl) -> None:
+        path = "/proc/sys/" + step.path
+        try:
+            with open(path) as handle:
+                if handle.read().strip() == step.value:
+                    return
+            with open(path, "w") as handle:
+                handle.write(step.value)
+        except FileNotFoundError:
+            if not step.tolerant:
+                raise
+
+    def _index(self, ifname: str) -> int | None:
+        try:
+            return socket.if_nametoindex(ifname)
+        except OSError:
+            return None
+
+    def _must_index(self, ifname: str) -> int:
+        index = self._index(ifname)
+        if index is None:
+            raise VifError(f"{ifname}: no such interface")
+        return index
+
+    def _rename(self, step: Rename) -> None:
+        self.ipr.link("set", index=self._must_index(step.old), ifname=step.new)
+
+    def _link(self, step: Link) -> None:
+        index = self._index(step.ifname)
+        if index is None:
+            if step.tolerant:
+                return
+            raise VifError(f"{step.ifname}: no such interface")
+        self.ipr.link("set", index=index, state="up" if step.up else "down")
+
+    def _tolerant(self, call, add: bool, **kwargs) -> None:
+        try:
+            call("replace" if add else "del", **kwargs)
+        except OSError as exc:
+            if add or exc.errno not in netlink.GONE | {errno.EINVAL}:
+                raise
+
+    def _addr(self, step: Addr) -> None:
+        index = self._index(step.ifname) if not step.add else self._must_index(step.ifname)
+        if index is None:
+            return
+        family = socket.AF_INET6 if step.family == 6 else socket.AF_INET
+        self._tolerant(self.ipr.addr, step.add, index=index, address=step.address,
+                       prefixlen=step.prefixlen, family=family)
+
+    def _route(self, step: Route) -> None:
+        index = self._index(step.ifname) if not step.add else self._must_index(step.ifname)
+        if index is None:
+            return
+        family = socket.AF_INET6 if step.family == 6 else socket.AF_INET
+        extra = {"scope": RT_SCOPE_LINK} if step.family == 4 else {}
+        self._tolerant(self.ipr.route, step.add, dst=step.address, dst_len=32 if step.family == 4 else 128,
+                       oif=index, priority=step.metric, family=family, proto=RTPROT_BOOT, **extra)
+
+    def _neigh(self, step: Neigh) -> None:
+        index = self._index(step.ifname) if not step.add else self._must_index(step.ifname)
+        if index is None:
+            return
+        family = socket.AF_INET6 if step.family == 6 else socket.AF_INET
+        extra = {"lladdr": step.mac, "state": NUD_PERMANENT} if step.add else {}
+        self._tolerant(self.ipr.neigh, step.add, dst=step.address, ifindex=index, family=family, **extra)
+
+    def _conntrackpurge(self, step: ConntrackPurge) -> None:
+        count = netlink.conntrack_purge(step.address, step.family)
+        if count:
+            log.info("purged %d connection tracking entries of %s", count, step.address)
+
+    def _hook(self, step: Hook) -> None:
+        what = " ".join((step.path, *step.args))
+        try:
+            # A session of its own, so that a timeout kills the hook's children too.
+            proc = subprocess.Popen([step.path, *step.args], stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                    start_new_session=True)
+        except OSError as exc:
+            log.error("hook %s: %s", what, exc.strerror)
+            return
+        try:
+            _, err = proc.communicate(timeout=step.timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            log.error("hook %s: killed after %g s", what, step.timeout)
+            return
+        if proc.returncode != 0:
+            detail = " ".join(err.decode(errors="replace").split())[:200]
+            log.error("hook %s failed with exit %d%s", what, proc.returncode, f": {detail}" if detail else "")
+
+    def _xenstorewrite(self, step: XenstoreWrite) -> None:
+        sources.xenstore_write(dict(step.pairs))

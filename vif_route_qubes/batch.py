@@ -1,0 +1,171 @@
+"""The batch: every change a command will make, as data that renders itself.
+
+The planner builds a Batch, the applier (apply.py) carries it out, and
+`--dry-run`, error messages and golden tests all use the same `render()`.
+The rendered script, run by `sh` as root, makes the same changes.
+"""
+
+from dataclasses import dataclass, field
+from shlex import quote
+
+
+def _ip(family: int) -> str:
+    return "ip -6" if family == 6 else "ip"
+
+
+@dataclass(frozen=True)
+class Restore:
+    """One atomic iptables-restore --noflush (family 4 or 6)."""
+
+    family: int
+    text: str
+
+    def render(self) -> str:
+        tool = "ip6tables-restore" if self.family == 6 else "iptables-restore"
+        return f"{tool} -w 10 --noflush <<'EOF'\n{self.text}EOF"
+
+
+@dataclass(frozen=True)
+class Sysctl:
+    """Write a /proc/sys value when it differs; `path` is relative to /proc/sys."""
+
+    path: str
+    value: str
+    tolerant: bool = False  # the file may be gone (interface removed)
+
+    def render(self) -> str:
+        # sysctl's dotted form swaps '.' and '/' (interface names hold dots).
+        key = ".".join(part.replace(".", "/") for part in self.path.split("/"))
+        line = f"sysctl -q -w {quote(key + '=' + self.value)}"
+        return f"{line} 2>/dev/null || true" if self.tolerant else line
+
+
+@dataclass(frozen=True)
+class Rename:
+    old: str
+    new: str
+
+    def render(self) -> str:
+        return f"ip link set dev {quote(self.old)} name {quote(self.new)}"
+
+
+@dataclass(frozen=True)
+class Link:
+    ifname: str
+    up: bool
+    tolerant: bool = False
+
+    def render(self) -> str:
+        line = f"ip link set dev {quote(self.ifname)} {'up' if self.up else 'down'}"
+        return f"{line} 2>/dev/null || true" if self.tolerant else line
+
+
+@dataclass(frozen=True)
+class Addr:
+    """An address on the interface; add=False removes it, tolerating absence."""
+
+    ifname: str
+    address: str
+    prefixlen: int
+    family: int
+    add: bool
+
+    def render(self) -> str:
+        verb = "replace" if self.add else "del"
+        line = f"{_ip(self.family)} addr {verb} {self.address}/{self.prefixlen} dev {quote(self.ifname)}"
+        return line if self.add else f"{line} 2>/dev/null || true"
+
+
+@dataclass(frozen=True)
+class Route:
+    ifname: str
+    address: str
+    family: int
+    metric: int
+    add: bool
+
+    def render(self) -> str:
+        verb = "replace" if self.add else "del"
+        plen = 128 if self.family == 6 else 32
+        line = f"{_ip(self.family)} route {verb} {self.address}/{plen} dev {quote(self.ifname)} metric {self.metric}"
+        return line if self.add else f"{line} 2>/dev/null || true"
+
+
+@dataclass(frozen=True)
+class Neigh:
+    ifname: str
+    address: str
+    family: int
+    mac: str
+    add: bool
+
+    def render(self) -> str:
+        if self.add:
+            return (f"{_ip(self.family)} neigh replace {self.address} lladdr {self.mac} "
+                    f"dev {quote(self.ifname)} nud permanent")
+        return f"{_ip(self.family)} neigh del {self.address} dev {quote(self.ifname)} 2>/dev/null || true"
+
+
+@dataclass(frozen=True)
+class ConntrackPurge:
+    """Delete connection-tracking entries to or from one address."""
+
+    address: str
+    family: int
+
+    def render(self) -> str:
+        fam = "ipv6" if self.family == 6 else "ipv4"
+        return "\n".join(
+            f"conntrack -D -f {fam} {flag} {self.address} >/dev/null 2>&1 || true"
+            for flag in ("-s", "-d", "--reply-src")
+        )
+
+
+@dataclass(frozen=True)
+class Hook:
+    """Run one hook; a failure or a timeout is logged, never fatal."""
+
+    path: str
+    args: tuple[str, ...]
+    timeout: float
+
+    def render(self) -> str:
+        argv = " ".join(quote(arg) for arg in (self.path, *self.args))
+        return f"timeout {self.timeout:g} {argv} || true"
+
+
+@dataclass(frozen=True)
+class XenstoreWrite:
+    pairs: tuple[tuple[str, str], ...]
+
+    def render(self) -> str:
+        return "xenstore-write " + " ".join(f"{quote(k)} {quote(v)}" for k, v in self.pairs)
+
+
+@dataclass(frozen=True)
+class Note:
+    """Something the run logs instead of doing (rendered as a comment)."""
+
+    message: str
+    error: bool = False
+
+    def render(self) -> str:
+        return "# " + self.message.replace("\n", " ")
+
+
+Step = Restore | Sysctl | Rename | Link | Addr | Route | Neigh | ConntrackPurge | Hook | XenstoreWrite | Note
+
+
+@dataclass(frozen=True)
+class Batch:
+    title: str
+    steps: tuple[Step, ...] = field(default_factory=tuple)
+
+    def render(self) -> str:
+        lines = ["#!/bin/sh", f"# {self.title}"]
+        lines += [step.render() for step in self.steps]
+        return "\n".join(lines) + "\n"
+
+    @property
+    def changes(self) -> bool:
+        return any(not isinstance(step, Note) for step in self.steps)

@@ -1,0 +1,120 @@
+"""Turning the command line, the environment, xenstore and qubesdb into VifInputs.
+
+The first source that has a value wins (command line, then environment, then
+xenstore, then qubesdb).  Every value is parsed strictly before it is kept.
+"""
+
+import os
+from dataclasses import dataclass
+
+from vif_route_qubes import parse, sources
+from vif_route_qubes.errors import InputError, VifError
+from vif_route_qubes.model import VifInputs
+
+QDB_GATEWAY = "/qubes-netvm-gateway"
+QDB_GATEWAY6 = "/qubes-netvm-gateway6"
+QDB_DNS = ("/qubes-netvm-primary-dns", "/qubes-netvm-secondary-dns")
+QDB_HARDEN = "/qubes-service/harden-network-interfaces"
+
+
+@dataclass(frozen=True)
+class VifArgs:
+    """What the command line and the environment said (raw text, not yet parsed)."""
+
+    command: str
+    vif: str | None = None
+    addresses: tuple[str, ...] | None = None  # positional, else env `ip`
+    mac: str | None = None
+    gateway: str | None = None
+    gateway6: str | None = None
+    dns1: str | None = None
+    dns2: str | None = None
+    harden: bool | None = None
+    type_if: str = "vif"
+    xenbus_path: str | None = None
+    hooks_dir: str = "/rw/config/network-hooks.d"
+    hook_timeout: float = 10.0
+
+
+def list_hooks(folder: str) -> tuple[str, ...]:
+    """Executable regular files of the hooks folder, in name order."""
+    try:
+        names = sorted(os.listdir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return ()
+    except OSError as exc:
+        raise VifError(f"cannot read hooks folder {folder}: {exc.strerror}") from None
+    paths = (os.path.join(folder, name) for name in names if not name.startswith("."))
+    return tuple(p for p in paths if os.path.isfile(p) and os.access(p, os.X_OK))
+
+
+def _qubesdb(keys: list[str]) -> dict[str, str]:
+    try:
+        return sources.qubesdb_read(keys)
+    except VifError as exc:
+        if "is not installed" in str(exc):
+            return {}  # a Xen driver domain without Qubes: only options apply
+        raise
+
+
+def read_vif_inputs(args: VifArgs) -> VifInputs:
+    tap = args.type_if == "tap"
+    if not args.vif:
+        raise InputError("no interface: give VIF as an argument or set vif in the environment")
+    vif, domid = parse.vif_name(args.vif, tap=tap)
+    xenbus = parse.xenbus_path(args.xenbus_path) if args.xenbus_path else None
+
+    xs: dict[str, str] = {}
+    if xenbus:
+        wanted = [k for k, have in (("ip", args.addresses), ("mac", args.mac)) if have is None]
+        xs = sources.xenstore_read([f"{xenbus}/{k}" for k in (*wanted, "type", "vifname")])
+        xs = {path.rsplit("/", 1)[1]: value for path, value in xs.items()}
+
+    rename_from = None
+    if xs.get("vifname") and xs["vifname"] != vif:
+        new, domid = parse.vif_name(xs["vifname"], tap=tap, source=f"{vif}: xenstore vifname")
+        vif, rename_from = new, vif
+
+    if args.addresses is not None:
+        addrs = tuple(parse.address(a, source=f"{vif}: address") for a in args.addresses)
+        addrs = tuple(dict.fromkeys(addrs))
+    elif "ip" in xs:
+        addrs = parse.address_list(xs["ip"], source=f"{vif}: xenstore ip")
+    else:
+        addrs = ()
+    for addr in addrs:
+        if addr.version == 6 and (addr.is_link_local or addr.ipv4_mapped):
+            raise InputError(f"{vif}: address {addr} is not a routable IPv6 address")
+
+    mac_text = args.mac if args.mac is not None else xs.get("mac")
+    mac = parse.mac(mac_text, source=f"{vif}: MAC") if mac_text is not None else None
+    dev_type = parse.device_type(xs["type"], source=f"{vif}: xenstore type") if "type" in xs else args.type_if
+
+    want = [key for key, have in ((QDB_GATEWAY, args.gateway), (QDB_GATEWAY6, args.gateway6),
+                                  (QDB_DNS[0], args.dns1), (QDB_DNS[1], args.dns2),
+                                  (QDB_HARDEN, args.harden)) if have is None]
+    qdb = _qubesdb(want) if want else {}
+
+    def pick(option, key, version, what):
+        text = option if option is not None else qdb.get(key)
+        if text is None or text == "":
+            return None
+        return parse.address_of(text, version, source=f"{vif}: {what}")
+
+    dns = tuple(d for d in (pick(args.dns1, QDB_DNS[0], 4, "DNS 1"), pick(args.dns2, QDB_DNS[1], 4, "DNS 2")) if d)
+    return VifInputs(
+        command=args.command,
+        vif=vif,
+        domid=domid,
+        addresses=addrs,
+        mac=mac,
+        dev_type=dev_type,
+        gateway=pick(args.gateway, QDB_GATEWAY, 4, "gateway"),
+        gateway6=pick(args.gateway6, QDB_GATEWAY6, 6, "IPv6 gateway"),
+        dns=dns,
+        harden=args.harden if args.harden is not None else parse.flag(qdb.get(QDB_HARDEN)),
+        hooks=list_hooks(args.hooks_dir),
+        hook_timeout=args.hook_timeout,
+        xenbus_path=xenbus,
+        rename_from=rename_from,
+    )

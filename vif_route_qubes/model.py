@@ -1,0 +1,42 @@
+"""Frozen inputs of one vif event, and the facts read from the system under the lock."""
+
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address
+
+from vif_route_qubes.antispoof_ipt import EMPTY, RawState
+
+
+@dataclass(frozen=True)
+class VifInputs:
+    command: str                      # "online" or "offline"
+    vif: str                          # name after any `vifname` rename
+    domid: int
+    addresses: tuple[IPv4Address | IPv6Address, ...]
+    mac: str | None
+    dev_type: str                     # passed to hooks
+    gateway: IPv4Address | None
+    gateway6: IPv6Address | None
+    dns: tuple[IPv4Address, ...]
+    harden: bool
+    hooks: tuple[str, ...]            # executable hook files, in run order
+    hook_timeout: float
+    xenbus_path: str | None
+    rename_from: str | None = None    # the kernel's name when xenstore `vifname` renames it
+
+    @property
+    def metric(self) -> int:
+        return 32752 - self.domid
+
+    def addrs(self, family: int) -> tuple:
+        return tuple(a for a in self.addresses if a.version == family)
+
+
+@dataclass(frozen=True)
+class VifFacts:
+    """What the system has now, read once under the lock."""
+
+    exists: bool                      # the interface (by its final name) is there
+    rename_pending: bool              # the old name still exists and must be renamed
+    ipv6_enabled: bool                # IPv6 is on for the interface
+    raw4: RawState = EMPTY
+    raw6: RawState = EMPTY

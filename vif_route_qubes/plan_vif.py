@@ -1,0 +1,132 @@
+"""The pure planner for `online` and `offline`: inputs and facts in, a Batch out.
+
+One builder per feature, each taking `enable` so that offline is the mirror of
+online; the two orders below are the only place that says what comes first.
+"""
+
+from vif_route_qubes import antispoof_ipt
+from vif_route_qubes.batch import (Addr, Batch, ConntrackPurge, Hook, Link, Neigh, Note,
+                                   Rename, Restore, Route, Sysctl, XenstoreWrite)
+from vif_route_qubes.model import VifFacts, VifInputs
+
+HARDEN_V4 = {"accept_source_route": "0", "accept_redirects": "0", "send_redirects": "0",
+             "drop_unicast_in_l2_multicast": "1"}
+HARDEN_V6 = {"accept_source_route": "0", "accept_redirects": "0", "accept_ra": "0", "autoconf": "0",
+             "accept_dad": "0", "drop_unsolicited_na": "1", "drop_unicast_in_l2_multicast": "1"}
+
+
+def antispoof(inp: VifInputs, facts: VifFacts, enable: bool) -> list:
+    steps = []
+    for family, state in ((4, facts.raw4), (6, facts.raw6)):
+        if enable:
+            text = antispoof_ipt.plan_online(state, inp.vif, family, inp.addresses)
+        else:
+            text = antispoof_ipt.plan_offline(state, inp.vif)
+        if text:
+            steps.append(Restore(family, text))
+    return steps
+
+
+def conntrack(inp: VifInputs) -> list:
+    return [ConntrackPurge(str(a), a.version) for a in inp.addresses]
+
+
+def _v6_usable(inp: VifInputs, facts: VifFacts, what: str) -> tuple[bool, list]:
+    if facts.ipv6_enabled:
+        return True, []
+    return False, [Note(f"{inp.vif}: IPv6 is disabled on the interface, {what} not configured", error=True)]
+
+
+def sysctls(inp: VifInputs, facts: VifFacts, enable: bool) -> list:
+    conf4 = f"net/ipv4/conf/{inp.vif}"
+    conf6 = f"net/ipv6/conf/{inp.vif}"
+    tolerant = not enable
+    steps = [Sysctl(f"{conf4}/proxy_arp", "1" if enable else "0", tolerant)]
+    has_gw6 = inp.gateway6 is not None and not inp.gateway6.is_link_local
+    if has_gw6 and facts.ipv6_enabled:
+        steps.append(Sysctl(f"{conf6}/proxy_ndp", "1" if enable else "0", tolerant))
+    if enable and inp.harden:
+        # Hardening is left in place on offline: the interface is about to go.
+        steps += [Sysctl(f"{conf4}/{key}", value) for key, value in HARDEN_V4.items()]
+        if facts.ipv6_enabled:
+            steps += [Sysctl(f"{conf6}/{key}", value) for key, value in HARDEN_V6.items()]
+    return steps
+
+
+def link(inp: VifInputs, enable: bool) -> list:
+    return [Link(inp.vif, up=enable, tolerant=not enable)]
+
+
+def gateways(inp: VifInputs, facts: VifFacts, enable: bool) -> list:
+    steps = []
+    if inp.gateway is not None:
+        steps.append(Addr(inp.vif, str(inp.gateway), 32, 4, enable))
+    if inp.gateway6 is not None and not inp.gateway6.is_link_local:
+        usable, notes = _v6_usable(inp, facts, f"gateway {inp.gateway6}")
+        steps += [Addr(inp.vif, str(inp.gateway6), 128, 6, enable)] if usable or not enable else notes
+    return steps
+
+
+def routes(inp: VifInputs, facts: VifFacts, enable: bool) -> list:
+    steps = []
+    for addr in inp.addresses:
+        if addr.version == 6 and enable and not facts.ipv6_enabled:
+            steps += _v6_usable(inp, facts, f"route to {addr}")[1]
+            continue
+        steps.append(Route(inp.vif, str(addr), addr.version, inp.metric, enable))
+    return steps
+
+
+def neighbours(inp: VifInputs, facts: VifFacts, enable: bool) -> list:
+    if inp.mac is None:
+        return []
+    return [Neigh(inp.vif, str(a), a.version, inp.mac, enable)
+            for a in inp.addresses if a.version == 4 or facts.ipv6_enabled or not enable]
+
+
+def hooks(inp: VifInputs) -> list:
+    per_addr = [str(a) for a in inp.addresses] or [None]
+    steps = []
+    for path in inp.hooks:
+        for addr in per_addr:
+            args = (inp.command, inp.vif, inp.dev_type) + ((addr,) if addr else ())
+            steps.append(Hook(path, args, inp.hook_timeout))
+    return steps
+
+
+def status(inp: VifInputs) -> list:
+    if inp.xenbus_path is None:
+        return []
+    return [XenstoreWrite(((f"{inp.xenbus_path}/hotplug-status", "connected"),))]
+
+
+def plan_online(inp: VifInputs, facts: VifFacts) -> Batch:
+    steps = []
+    if facts.rename_pending:
+        steps.append(Rename(inp.rename_from, inp.vif))
+    # Anti-spoofing first: the link must never be up without it.
+    steps += antispoof(inp, facts, True)
+    steps += conntrack(inp)
+    steps += sysctls(inp, facts, True)
+    steps += link(inp, True)
+    steps += gateways(inp, facts, True)
+    steps += routes(inp, facts, True)
+    steps += neighbours(inp, facts, True)
+    steps += hooks(inp)
+    steps += status(inp)
+    return Batch(f"vif-route-qubes online {inp.vif}", tuple(steps))
+
+
+def plan_offline(inp: VifInputs, facts: VifFacts) -> Batch:
+    steps = []
+    if facts.exists:
+        steps += routes(inp, facts, False)
+        steps += neighbours(inp, facts, False)
+        steps += gateways(inp, facts, False)
+        steps += link(inp, False)
+        steps += sysctls(inp, facts, False)
+    # Rules go last, once nothing routes to the VM any more.
+    steps += antispoof(inp, facts, False)
+    steps += conntrack(inp)
+    steps += hooks(inp)
+    return Batch(f"vif-route-qubes offline {inp.vif}", tuple(steps))

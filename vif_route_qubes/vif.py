@@ -1,0 +1,107 @@
+"""One vif event: read inputs, lock, read the system's state, plan, apply, report."""
+
+import logging
+import os
+import subprocess
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+from vif_route_qubes import antispoof_ipt, plan_vif
+from vif_route_qubes.errors import VifError
+from vif_route_qubes.inputs import VifArgs, read_vif_inputs
+from vif_route_qubes.lock import DEFAULT_LOCK, locked
+from vif_route_qubes.model import VifFacts, VifInputs
+
+log = logging.getLogger("vif-route-qubes")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    dry_run: bool = False
+    backend: str = "auto"
+    lock_file: str = DEFAULT_LOCK
+    lock_timeout: float = 60.0
+
+
+def effective_command(command: str, type_if: str) -> str | None:
+    """Xen's convention: a vif acts on online/offline, a tap on add/remove."""
+    if type_if == "tap":
+        return {"add": "online", "remove": "offline"}.get(command)
+    return command if command in ("online", "offline") else None
+
+
+def _read_proc(path: str) -> str | None:
+    try:
+        with open(path) as handle:
+            return handle.read().strip()
+    except OSError:
+        return None
+
+
+def save_tables(table: str) -> tuple[str, str]:
+    """`iptables-save -t TABLE` for both families, the two run side by side."""
+    procs = []
+    for tool in ("iptables-save", "ip6tables-save"):
+        try:
+            procs.append(subprocess.Popen([tool, "-t", table], stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True))
+        except FileNotFoundError:
+            raise VifError(f"{tool} is not installed") from None
+    outputs = []
+    for tool, proc in zip(("iptables-save", "ip6tables-save"), procs):
+        out, err = proc.communicate(timeout=30)
+        if proc.returncode != 0:
+            raise VifError(f"{tool} -t {table} failed: {' '.join(err.split())[:200]}")
+        outputs.append(out)
+    return outputs[0], outputs[1]
+
+
+def read_facts(inp: VifInputs) -> VifFacts:
+    exists = os.path.isdir(f"/proc/sys/net/ipv4/conf/{inp.vif}")
+    rename_pending = bool(inp.rename_from and not exists
+                          and os.path.isdir(f"/proc/sys/net/ipv4/conf/{inp.rename_from}"))
+    probe = inp.rename_from if rename_pending else inp.vif
+    ipv6_enabled = _read_proc(f"/proc/sys/net/ipv6/conf/{probe}/disable_ipv6") == "0"
+    save4, save6 = save_tables("raw")
+    return VifFacts(exists=exists, rename_pending=rename_pending, ipv6_enabled=ipv6_enabled,
+                    raw4=antispoof_ipt.parse_save(save4), raw6=antispoof_ipt.parse_save(save6))
+
+
+def plan(inp: VifInputs, facts: VifFacts):
+    if inp.command == "online":
+        if not facts.exists and not facts.rename_pending:
+            raise VifError(f"{inp.vif}: no such interface")
+        return plan_vif.plan_online(inp, facts)
+    return plan_vif.plan_offline(inp, facts)
+
+
+def report_error(xenbus_path: str | None, message: str) -> None:
+    """Tell Xen's toolstack (hotplug-error, hotplug-status); never raises."""
+    if not xenbus_path:
+        return
+    from vif_route_qubes import sources
+
+    try:
+        sources.xenstore_write({f"{xenbus_path}/hotplug-error": message,
+                                f"{xenbus_path}/hotplug-status": "error"})
+    except VifError as exc:
+        log.error("%s", exc)
+
+
+def run_vif(args: VifArgs, opts: RunOptions, out) -> int:
+    if opts.backend == "nft":
+        raise VifError("the nftables backend is not available yet; use --backend iptables")
+    inp = read_vif_inputs(args)
+    # A dry run only reads, so it takes no lock (and needs no write access to /run).
+    with nullcontext() if opts.dry_run else locked(opts.lock_file, opts.lock_timeout, inp.vif):
+        facts = read_facts(inp)
+        batch = plan(inp, facts)
+        if opts.dry_run:
+            out.write(batch.render())
+            return 0
+        from vif_route_qubes.apply import Applier
+
+        with Applier() as applier:
+            applier.run(batch)
+    log.debug("%s %s done", inp.command, inp.vif)
+    return 0
