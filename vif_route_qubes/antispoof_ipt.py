@@ -10,8 +10,9 @@ rules are found again.  Lines are written exactly as iptables-save prints them,
 so "what is there" and "what should be there" compare as text.
 """
 
-from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
+
+from vif_route_qubes.ipt_state import TableState, delete, table
 
 DISPATCH = "QBS-ANTISPOOF"
 PREFIX = "QBS-AS-"
@@ -27,47 +28,23 @@ def vif_chain(vif: str) -> str:
     return PREFIX + vif
 
 
-@dataclass(frozen=True)
-class RawState:
-    """Our part of one family's raw table, as iptables-save printed it."""
-
-    chains: frozenset[str]                       # QBS-* chains that exist
-    rules: tuple[tuple[str, tuple[str, ...]], ...]  # (chain, its -A lines)
-    prerouting: tuple[str, ...]                  # -A PREROUTING lines
-
-    @property
-    def has_jump(self) -> bool:
-        return JUMP in self.prerouting or BASE_JUMP in self.prerouting
-
-    @property
-    def is_base(self) -> bool:
-        return BASE_JUMP in self.prerouting
-
-    def rules_of(self, chain: str) -> tuple[str, ...]:
-        return dict(self.rules).get(chain, ())
-
-    def dispatch_rules_of(self, vif: str) -> tuple[str, ...]:
-        tag = f'--comment "{vif}" '
-        return tuple(line for line in self.rules_of(DISPATCH) if tag in line)
+def parse_save(text: str) -> TableState:
+    """The raw table of `iptables-save` (or `iptables-save -t raw`) output."""
+    return table(text, "raw")
 
 
-EMPTY = RawState(frozenset(), (), ())
+def has_jump(state: TableState) -> bool:
+    prerouting = state.rules_of("PREROUTING")
+    return JUMP in prerouting or BASE_JUMP in prerouting
 
 
-def parse_save(text: str) -> RawState:
-    """Read `iptables-save -t raw` output; only what concerns us is kept."""
-    chains: set[str] = set()
-    rules: dict[str, list[str]] = {}
-    prerouting: list[str] = []
-    for line in text.splitlines():
-        if line.startswith(":QBS-"):
-            chains.add(line[1:].split(" ", 1)[0])
-        elif line.startswith("-A PREROUTING "):
-            prerouting.append(line)
-        elif line.startswith("-A QBS-"):
-            chain = line.split(" ", 2)[1]
-            rules.setdefault(chain, []).append(line)
-    return RawState(frozenset(chains), tuple((c, tuple(r)) for c, r in sorted(rules.items())), tuple(prerouting))
+def is_base(state: TableState) -> bool:
+    return BASE_JUMP in state.rules_of("PREROUTING")
+
+
+def dispatch_rules_of(state: TableState, vif: str) -> tuple[str, ...]:
+    tag = f'--comment "{vif}" '
+    return tuple(line for line in state.rules_of(DISPATCH) if tag in line)
 
 
 def _host(addr: IPv4Address | IPv6Address) -> str:
@@ -88,32 +65,28 @@ def desired_rules(vif: str, family: int, addrs: tuple) -> tuple[tuple[str, ...],
     return tuple(dispatch), tuple(body)
 
 
-def _delete(line: str) -> str:
-    return "-D" + line[2:]
-
-
-def plan_online(state: RawState, vif: str, family: int, addrs: tuple) -> str | None:
+def plan_online(state: TableState, vif: str, family: int, addrs: tuple) -> str | None:
     """iptables-restore input that puts this vif's rules in place, or None if they are."""
     dispatch, body = desired_rules(vif, family, addrs)
     chain = vif_chain(vif)
-    current = state.dispatch_rules_of(vif)
-    if (state.has_jump and chain in state.chains
+    current = dispatch_rules_of(state, vif)
+    if (has_jump(state) and chain in state.chains
             and sorted(current) == sorted(dispatch) and state.rules_of(chain) == body):
         return None
     out = ["*raw"]
     if DISPATCH not in state.chains:
         out.append(f":{DISPATCH} - [0:0]")
     out.append(f":{chain} - [0:0]")  # declaring a chain in --noflush mode flushes it
-    if not state.has_jump:
+    if not has_jump(state):
         out.append(f"-I PREROUTING 1 -j {DISPATCH}")
-    out += [_delete(line) for line in current]
+    out += [delete(line) for line in current]
     out += list(body)
     out += list(dispatch)
     out.append("COMMIT")
     return "\n".join(out) + "\n"
 
 
-def plan_offline(state: RawState, vif: str) -> str | None:
+def plan_offline(state: TableState, vif: str) -> str | None:
     """iptables-restore input that removes every rule of this vif, or None if none is left.
 
     When no vif is left in the dispatch chain and `init` did not make it part
@@ -121,14 +94,14 @@ def plan_offline(state: RawState, vif: str) -> str | None:
     as it was.
     """
     chain = vif_chain(vif)
-    current = state.dispatch_rules_of(vif)
+    current = dispatch_rules_of(state, vif)
     out = ["*raw"]
-    out += [_delete(line) for line in current]
+    out += [delete(line) for line in current]
     if chain in state.chains:
         out += [f":{chain} - [0:0]", f"-X {chain}"]
     left = len(state.rules_of(DISPATCH)) - len(current)
-    if not state.is_base and left == 0 and DISPATCH in state.chains:
-        out += [_delete(line) for line in state.prerouting if line == JUMP]
+    if not is_base(state) and left == 0 and DISPATCH in state.chains:
+        out += [delete(line) for line in state.rules_of("PREROUTING") if line == JUMP]
         out += [f":{DISPATCH} - [0:0]", f"-X {DISPATCH}"]
     if len(out) == 1:
         return None

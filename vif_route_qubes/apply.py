@@ -15,7 +15,7 @@ import subprocess
 
 from vif_route_qubes import netlink, sources
 from vif_route_qubes.batch import (Addr, Batch, ConntrackPurge, Hook, Link, Neigh, Note, Rename,
-                                   Restore, Route, Sysctl, XenstoreWrite)
+                                   Restore, Route, Run, Sysctl, XenstoreWrite)
 from vif_route_qubes.errors import VifError
 
 log = logging.getLogger("vif-route-qubes")
@@ -162,6 +162,17 @@ class Applier:
         if proc.returncode != 0:
             detail = " ".join(err.decode(errors="replace").split())[:200]
             log.error("hook %s failed with exit %d%s", what, proc.returncode, f": {detail}" if detail else "")
+
+    def _run(self, step: Run) -> None:
+        try:
+            result = subprocess.run(step.argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                    errors="replace", timeout=30)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            log.error("%s: %s", " ".join(step.argv), getattr(exc, "strerror", None) or exc)
+            return
+        if result.returncode != 0:
+            log.error("%s failed with exit %d: %s", " ".join(step.argv), result.returncode,
+                      " ".join(result.stderr.split())[:200])
 
     def _xenstorewrite(self, step: XenstoreWrite) -> None:
         sources.xenstore_write(dict(step.pairs))

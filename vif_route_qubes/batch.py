@@ -143,6 +143,16 @@ class XenstoreWrite:
 
 
 @dataclass(frozen=True)
+class Run:
+    """Run a program whose failure is logged, never fatal (service reloads)."""
+
+    argv: tuple[str, ...]
+
+    def render(self) -> str:
+        return " ".join(quote(arg) for arg in self.argv) + " || true"
+
+
+@dataclass(frozen=True)
 class Note:
     """Something the run logs instead of doing (rendered as a comment)."""
 
@@ -153,7 +163,8 @@ class Note:
         return "# " + self.message.replace("\n", " ")
 
 
-Step = Restore | Sysctl | Rename | Link | Addr | Route | Neigh | ConntrackPurge | Hook | XenstoreWrite | Note
+Step = (Restore | Sysctl | Rename | Link | Addr | Route | Neigh | ConntrackPurge | Hook | XenstoreWrite
+        | Run | Note)
 
 
 @dataclass(frozen=True)

@@ -124,6 +124,30 @@ _event_command("add", "Xen's add event: configures a tap device (type_if=tap), a
 _event_command("remove", "Xen's remove event: unconfigures a tap device (type_if=tap), a no-op for a vif.")
 
 
+@cli.command("init", epilog=EXIT_CODES)
+@click.option("--gateway6", envvar="VIF_ROUTE_GATEWAY6", show_envvar=True,
+              help="Route IPv6 for the VMs [default: when qubesdb has /qubes-netvm-gateway6].")
+@common_options
+def init_command(gateway6, dry_run, verbose, backend, lock_file, lock_timeout):
+    """Install the base ruleset of a network-providing VM and turn on forwarding.
+
+    Idempotent: a second run changes nothing, and the rules of vifs already
+    online and the DNS rules are kept.
+    """
+    from vif_route_qubes import logsetup
+    from vif_route_qubes.errors import VifError
+    from vif_route_qubes.init import read_init_inputs, run_init
+
+    log = logsetup.setup(verbose)
+    try:
+        if backend == "nft":
+            raise VifError("the nftables backend is not available yet; use --backend iptables")
+        run_init(read_init_inputs(gateway6), dry_run, lock_file, lock_timeout, sys.stdout)
+    except VifError as exc:
+        log.error("init: %s", exc)
+        sys.exit(exc.exit_code)
+
+
 def main() -> None:
     argv = xen_assignments(sys.argv[1:])
     cli.main(args=argv, prog_name="vif-route-qubes")

@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 
-from vif_route_qubes.antispoof_ipt import EMPTY, RawState
+from vif_route_qubes.ipt_state import EMPTY_TABLE, TableState
 
 
 @dataclass(frozen=True)
@@ -38,5 +38,5 @@ class VifFacts:
     exists: bool                      # the interface (by its final name) is there
     rename_pending: bool              # the old name still exists and must be renamed
     ipv6_enabled: bool                # IPv6 is on for the interface
-    raw4: RawState = EMPTY
-    raw6: RawState = EMPTY
+    raw4: TableState = EMPTY_TABLE      # our part of the raw table, IPv4
+    raw6: TableState = EMPTY_TABLE

@@ -2,11 +2,10 @@
 
 import logging
 import os
-import subprocess
 from contextlib import nullcontext
 from dataclasses import dataclass
 
-from vif_route_qubes import antispoof_ipt, plan_vif
+from vif_route_qubes import ipt_state, plan_vif
 from vif_route_qubes.errors import VifError
 from vif_route_qubes.inputs import VifArgs, read_vif_inputs
 from vif_route_qubes.lock import DEFAULT_LOCK, locked
@@ -38,33 +37,15 @@ def _read_proc(path: str) -> str | None:
         return None
 
 
-def save_tables(table: str) -> tuple[str, str]:
-    """`iptables-save -t TABLE` for both families, the two run side by side."""
-    procs = []
-    for tool in ("iptables-save", "ip6tables-save"):
-        try:
-            procs.append(subprocess.Popen([tool, "-t", table], stdout=subprocess.PIPE,
-                                          stderr=subprocess.PIPE, text=True))
-        except FileNotFoundError:
-            raise VifError(f"{tool} is not installed") from None
-    outputs = []
-    for tool, proc in zip(("iptables-save", "ip6tables-save"), procs):
-        out, err = proc.communicate(timeout=30)
-        if proc.returncode != 0:
-            raise VifError(f"{tool} -t {table} failed: {' '.join(err.split())[:200]}")
-        outputs.append(out)
-    return outputs[0], outputs[1]
-
-
 def read_facts(inp: VifInputs) -> VifFacts:
     exists = os.path.isdir(f"/proc/sys/net/ipv4/conf/{inp.vif}")
     rename_pending = bool(inp.rename_from and not exists
                           and os.path.isdir(f"/proc/sys/net/ipv4/conf/{inp.rename_from}"))
     probe = inp.rename_from if rename_pending else inp.vif
     ipv6_enabled = _read_proc(f"/proc/sys/net/ipv6/conf/{probe}/disable_ipv6") == "0"
-    save4, save6 = save_tables("raw")
+    save4, save6 = ipt_state.save_both("raw")
     return VifFacts(exists=exists, rename_pending=rename_pending, ipv6_enabled=ipv6_enabled,
-                    raw4=antispoof_ipt.parse_save(save4), raw6=antispoof_ipt.parse_save(save6))
+                    raw4=ipt_state.table(save4, "raw"), raw6=ipt_state.table(save6, "raw"))
 
 
 def plan(inp: VifInputs, facts: VifFacts):

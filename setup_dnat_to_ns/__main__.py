@@ -1,0 +1,3 @@
+from setup_dnat_to_ns.cli import main
+
+main()

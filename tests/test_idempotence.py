@@ -1,0 +1,153 @@
+"""Idempotence of online/offline, seen through `state_of` (CONTRACT section 1,
+"Idempotence and concurrency" and "offline")."""
+
+import time
+
+import pytest
+
+from netns import run_cmd, state_of
+
+VM_MAC = "00:16:3e:5e:6c:19"
+GW = "10.137.7.1"
+GW6 = "fd09:24ef:4179::a89:1"
+
+
+def settled(ns, timeout=5.0):
+    """state_of once IPv6 duplicate address detection is over: a "tentative"
+    flag is the kernel's timing, not something the command did."""
+    deadline = time.monotonic() + timeout
+    while "tentative" in ns.out("ip -6 addr") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return state_of(ns)
+
+
+def make_provider(netns):
+    """A network-providing VM's namespace.  Its raw tables are instantiated up
+    front, as on a real ProxyVM: a table that first appears during a test
+    would show in iptables-save without the command having changed anything."""
+    proxy = make_provider(netns)
+    proxy.sh("iptables -t raw -S >/dev/null && ip6tables -t raw -S >/dev/null")
+    return proxy
+
+
+def add_vm(netns, xen, proxy, domid, addrs=("10.137.7.27",), gateway6=None):
+    """One VM behind `proxy` on vif<domid>.0; returns (vif, XENBUS_PATH)."""
+    vm = netns.make("app")
+    vif = f"vif{domid}.0"
+    netns.vif(proxy, vm, vif, vm_mac=VM_MAC, vm_addrs=addrs, gateway=GW)
+    path = xen.backend(domid, ip=" ".join(addrs), mac=VM_MAC)
+    xen.qdb_write("/qubes-netvm-gateway", GW)
+    if gateway6:
+        xen.qdb_write("/qubes-netvm-gateway6", gateway6)
+    return vif, path
+
+
+def hotplug(proxy, xen, vifcmd, command, vif, path):
+    return run_cmd(proxy, [vifcmd, command, "type_if=vif"], xen.env(vif=vif, XENBUS_PATH=path))
+
+
+def ok(result):
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def raw_rules(ns):
+    return ns.out("iptables-save -t raw") + ns.out("ip6tables-save -t raw")
+
+
+VM_SHAPES = {
+    "one-address": dict(addrs=("10.137.7.27",)),
+    "two-addresses": dict(addrs=("10.137.7.27", "10.137.7.28")),
+    "ipv6-and-gateway6": dict(addrs=("10.137.7.27", "fd09:24ef:4179::a89:71b"), gateway6=GW6),
+}
+
+
+@pytest.mark.parametrize("shape", VM_SHAPES.values(), ids=VM_SHAPES.keys())
+def test_online_twice_is_online_once(netns, xen, vifcmd, shape):
+    proxy = make_provider(netns)
+    vif, path = add_vm(netns, xen, proxy, 37, **shape)
+    ok(hotplug(proxy, xen, vifcmd, "online", vif, path))
+    once = settled(proxy)
+    # The run did something (otherwise the comparison below proves nothing).
+    assert "QBS-AS-vif37.0" in once and f"{shape['addrs'][0]} dev vif37.0" in once
+    ok(hotplug(proxy, xen, vifcmd, "online", vif, path))
+    assert settled(proxy) == once
+
+
+@pytest.mark.parametrize("shape", VM_SHAPES.values(), ids=VM_SHAPES.keys())
+def test_online_then_offline_restores_state(netns, xen, vifcmd, shape):
+    proxy = make_provider(netns)
+    vif, path = add_vm(netns, xen, proxy, 37, **shape)
+    before = settled(proxy)
+    ok(hotplug(proxy, xen, vifcmd, "online", vif, path))
+    assert settled(proxy) != before
+    ok(hotplug(proxy, xen, vifcmd, "offline", vif, path))
+    assert settled(proxy) == before
+
+
+def test_offline_keeps_the_other_vifs_rules(netns, xen, vifcmd):
+    proxy = make_provider(netns)
+    other, other_path = add_vm(netns, xen, proxy, 38, addrs=("10.137.7.38",))
+    vif, path = add_vm(netns, xen, proxy, 37, addrs=("10.137.7.27", "10.137.7.28"))
+    ok(hotplug(proxy, xen, vifcmd, "online", other, other_path))
+    before = settled(proxy)
+    ok(hotplug(proxy, xen, vifcmd, "online", vif, path))
+    ok(hotplug(proxy, xen, vifcmd, "offline", vif, path))
+    assert settled(proxy) == before
+    rules = raw_rules(proxy)
+    assert "-A QBS-AS-vif38.0 -s 10.137.7.38/32 -j RETURN" in rules
+    assert "vif37.0" not in rules
+    assert proxy.out("ip route show dev vif38.0").strip() == "10.137.7.38 scope link metric 32714"
+
+
+def test_offline_twice_exits_0(netns, xen, vifcmd):
+    proxy = make_provider(netns)
+    vif, path = add_vm(netns, xen, proxy, 37)
+    before = settled(proxy)
+    ok(hotplug(proxy, xen, vifcmd, "online", vif, path))
+    ok(hotplug(proxy, xen, vifcmd, "offline", vif, path))
+    second = hotplug(proxy, xen, vifcmd, "offline", vif, path)
+    assert second.returncode == 0, second.stderr
+    assert settled(proxy) == before
+
+
+def test_offline_of_a_vanished_interface(netns, xen, vifcmd):
+    proxy = make_provider(netns)
+    vif, path = add_vm(netns, xen, proxy, 37, addrs=("10.137.7.27", "fd09:24ef:4179::a89:71b"),
+                       gateway6=GW6)
+    before = settled(proxy)
+    ok(hotplug(proxy, xen, vifcmd, "online", vif, path))
+    # Xen removes the backend device before (or while) udev runs offline.
+    proxy.sh("ip link del vif37.0")
+    assert "vif37.0" in raw_rules(proxy)
+    result = hotplug(proxy, xen, vifcmd, "offline", vif, path)
+    assert result.returncode == 0, result.stderr
+    assert "vif37.0" not in raw_rules(proxy)
+    assert "QBS-" not in raw_rules(proxy)  # the last vif took the shared chain with it
+    assert "vif37.0" not in settled(proxy)
+    # The link itself is gone, so "before" differs only by it: compare the rules.
+    assert state_of(proxy).split("$ ip")[0] == before.split("$ ip")[0]
+
+
+def test_xenstore_vifname_renames_the_interface(netns, xen, vifcmd):
+    proxy = make_provider(netns)
+    vif, path = add_vm(netns, xen, proxy, 37)
+    xen.xs_write(f"{path}/vifname", "vif37.5")
+    before = settled(proxy)
+    ok(hotplug(proxy, xen, vifcmd, "online", vif, path))
+
+    assert proxy.sh("ip link show vif37.0", check=False).returncode != 0
+    assert "state UP" in proxy.out("ip link show vif37.5")
+    assert proxy.out("ip route show dev vif37.5").strip() == "10.137.7.27 scope link metric 32715"
+    assert f"inet {GW}/32 scope global vif37.5" in proxy.out("ip -4 addr show dev vif37.5")
+    assert proxy.out("cat /proc/sys/net/ipv4/conf/vif37.5/proxy_arp").strip() == "1"
+    rules = raw_rules(proxy)
+    assert "-A QBS-ANTISPOOF -i vif37.5 -m comment --comment \"vif37.5\" -j QBS-AS-vif37.5" in rules
+    assert "vif37.0" not in rules
+    assert xen.xs_read(f"{path}/hotplug-status") == "connected"
+
+    # Online again finds the renamed interface; offline with Xen's env cleans it.
+    ok(hotplug(proxy, xen, vifcmd, "online", vif, path))
+    ok(hotplug(proxy, xen, vifcmd, "offline", vif, path))
+    assert "vif37.5" not in raw_rules(proxy)
+    assert settled(proxy) == before

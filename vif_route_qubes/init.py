@@ -1,0 +1,55 @@
+"""`vif-route-qubes init`: install the base ruleset and turn on forwarding, idempotently."""
+
+import logging
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+from vif_route_qubes import base_ipt, ipt_state, parse, sources
+from vif_route_qubes.batch import Batch, Restore, Sysctl
+from vif_route_qubes.errors import VifError
+from vif_route_qubes.lock import locked
+
+log = logging.getLogger("vif-route-qubes")
+QDB_GATEWAY6 = "/qubes-netvm-gateway6"
+
+
+@dataclass(frozen=True)
+class InitInputs:
+    ipv6: bool  # IPv6 is routed for the VMs (qubesdb has an IPv6 gateway)
+
+
+def read_init_inputs(gateway6: str | None) -> InitInputs:
+    if gateway6 is None:
+        try:
+            gateway6 = sources.qubesdb_read([QDB_GATEWAY6]).get(QDB_GATEWAY6)
+        except VifError as exc:
+            if "is not installed" not in str(exc):
+                raise
+    if gateway6:
+        parse.address_of(gateway6, 6, source="IPv6 gateway")
+    return InitInputs(ipv6=bool(gateway6))
+
+
+def plan_init(inp: InitInputs, save4: str, save6: str) -> Batch:
+    steps = []
+    for family, text, routed in ((4, save4, True), (6, save6, inp.ipv6)):
+        rules = base_ipt.plan_base(ipt_state.parse_save(text), family, routed)
+        if rules:
+            steps.append(Restore(family, rules))
+    steps.append(Sysctl("net/ipv4/ip_forward", "1"))
+    steps.append(Sysctl("net/ipv6/conf/all/forwarding", "1" if inp.ipv6 else "0", tolerant=True))
+    return Batch("vif-route-qubes init", tuple(steps))
+
+
+def run_init(inp: InitInputs, dry_run: bool, lock_file: str, lock_timeout: float, out) -> int:
+    with nullcontext() if dry_run else locked(lock_file, lock_timeout, "init"):
+        save4, save6 = ipt_state.save_both()
+        batch = plan_init(inp, save4, save6)
+        if dry_run:
+            out.write(batch.render())
+            return 0
+        from vif_route_qubes.apply import Applier
+
+        with Applier() as applier:
+            applier.run(batch)
+    return 0

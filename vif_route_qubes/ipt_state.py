@@ -1,0 +1,104 @@
+"""What iptables-save printed, per table: the chains and each chain's rules.
+
+Rules are kept exactly as iptables-save prints them (`-A CHAIN ...`), so that
+planners can write their rules in the same form and compare them as text.
+"""
+
+import subprocess
+from dataclasses import dataclass
+
+from vif_route_qubes.errors import VifError
+
+
+@dataclass(frozen=True)
+class TableState:
+    chains: frozenset[str]
+    rules: tuple[tuple[str, tuple[str, ...]], ...]
+
+    def rules_of(self, chain: str) -> tuple[str, ...]:
+        for name, lines in self.rules:
+            if name == chain:
+                return lines
+        return ()
+
+    def has(self, chain: str) -> bool:
+        return chain in self.chains
+
+
+EMPTY_TABLE = TableState(frozenset(), ())
+
+
+def parse_save(text: str) -> dict[str, TableState]:
+    """Split `iptables-save` output into tables."""
+    tables: dict[str, TableState] = {}
+    name = None
+    chains: set[str] = set()
+    rules: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if line.startswith("*"):
+            name, chains, rules = line[1:].strip(), set(), {}
+        elif line == "COMMIT" and name:
+            tables[name] = TableState(frozenset(chains), tuple((c, tuple(r)) for c, r in rules.items()))
+            name = None
+        elif line.startswith(":"):
+            chains.add(line[1:].split(" ", 1)[0])
+        elif line.startswith("-A "):
+            rules.setdefault(line.split(" ", 2)[1], []).append(line)
+    return tables
+
+
+def table(text: str, name: str) -> TableState:
+    return parse_save(text).get(name, EMPTY_TABLE)
+
+
+def delete(line: str) -> str:
+    """The -D form of a saved -A line."""
+    return "-D" + line[2:]
+
+
+def sync_chain(state: TableState, chain: str, wanted: tuple[str, ...]) -> list[str]:
+    """Restore lines that make an owned chain hold exactly `wanted` (flush and refill)."""
+    if state.has(chain) and state.rules_of(chain) == wanted:
+        return []
+    return [f":{chain} - [0:0]", *wanted]
+
+
+def ensure_chain(state: TableState, chain: str) -> list[str]:
+    """Create a chain somebody else fills, without flushing it when it exists."""
+    return [] if state.has(chain) else [f":{chain} - [0:0]"]
+
+
+def ensure_jump(state: TableState, builtin: str, jump: str, position: int = 1) -> list[str]:
+    """Check-then-insert a jump rule (`jump` as saved, `-A BUILTIN ...`) into a built-in chain."""
+    if jump in state.rules_of(builtin):
+        return []
+    return [f"-I {builtin} {position}" + jump[len(f"-A {builtin}"):]]
+
+
+def save(jobs: list[tuple[int, str | None]]) -> list[str]:
+    """`iptables-save [-t TABLE]` for each (family, table), all run side by side."""
+    procs = []
+    for family, name in jobs:
+        tool = "ip6tables-save" if family == 6 else "iptables-save"
+        try:
+            procs.append((tool, subprocess.Popen([tool, *(["-t", name] if name else [])], stdout=subprocess.PIPE,
+                                                 stderr=subprocess.PIPE, text=True)))
+        except FileNotFoundError:
+            raise VifError(f"{tool} is not installed") from None
+    outputs = []
+    for tool, proc in procs:
+        try:
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise VifError(f"{tool} did not finish within 30 s") from None
+        if proc.returncode != 0:
+            raise VifError(f"{tool} failed: {' '.join(err.split())[:200]}")
+        outputs.append(out)
+    return outputs
+
+
+def save_both(table_name: str | None = None) -> tuple[str, str]:
+    """One table (or all) of both families."""
+    save4, save6 = save([(4, table_name), (6, table_name)])
+    return save4, save6
