@@ -22,11 +22,11 @@ def settled(ns, timeout=5.0):
 
 
 def make_provider(netns):
-    """A network-providing VM's namespace.  Its raw tables are instantiated up
-    front, as on a real ProxyVM: a table that first appears during a test
-    would show in iptables-save without the command having changed anything."""
-    proxy = make_provider(netns)
-    proxy.sh("iptables -t raw -S >/dev/null && ip6tables -t raw -S >/dev/null")
+    """A network-providing VM's namespace whose raw tables exist already, as on
+    a real ProxyVM (iptables-nft makes a table on first use and never drops
+    it, so a table born during the test would differ from "before")."""
+    proxy = netns.make("proxy")
+    proxy.sh("for t in iptables ip6tables; do $t -t raw -N PRIME && $t -t raw -X PRIME; done")
     return proxy
 
 

@@ -17,9 +17,10 @@ UP6 = "2001:db8::1"
 
 
 def wait_dad(ns, dev, limit=5.0):
-    """Wait until no address of `dev` is tentative (the gateway answers no NS before)."""
+    """Wait until the gateway address has passed duplicate address detection: until
+    then the proxy answers no neighbour solicitation for it."""
     deadline = time.monotonic() + limit
-    while ns.out(f"ip -6 addr show dev {dev} tentative").strip():
+    while ns.out(f"ip -6 addr show dev {dev} tentative to {GW6}").strip():
         assert time.monotonic() < deadline, ns.out(f"ip -6 addr show dev {dev}")
         time.sleep(0.05)
 
