@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import subprocess
+import time
 
 from vif_route_qubes import netlink, sources
 from vif_route_qubes.batch import (Addr, Batch, ConntrackPurge, Hook, Link, Neigh, Note, Rename,
@@ -28,6 +29,7 @@ RESTORE_TIMEOUT = 30.0
 class Applier:
     def __init__(self) -> None:
         self._ipr = None
+        self.timings: list[tuple[str, float]] = []  # (step kind, seconds), for the benchmark
 
     def __enter__(self) -> "Applier":
         return self
@@ -44,8 +46,10 @@ class Applier:
 
     def run(self, batch: Batch) -> None:
         for step in batch.steps:
+            started = time.perf_counter()
             try:
                 getattr(self, "_" + type(step).__name__.lower())(step)
+                self.timings.append((type(step).__name__, time.perf_counter() - started))
             except VifError:
                 raise
             except OSError as exc:  # NetlinkError is an OSError too

@@ -5,7 +5,7 @@ import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 
-from vif_route_qubes import ipt_state, plan_vif
+from vif_route_qubes import ipt_state, plan_vif, timing
 from vif_route_qubes.errors import VifError
 from vif_route_qubes.inputs import VifArgs, read_vif_inputs
 from vif_route_qubes.lock import DEFAULT_LOCK, locked
@@ -72,11 +72,16 @@ def report_error(xenbus_path: str | None, message: str) -> None:
 def run_vif(args: VifArgs, opts: RunOptions, out) -> int:
     if opts.backend == "nft":
         raise VifError("the nftables backend is not available yet; use --backend iptables")
+    clock = timing.Clock()
     inp = read_vif_inputs(args)
+    clock.mark("inputs")
     # A dry run only reads, so it takes no lock (and needs no write access to /run).
     with nullcontext() if opts.dry_run else locked(opts.lock_file, opts.lock_timeout, inp.vif):
+        clock.mark("lock")
         facts = read_facts(inp)
+        clock.mark("facts")
         batch = plan(inp, facts)
+        clock.mark("plan")
         if opts.dry_run:
             out.write(batch.render())
             return 0
@@ -84,5 +89,7 @@ def run_vif(args: VifArgs, opts: RunOptions, out) -> int:
 
         with Applier() as applier:
             applier.run(batch)
+        clock.mark("apply")
+    clock.report(applier.timings)
     log.debug("%s %s done", inp.command, inp.vif)
     return 0

@@ -1,0 +1,201 @@
+#!/usr/bin/env python3
+"""Benchmark of vif-route-qubes and qubes-setup-dnat-to-ns, in namespaces (root).
+
+    .venv/bin/python tests/bench.py [--runs N] [--json] [--skip-scale] [--skip-storm]
+
+Prints, for each target, the median and the min-max spread of N runs (>= 10):
+  pair      online+offline of one vif (manual form: no xenstore/qubesdb stand-ins,
+            whose Python start-up would be measured instead of ours)
+  online    online alone
+  hotplug   online+offline in Xen's form, with the file-backed stand-ins
+  scale     one more online+offline with 400 vifs already online, vs none
+  storm     100 online events started at once vs the same 100 one by one
+  dns       qubes-setup-dnat-to-ns with unchanged inputs (exit 100)
+and the in-process split (imports, inputs, lock, facts, plan, apply, and
+each applied step) from VIF_ROUTE_TIMING, the interpreter's bare start-up,
+and the five most expensive imports (python -X importtime).
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from netns import BIN, Namespaces, XenEnv  # noqa: E402
+
+VIF = str(BIN / "vif-route-qubes")
+DNS = str(BIN / "qubes-setup-dnat-to-ns")
+MANUAL = ["--mac", "00:16:3e:5e:6c:19", "--gateway", "10.137.7.1", "--dns1", "10.139.1.1",
+          "--dns2", "10.139.1.2", "--no-harden"]
+
+
+def stats(samples: list[float]) -> dict:
+    ms = [s * 1000 for s in samples]
+    return {"median_ms": round(statistics.median(ms), 2), "min_ms": round(min(ms), 2),
+            "max_ms": round(max(ms), 2), "runs": len(ms)}
+
+
+def timed(argv: list[str], env: dict, ok=(0,)) -> tuple[float, str]:
+    start = time.perf_counter()
+    result = subprocess.run(argv, env=env, capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    if result.returncode not in ok:
+        raise SystemExit(f"bench: {' '.join(argv)} failed ({result.returncode}): {result.stderr.strip()}")
+    return elapsed, result.stderr
+
+
+def in_ns(ns, argv):
+    return ["ip", "netns", "exec", ns.name, *argv]
+
+
+def split_of(stderr: str) -> dict | None:
+    for line in stderr.splitlines():
+        if line.startswith("timing "):
+            return json.loads(line[7:])
+    return None
+
+
+def pair_bench(ns, env, runs: int, vif="vif37.0", addr="10.137.7.27"):
+    pairs, onlines, splits = [], [], []
+    for _ in range(runs):
+        t_on, err_on = timed(in_ns(ns, [VIF, "online", vif, addr, *MANUAL]), env)
+        t_off, err_off = timed(in_ns(ns, [VIF, "offline", vif, addr, *MANUAL]), env)
+        pairs.append(t_on + t_off)
+        onlines.append(t_on)
+        splits.append((split_of(err_on), split_of(err_off)))
+    return pairs, onlines, splits
+
+
+def median_split(splits: list[dict]) -> dict:
+    phases = {}
+    for key in splits[0]["phases_ms"]:
+        phases[key] = round(statistics.median(s["phases_ms"].get(key, 0) for s in splits), 2)
+    steps = [[kind, round(statistics.median(s["steps_ms"][i][1] for s in splits), 2)]
+             for i, (kind, _) in enumerate(splits[0]["steps_ms"])]
+    return {"phases_ms": phases, "steps_ms": steps}
+
+
+def top_imports(ns, env) -> list[list]:
+    result = subprocess.run(in_ns(ns, [sys.executable, "-X", "importtime", "-m", "vif_route_qubes", "online",
+                                       "vif37.0", "10.137.7.27", *MANUAL, "--dry-run"]),
+                            env=env, capture_output=True, text=True)
+    rows = []
+    for line in result.stderr.splitlines():
+        if line.startswith("import time:") and "|" in line:
+            _, cumulative_us, name = line[len("import time:"):].split("|")
+            if cumulative_us.strip().isdigit():
+                rows.append([name.strip(), round(int(cumulative_us) / 1000, 2)])
+    return sorted(rows, key=lambda r: -r[1])[:5]
+
+
+def startup(env, runs) -> dict:
+    return stats([timed([sys.executable, "-c", "pass"], env)[0] for _ in range(runs)])
+
+
+def make_vifs(netns, provider, vms, count, first_domid):
+    """`count` veth pairs named vifD.0 in the provider, peers in `vms`."""
+    script = []
+    for i in range(count):
+        domid = first_domid + i
+        script.append(f"link add vif{domid}.0 netns {provider.name} type veth peer name e{domid} netns {vms.name}")
+    subprocess.run(["ip", "-batch", "-"], input="\n".join(script) + "\n", text=True, check=True)
+
+
+def scale_bench(netns, env, runs):
+    provider, vms = netns.make("prov"), netns.make("vms")
+    make_vifs(netns, provider, vms, 1, 37)
+    base, _, _ = pair_bench(provider, env, runs)
+    make_vifs(netns, provider, vms, 400, 1000)
+    for i in range(400):
+        domid = 1000 + i
+        timed(in_ns(provider, [VIF, "online", f"vif{domid}.0", f"10.137.{8 + i // 250}.{1 + i % 250}",
+                               *MANUAL]), env)
+    loaded, _, _ = pair_bench(provider, env, runs)
+    return {"none": stats(base), "with_400": stats(loaded),
+            "increase_pct": round(100 * (statistics.median(loaded) / statistics.median(base) - 1), 1)}
+
+
+def storm_bench(netns, env, count=100):
+    results = {}
+    for mode in ("serial", "parallel"):
+        provider, vms = netns.make("stp" if mode == "parallel" else "sts"), netns.make("stv")
+        make_vifs(netns, provider, vms, count, 2000)
+        argvs = [in_ns(provider, [VIF, "online", f"vif{2000 + i}.0", f"10.138.{i // 250}.{1 + i % 250}", *MANUAL])
+                 for i in range(count)]
+        start = time.perf_counter()
+        if mode == "serial":
+            for argv in argvs:
+                timed(argv, env)
+        else:
+            procs = [subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                     for argv in argvs]
+            failed = [p for p in procs if p.wait() != 0]
+            if failed:
+                raise SystemExit(f"bench: {len(failed)} of {count} parallel onlines failed")
+        results[mode] = round(time.perf_counter() - start, 3)
+        rules = subprocess.run(in_ns(provider, ["iptables-save", "-t", "raw"]), capture_output=True,
+                               text=True).stdout
+        results[f"{mode}_vif_chains"] = sum(1 for line in rules.splitlines() if line.startswith(":QBS-AS-"))
+    results["parallel_faster"] = results["parallel"] < results["serial"]
+    return results
+
+
+def dns_bench(netns, env, runs):
+    ns = netns.make("dns")
+    resolv = Path(env["QUBES_RESOLV_CONF"])
+    resolv.write_text("nameserver 203.0.113.53\n")
+    argv = in_ns(ns, [DNS, "--dns1", "10.139.1.1", "--dns2", "10.139.1.2"])
+    timed(argv, env)
+    return stats([timed(argv, env, ok=(100,))[0] for _ in range(runs)])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--skip-scale", action="store_true")
+    parser.add_argument("--skip-storm", action="store_true")
+    args = parser.parse_args()
+    runs = max(args.runs, 10)
+    netns = Namespaces()
+    with tempfile.TemporaryDirectory() as tmp:
+        xen = XenEnv(Path(tmp))
+        env = xen.env(VIF_ROUTE_TIMING="1", QUBES_RESOLV_CONF=str(Path(tmp) / "resolv.conf"))
+        try:
+            provider, vm = netns.make("prov"), netns.make("vm")
+            netns.vif(provider, vm, "vif37.0")
+            report = {"interpreter_startup": startup(env, runs)}
+            pairs, onlines, splits = pair_bench(provider, env, runs)
+            report["pair"] = stats(pairs)
+            report["online"] = stats(onlines)
+            report["split_online"] = median_split([s[0] for s in splits])
+            report["split_offline"] = median_split([s[1] for s in splits])
+            report["top_imports_cumulative_ms"] = top_imports(provider, env)
+            path = xen.backend(37, ip="10.137.7.27", mac="00:16:3e:5e:6c:19")
+            xen.qdb_write("/qubes-netvm-gateway", "10.137.7.1")
+            hot_env = dict(env, vif="vif37.0", XENBUS_PATH=path)
+            hot = [timed(in_ns(provider, [VIF, "online", "type_if=vif"]), hot_env)[0]
+                   + timed(in_ns(provider, [VIF, "offline", "type_if=vif"]), hot_env)[0] for _ in range(runs)]
+            report["hotplug_pair_with_standins"] = stats(hot)
+            report["dns_unchanged"] = dns_bench(netns, env, runs)
+            if not args.skip_scale:
+                report["scale"] = scale_bench(netns, env, runs)
+            if not args.skip_storm:
+                report["storm_100"] = storm_bench(netns, env)
+        finally:
+            netns.cleanup()
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    for key, value in report.items():
+        print(f"{key:28} {json.dumps(value)}")
+
+
+if __name__ == "__main__":
+    main()
