@@ -67,7 +67,7 @@ def plan_dns(inp: DnsInputs, tables: dict[str, TableState]) -> Batch:
     if text:
         steps.append(Restore(4, text))
         # Flows already translated to the old resolver would keep using it.
-        steps += [ConntrackPurge(str(v), 4) for v in inp.virtual]
+        steps.append(ConntrackPurge(tuple(str(v) for v in inp.virtual), 4))
         if inp.firewall_running:
             steps.append(Run(("systemctl", "--no-block", "try-reload-or-restart", "qubes-firewall.service")))
         if inp.dispatcher:

@@ -139,7 +139,7 @@ def runs_of(rules, event: dict[str, str], env: dict[str, str]) -> list[list[str]
 
 def xen_event(action: str, kernel: str, subsystem: str = "xen-backend") -> dict[str, str]:
     return {"ACTION": action, "SUBSYSTEM": subsystem, "KERNEL": kernel,
-            "DEVPATH": f"/devices/{subsystem}/{kernel}", "DRIVER": ""}
+            "DEVPATH": f"/devices/{subsystem}/{kernel}"}
 
 
 def setup_vif(netns, xen):
@@ -174,7 +174,7 @@ def test_udev_rules_match_and_run(root, netns, xen):
         assert argv == [str(BIN / "vif-route-qubes"), action, "type_if=vif"]
         # The environment udev gives RUN programs: the event's properties.
         env = xen.env(**event, XENBUS_PATH=path, vif=VIF)
-        del env["KERNEL"], env["DRIVER"]  # not uevent properties
+        del env["KERNEL"]  # a udev match key, not a uevent property
         result = run_cmd(proxy, argv, env)
         assert result.returncode == 0, result.stderr
         if action == "online":

@@ -20,29 +20,26 @@ from vif_route_qubes.batch import (Addr, Batch, ConntrackPurge, Hook, Link, Neig
 from vif_route_qubes.errors import VifError
 
 log = logging.getLogger("vif-route-qubes")
-NUD_PERMANENT = 0x80
-RT_SCOPE_LINK = 253
-RTPROT_BOOT = 3  # what `ip route` sets, so dry-run and real runs agree
 RESTORE_TIMEOUT = 30.0
 
 
 class Applier:
     def __init__(self) -> None:
-        self._ipr = None
+        self._rtnl = None
         self.timings: list[tuple[str, float]] = []  # (step kind, seconds), for the benchmark
 
     def __enter__(self) -> "Applier":
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._ipr is not None:
-            self._ipr.close()
+        if self._rtnl is not None:
+            self._rtnl.close()
 
     @property
-    def ipr(self):
-        if self._ipr is None:
-            self._ipr = netlink.iproute()
-        return self._ipr
+    def rtnl(self) -> netlink.Netlink:
+        if self._rtnl is None:
+            self._rtnl = netlink.Netlink(netlink.NETLINK_ROUTE)
+        return self._rtnl
 
     def run(self, batch: Batch) -> None:
         for step in batch.steps:
@@ -52,7 +49,7 @@ class Applier:
                 self.timings.append((type(step).__name__, time.perf_counter() - started))
             except VifError:
                 raise
-            except OSError as exc:  # NetlinkError is an OSError too
+            except OSError as exc:
                 reason = exc.strerror or os.strerror(exc.errno or 0) or str(exc)
                 raise VifError(f"{step.render().splitlines()[0]}: {reason}") from None
 
@@ -86,65 +83,49 @@ class Applier:
             if not step.tolerant:
                 raise
 
-    def _index(self, ifname: str) -> int | None:
+    def _index(self, ifname: str, required: bool) -> int | None:
+        """The interface's index; None (nothing to do) for a removal when it is gone."""
         try:
             return socket.if_nametoindex(ifname)
         except OSError:
+            if required:
+                raise VifError(f"{ifname}: no such interface") from None
             return None
 
-    def _must_index(self, ifname: str) -> int:
-        index = self._index(ifname)
-        if index is None:
-            raise VifError(f"{ifname}: no such interface")
-        return index
-
-    def _rename(self, step: Rename) -> None:
-        self.ipr.link("set", index=self._must_index(step.old), ifname=step.new)
-
-    def _link(self, step: Link) -> None:
-        index = self._index(step.ifname)
-        if index is None:
-            if step.tolerant:
-                return
-            raise VifError(f"{step.ifname}: no such interface")
-        self.ipr.link("set", index=index, state="up" if step.up else "down")
-
-    def _tolerant(self, call, add: bool, **kwargs) -> None:
+    def _tolerant(self, call, add: bool, *args) -> None:
         try:
-            call("replace" if add else "del", **kwargs)
+            call(add, *args)
         except OSError as exc:
             if add or exc.errno not in netlink.GONE | {errno.EINVAL}:
                 raise
 
+    def _rename(self, step: Rename) -> None:
+        self.rtnl.link_set(self._index(step.old, True), name=step.new)
+
+    def _link(self, step: Link) -> None:
+        index = self._index(step.ifname, not step.tolerant)
+        if index is not None:
+            self.rtnl.link_set(index, up=step.up)
+
     def _addr(self, step: Addr) -> None:
-        index = self._index(step.ifname) if not step.add else self._must_index(step.ifname)
-        if index is None:
-            return
-        family = socket.AF_INET6 if step.family == 6 else socket.AF_INET
-        self._tolerant(self.ipr.addr, step.add, index=index, address=step.address,
-                       prefixlen=step.prefixlen, family=family)
+        index = self._index(step.ifname, step.add)
+        if index is not None:
+            self._tolerant(self.rtnl.addr, step.add, index, step.family, step.address, step.prefixlen)
 
     def _route(self, step: Route) -> None:
-        index = self._index(step.ifname) if not step.add else self._must_index(step.ifname)
-        if index is None:
-            return
-        family = socket.AF_INET6 if step.family == 6 else socket.AF_INET
-        extra = {"scope": RT_SCOPE_LINK} if step.family == 4 else {}
-        self._tolerant(self.ipr.route, step.add, dst=step.address, dst_len=32 if step.family == 4 else 128,
-                       oif=index, priority=step.metric, family=family, proto=RTPROT_BOOT, **extra)
+        index = self._index(step.ifname, step.add)
+        if index is not None:
+            self._tolerant(self.rtnl.route, step.add, index, step.family, step.address, step.metric)
 
     def _neigh(self, step: Neigh) -> None:
-        index = self._index(step.ifname) if not step.add else self._must_index(step.ifname)
-        if index is None:
-            return
-        family = socket.AF_INET6 if step.family == 6 else socket.AF_INET
-        extra = {"lladdr": step.mac, "state": NUD_PERMANENT} if step.add else {}
-        self._tolerant(self.ipr.neigh, step.add, dst=step.address, ifindex=index, family=family, **extra)
+        index = self._index(step.ifname, step.add)
+        if index is not None:
+            self._tolerant(self.rtnl.neigh, step.add, index, step.family, step.address, step.mac)
 
     def _conntrackpurge(self, step: ConntrackPurge) -> None:
-        count = netlink.conntrack_purge(step.address, step.family)
+        count = netlink.conntrack_purge(list(step.addresses), step.family)
         if count:
-            log.info("purged %d connection tracking entries of %s", count, step.address)
+            log.info("purged %d connection tracking entries of %s", count, ", ".join(step.addresses))
 
     def _hook(self, step: Hook) -> None:
         what = " ".join((step.path, *step.args))

@@ -108,16 +108,16 @@ class Neigh:
 
 @dataclass(frozen=True)
 class ConntrackPurge:
-    """Delete connection-tracking entries to or from one address."""
+    """Delete connection-tracking entries to or from these addresses (one family)."""
 
-    address: str
+    addresses: tuple[str, ...]
     family: int
 
     def render(self) -> str:
         fam = "ipv6" if self.family == 6 else "ipv4"
         return "\n".join(
-            f"conntrack -D -f {fam} {flag} {self.address} >/dev/null 2>&1 || true"
-            for flag in ("-s", "-d", "--reply-src")
+            f"conntrack -D -f {fam} {flag} {address} >/dev/null 2>&1 || true"
+            for address in self.addresses for flag in ("-s", "-d", "--reply-src")
         )
 
 

@@ -28,7 +28,8 @@ def antispoof(inp: VifInputs, facts: VifFacts, enable: bool) -> list:
 
 
 def conntrack(inp: VifInputs) -> list:
-    return [ConntrackPurge(str(a), a.version) for a in inp.addresses]
+    return [ConntrackPurge(tuple(str(a) for a in inp.addrs(family)), family)
+            for family in (4, 6) if inp.addrs(family)]
 
 
 def _v6_usable(inp: VifInputs, facts: VifFacts, what: str) -> tuple[bool, list]:
