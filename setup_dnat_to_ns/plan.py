@@ -9,7 +9,7 @@ runs after DNAT and depends only on the virtual addresses, so at no instant is
 a query neither translated nor dropped.
 """
 
-from dataclasses import dataclass
+from typing import NamedTuple
 from ipaddress import IPv4Address
 
 from vif_route_qubes.batch import Batch, ConntrackPurge, Restore, Run
@@ -19,8 +19,7 @@ DNAT_CHAIN = "PR-QBS"
 GUARD_CHAIN = "QBS-DNS-GUARD"
 
 
-@dataclass(frozen=True)
-class DnsInputs:
+class DnsInputs(NamedTuple):
     virtual: tuple[IPv4Address, ...]
     upstream: tuple[IPv4Address, ...]
     dispatcher: bool = False        # run by NetworkManager's dispatcher

@@ -5,7 +5,7 @@ The planner builds a Batch, the applier (apply.py) carries it out, and
 The rendered script, run by `sh` as root, makes the same changes.
 """
 
-from dataclasses import dataclass, field
+from typing import NamedTuple
 from shlex import quote
 
 
@@ -13,8 +13,7 @@ def _ip(family: int) -> str:
     return "ip -6" if family == 6 else "ip"
 
 
-@dataclass(frozen=True)
-class Restore:
+class Restore(NamedTuple):
     """One atomic iptables-restore --noflush (family 4 or 6)."""
 
     family: int
@@ -25,8 +24,7 @@ class Restore:
         return f"{tool} -w 10 --noflush <<'EOF'\n{self.text}EOF"
 
 
-@dataclass(frozen=True)
-class Sysctl:
+class Sysctl(NamedTuple):
     """Write a /proc/sys value when it differs; `path` is relative to /proc/sys."""
 
     path: str
@@ -40,8 +38,7 @@ class Sysctl:
         return f"{line} 2>/dev/null || true" if self.tolerant else line
 
 
-@dataclass(frozen=True)
-class Rename:
+class Rename(NamedTuple):
     old: str
     new: str
 
@@ -49,8 +46,7 @@ class Rename:
         return f"ip link set dev {quote(self.old)} name {quote(self.new)}"
 
 
-@dataclass(frozen=True)
-class Link:
+class Link(NamedTuple):
     ifname: str
     up: bool
     tolerant: bool = False
@@ -60,8 +56,7 @@ class Link:
         return f"{line} 2>/dev/null || true" if self.tolerant else line
 
 
-@dataclass(frozen=True)
-class Addr:
+class Addr(NamedTuple):
     """An address on the interface; add=False removes it, tolerating absence."""
 
     ifname: str
@@ -76,8 +71,7 @@ class Addr:
         return line if self.add else f"{line} 2>/dev/null || true"
 
 
-@dataclass(frozen=True)
-class Route:
+class Route(NamedTuple):
     ifname: str
     address: str
     family: int
@@ -91,8 +85,7 @@ class Route:
         return line if self.add else f"{line} 2>/dev/null || true"
 
 
-@dataclass(frozen=True)
-class Neigh:
+class Neigh(NamedTuple):
     ifname: str
     address: str
     family: int
@@ -106,8 +99,7 @@ class Neigh:
         return f"{_ip(self.family)} neigh del {self.address} dev {quote(self.ifname)} 2>/dev/null || true"
 
 
-@dataclass(frozen=True)
-class ConntrackPurge:
+class ConntrackPurge(NamedTuple):
     """Delete connection-tracking entries to or from these addresses (one family)."""
 
     addresses: tuple[str, ...]
@@ -121,8 +113,7 @@ class ConntrackPurge:
         )
 
 
-@dataclass(frozen=True)
-class Hook:
+class Hook(NamedTuple):
     """Run one hook; a failure or a timeout is logged, never fatal."""
 
     path: str
@@ -134,16 +125,14 @@ class Hook:
         return f"timeout {self.timeout:g} {argv} || true"
 
 
-@dataclass(frozen=True)
-class XenstoreWrite:
+class XenstoreWrite(NamedTuple):
     pairs: tuple[tuple[str, str], ...]
 
     def render(self) -> str:
         return "xenstore-write " + " ".join(f"{quote(k)} {quote(v)}" for k, v in self.pairs)
 
 
-@dataclass(frozen=True)
-class Run:
+class Run(NamedTuple):
     """Run a program whose failure is logged, never fatal (service reloads)."""
 
     argv: tuple[str, ...]
@@ -152,8 +141,7 @@ class Run:
         return " ".join(quote(arg) for arg in self.argv) + " || true"
 
 
-@dataclass(frozen=True)
-class Note:
+class Note(NamedTuple):
     """Something the run logs instead of doing (rendered as a comment)."""
 
     message: str
@@ -167,10 +155,9 @@ Step = (Restore | Sysctl | Rename | Link | Addr | Route | Neigh | ConntrackPurge
         | Run | Note)
 
 
-@dataclass(frozen=True)
-class Batch:
+class Batch(NamedTuple):
     title: str
-    steps: tuple[Step, ...] = field(default_factory=tuple)
+    steps: tuple[Step, ...] = ()
 
     def render(self) -> str:
         lines = ["#!/bin/sh", f"# {self.title}"]

@@ -2,7 +2,7 @@
 
 import logging
 from contextlib import nullcontext
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from vif_route_qubes import base_ipt, ipt_state, parse, sources
 from vif_route_qubes.batch import Batch, Restore, Sysctl
@@ -13,8 +13,7 @@ log = logging.getLogger("vif-route-qubes")
 QDB_GATEWAY6 = "/qubes-netvm-gateway6"
 
 
-@dataclass(frozen=True)
-class InitInputs:
+class InitInputs(NamedTuple):
     ipv6: bool  # IPv6 is routed for the VMs (qubesdb has an IPv6 gateway)
 
 

@@ -5,7 +5,7 @@ xenstore, then qubesdb).  Every value is parsed strictly before it is kept.
 """
 
 import os
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from vif_route_qubes import parse, sources
 from vif_route_qubes.errors import InputError, VifError
@@ -17,8 +17,7 @@ QDB_DNS = ("/qubes-netvm-primary-dns", "/qubes-netvm-secondary-dns")
 QDB_HARDEN = "/qubes-service/harden-network-interfaces"
 
 
-@dataclass(frozen=True)
-class VifArgs:
+class VifArgs(NamedTuple):
     """What the command line and the environment said (raw text, not yet parsed)."""
 
     command: str

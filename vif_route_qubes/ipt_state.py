@@ -5,13 +5,12 @@ planners can write their rules in the same form and compare them as text.
 """
 
 import subprocess
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from vif_route_qubes.errors import VifError
 
 
-@dataclass(frozen=True)
-class TableState:
+class TableState(NamedTuple):
     chains: frozenset[str]
     rules: tuple[tuple[str, tuple[str, ...]], ...]
 

@@ -1,13 +1,12 @@
 """Frozen inputs of one vif event, and the facts read from the system under the lock."""
 
-from dataclasses import dataclass
+from typing import NamedTuple
 from ipaddress import IPv4Address, IPv6Address
 
 from vif_route_qubes.ipt_state import EMPTY_TABLE, TableState
 
 
-@dataclass(frozen=True)
-class VifInputs:
+class VifInputs(NamedTuple):
     command: str                      # "online" or "offline"
     vif: str                          # name after any `vifname` rename
     domid: int
@@ -31,8 +30,7 @@ class VifInputs:
         return tuple(a for a in self.addresses if a.version == family)
 
 
-@dataclass(frozen=True)
-class VifFacts:
+class VifFacts(NamedTuple):
     """What the system has now, read once under the lock."""
 
     exists: bool                      # the interface (by its final name) is there

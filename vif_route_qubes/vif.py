@@ -3,7 +3,7 @@
 import logging
 import os
 from contextlib import nullcontext
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from vif_route_qubes import ipt_state, plan_vif, timing
 from vif_route_qubes.errors import VifError
@@ -14,8 +14,7 @@ from vif_route_qubes.model import VifFacts, VifInputs
 log = logging.getLogger("vif-route-qubes")
 
 
-@dataclass(frozen=True)
-class RunOptions:
+class RunOptions(NamedTuple):
     dry_run: bool = False
     backend: str = "auto"
     lock_file: str = DEFAULT_LOCK
