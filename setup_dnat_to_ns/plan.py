@@ -66,7 +66,7 @@ def plan_dns(inp: DnsInputs, tables: dict[str, TableState]) -> Batch:
     if text:
         steps.append(Restore(4, text))
         # Flows already translated to the old resolver would keep using it.
-        steps.append(ConntrackPurge(tuple(str(v) for v in inp.virtual), 4))
+        steps.append(ConntrackPurge(tuple(str(v) for v in inp.virtual)))
         if inp.firewall_running:
             steps.append(Run(("systemctl", "--no-block", "try-reload-or-restart", "qubes-firewall.service")))
         if inp.dispatcher:

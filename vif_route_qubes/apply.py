@@ -123,7 +123,7 @@ class Applier:
             self._tolerant(self.rtnl.neigh, step.add, index, step.family, step.address, step.mac)
 
     def _conntrackpurge(self, step: ConntrackPurge) -> None:
-        count = netlink.conntrack_purge(list(step.addresses), step.family)
+        count = netlink.conntrack_purge(step.addresses)
         if count:
             log.info("purged %d connection tracking entries of %s", count, ", ".join(step.addresses))
 

@@ -100,15 +100,13 @@ class Neigh(NamedTuple):
 
 
 class ConntrackPurge(NamedTuple):
-    """Delete connection-tracking entries to or from these addresses (one family)."""
+    """Delete connection-tracking entries to or from these addresses (IPv4 and IPv6)."""
 
     addresses: tuple[str, ...]
-    family: int
 
     def render(self) -> str:
-        fam = "ipv6" if self.family == 6 else "ipv4"
         return "\n".join(
-            f"conntrack -D -f {fam} {flag} {address} >/dev/null 2>&1 || true"
+            f"conntrack -D -f {'ipv6' if ':' in address else 'ipv4'} {flag} {address} >/dev/null 2>&1 || true"
             for address in self.addresses for flag in ("-s", "-d", "--reply-src")
         )
 

@@ -34,8 +34,8 @@ NFNL_SUBSYS_CTNETLINK = 1
 IPCTNL_MSG_CT_GET, IPCTNL_MSG_CT_DELETE = 1, 2
 CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, CTA_ID, CTA_ZONE = 1, 2, 12, 18
 CTA_TUPLE_IP = 1
-CTA_IP_SRC = {socket.AF_INET: 1, socket.AF_INET6: 3}
-CTA_IP_DST = {socket.AF_INET: 2, socket.AF_INET6: 4}
+CTA_IP_SOURCES = {1, 3}          # CTA_IP_V4_SRC, CTA_IP_V6_SRC
+CTA_IP_ADDRS = {1, 2, 3, 4}      # ... and CTA_IP_V4_DST, CTA_IP_V6_DST
 
 # Errors that mean "already as asked" for a tolerant delete.
 GONE = {errno.ENOENT, errno.ESRCH, errno.EADDRNOTAVAIL, errno.ENODEV, errno.ENXIO}
@@ -142,13 +142,13 @@ class Netlink:
             self.request(RTM_DELNEIGH, 0, body)
 
 
-def _conntrack_addresses(payload: bytes, family: int) -> tuple[set[bytes], dict[int, bytes]]:
-    """(original source and destination and reply source, raw attributes to name the entry)."""
+def _conntrack_addresses(payload: bytes) -> tuple[set[bytes], dict[int, bytes]]:
+    """(original source and destination and reply source, raw attributes naming the entry)."""
     found: set[bytes] = set()
     keep: dict[int, bytes] = {}
     for kind, value in _attrs(payload[4:]):
         if kind in (CTA_TUPLE_ORIG, CTA_TUPLE_REPLY):
-            wanted = {CTA_IP_SRC[family], CTA_IP_DST[family]} if kind == CTA_TUPLE_ORIG else {CTA_IP_SRC[family]}
+            wanted = CTA_IP_ADDRS if kind == CTA_TUPLE_ORIG else CTA_IP_SOURCES
             for sub, inner in _attrs(value):
                 if sub == CTA_TUPLE_IP:
                     found.update(addr for ip_kind, addr in _attrs(inner) if ip_kind in wanted)
@@ -157,16 +157,25 @@ def _conntrack_addresses(payload: bytes, family: int) -> tuple[set[bytes], dict[
     return found, keep
 
 
-def conntrack_purge(addresses: list[str], version: int) -> int:
-    """Delete every conntrack entry of this family whose original source or
-    destination, or reply source, is one of `addresses`.  One dump for all of
-    them; each entry is deleted by its own tuple, id and zone as the kernel
-    gave them, so nothing else can be hit.  Returns how many were deleted."""
-    family = _family(version)
-    wanted = {socket.inet_pton(family, a) for a in addresses}
+def _conntrack_count() -> int | None:
+    try:
+        with open("/proc/sys/net/netfilter/nf_conntrack_count") as handle:
+            return int(handle.read())
+    except (OSError, ValueError):
+        return None
+
+
+def conntrack_purge(addresses: tuple[str, ...]) -> int:
+    """Delete every conntrack entry whose original source or destination, or
+    reply source, is one of `addresses` (IPv4 or IPv6).  One dump of the whole
+    table (it costs the same as a filtered one: the kernel walks every bucket);
+    each entry is deleted by its own tuple, id and zone as the kernel gave
+    them, so nothing else can be hit.  Returns how many were deleted."""
+    if _conntrack_count() == 0:
+        return 0  # the namespace's table is empty: skip the walk
+    wanted = {socket.inet_pton(_family(6 if ":" in a else 4), a) for a in addresses}
     msg_get = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET
     msg_del = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE
-    nfgen = struct.pack("=BBH", family, 0, 0)
     try:
         nl = Netlink(NETLINK_NETFILTER)
     except OSError as exc:
@@ -176,17 +185,18 @@ def conntrack_purge(addresses: list[str], version: int) -> int:
     deleted = 0
     try:
         try:
-            entries = nl.request(msg_get, NLM_F_DUMP, nfgen)
+            entries = nl.request(msg_get, NLM_F_DUMP, struct.pack("=BBH", socket.AF_UNSPEC, 0, 0))
         except OSError as exc:
             if exc.errno in GONE | {errno.EOPNOTSUPP}:
                 return 0  # no connection tracking here
             raise
         for payload in entries:
-            found, keep = _conntrack_addresses(payload, family)
+            found, keep = _conntrack_addresses(payload)
             if not found & wanted or CTA_TUPLE_ORIG not in keep:
                 continue
-            body = nfgen + b"".join(_attr(kind | (NLA_F_NESTED if kind == CTA_TUPLE_ORIG else 0), value)
-                                    for kind, value in sorted(keep.items()))
+            body = payload[:4] + b"".join(
+                _attr(kind | (NLA_F_NESTED if kind == CTA_TUPLE_ORIG else 0), value)
+                for kind, value in sorted(keep.items()))
             try:
                 nl.request(msg_del, 0, body)
                 deleted += 1

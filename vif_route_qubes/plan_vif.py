@@ -28,8 +28,7 @@ def antispoof(inp: VifInputs, facts: VifFacts, enable: bool) -> list:
 
 
 def conntrack(inp: VifInputs) -> list:
-    return [ConntrackPurge(tuple(str(a) for a in inp.addrs(family)), family)
-            for family in (4, 6) if inp.addrs(family)]
+    return [ConntrackPurge(tuple(str(a) for a in inp.addresses))] if inp.addresses else []
 
 
 def _v6_usable(inp: VifInputs, facts: VifFacts, what: str) -> tuple[bool, list]:
