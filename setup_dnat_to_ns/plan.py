@@ -1,8 +1,8 @@
 """The DNS rules, planned from inputs and the current tables (pure).
 
   nat PREROUTING -j PR-QBS          PR-QBS: DNAT of udp/tcp 53 per virtual address
-  mangle FORWARD -j QBS-DNS-GUARD   drops udp/tcp 53 still addressed to a virtual
-                                    address after nat: untranslated queries
+  mangle FORWARD, INPUT             drop udp/tcp 53 still addressed to a virtual
+    -j QBS-DNS-GUARD                address after nat: untranslated queries
                                     (no upstream) never leave the VM.
 Both chains are ours and are flushed and refilled in one restore.  The guard
 runs after DNAT and depends only on the virtual addresses, so at no instant is
@@ -51,6 +51,9 @@ def rules_text(inp: DnsInputs, tables: dict[str, TableState]) -> str | None:
     # would still be dropped, never forwarded untranslated.
     mangle_lines = sync_chain(mangle, GUARD_CHAIN, guard_rules(inp))
     mangle_lines += ensure_jump(mangle, "FORWARD", f"-A FORWARD -j {GUARD_CHAIN}")
+    # A virtual address that is also one of this VM's own (a gateway) is
+    # delivered locally when untranslated: drop it there too, not reject it.
+    mangle_lines += ensure_jump(mangle, "INPUT", f"-A INPUT -j {GUARD_CHAIN}")
     nat_lines = sync_chain(nat, DNAT_CHAIN, dnat_rules(inp))
     nat_lines += ensure_jump(nat, "PREROUTING", f"-A PREROUTING -j {DNAT_CHAIN}")
     out = []

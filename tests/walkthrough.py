@@ -1,0 +1,296 @@
+"""The seed's three-hop walk-through as network namespaces, for the tests and the demo.
+
+    app (AppVM, eth0 10.137.7.27)
+      -> proxy (ProxyVM: vif37.0 gateway 10.137.7.1; eth0 10.137.1.26)
+      -> net (NetVM: vif5.0 gateway 10.137.1.1; eth0 192.0.2.2/24)
+      -> upstream (eth0 192.0.2.1/24; on lo the host 198.51.100.1 with a UDP
+         recorder, and dnsmasq on 203.0.113.53 and on 203.0.113.54)
+
+Each VM has its own qubesdb, resolv.conf, lock file, hooks folder and
+systemctl log; xenstore is shared, as on a real host.  The VMs are brought up
+the way the system does it: `init`, the Xen hotplug form of `online` per vif,
+then `qubes-setup-dnat-to-ns`.  close() kills what was started and deletes
+every namespace; callers call it from `finally`.
+"""
+
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from netns import BIN, FAKEBIN, Namespace, Namespaces, XenEnv
+
+HERE = Path(__file__).resolve().parent
+_VENV_BIN = HERE.parent / ".venv" / "bin"
+PROG_BIN = _VENV_BIN if (_VENV_BIN / "vif-route-qubes").exists() else BIN
+
+APP_IP, APP_MAC, APP_DOMID = "10.137.7.27", "00:16:3e:5e:6c:19", 37
+APP2_IP, APP2_MAC, APP2_DOMID = "10.137.7.28", "00:16:3e:5e:6c:1a", 38
+PROXY_GW, PROXY_DNS2 = "10.137.7.1", "10.137.7.254"
+PROXY_IP, PROXY_MAC, PROXY_DOMID = "10.137.1.26", "00:16:3e:5e:6c:18", 5
+NET_GW, NET_DNS2, NET_DOMID = "10.137.1.1", "10.137.1.254", 1
+NET_UPLINK, UPSTREAM_GW = "192.0.2.2", "192.0.2.1"
+HOST, ECHO_PORT = "198.51.100.1", 7777
+DNS_A, DNS_B = "203.0.113.53", "203.0.113.54"
+ANSWER = {DNS_A: "198.51.100.53", DNS_B: "198.51.100.54"}  # each server answers NAME its own way
+NAME = "walk.test"
+
+
+class BringUpError(AssertionError):
+    """A step of the bring-up did not end as the system expects."""
+
+
+@dataclass
+class VM:
+    """A network-providing VM: its namespace and its own qubesdb, resolv.conf, lock, hooks."""
+
+    label: str
+    ns: Namespace
+    xen: XenEnv  # .xenstore points at the host's shared folder
+    domid: int
+
+    @property
+    def resolv(self) -> Path:
+        return self.xen.root / "resolv.conf"
+
+    @property
+    def systemctl_log(self) -> Path:
+        return self.xen.root / "systemctl.log"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        base = os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        return self.xen.env(PATH=f"{FAKEBIN}:{PROG_BIN}:{base}", QUBES_RESOLV_CONF=str(self.resolv),
+                            FAKE_SYSTEMCTL_LOG=str(self.systemctl_log),
+                            # no firewall daemon here: only the dispatcher's restart is expected
+                            QUBES_FIREWALL_FLAG=str(self.xen.root / "no-qubes-firewall"), **extra)
+
+    def argv(self, *args: str) -> list[str]:
+        return ["ip", "netns", "exec", self.ns.name, *args]
+
+    def run(self, *args: str, timeout: float = 60, **extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(self.argv(*args), env=self.env(**extra), capture_output=True, text=True,
+                              timeout=timeout)
+
+    def popen(self, *args: str, **extra: str) -> subprocess.Popen:
+        return subprocess.Popen(self.argv(*args), env=self.env(**extra), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+
+    def init(self) -> subprocess.CompletedProcess:
+        return self.run("vif-route-qubes", "init")
+
+    def hotplug(self, command: str, vif: str, xenbus: str) -> subprocess.CompletedProcess:
+        """As udev runs it on a Xen vif event."""
+        return self.run("vif-route-qubes", command, "type_if=vif", vif=vif, XENBUS_PATH=xenbus)
+
+    def dnat(self, *args: str) -> subprocess.CompletedProcess:
+        return self.run("qubes-setup-dnat-to-ns", *args)
+
+    def set_resolv(self, *lines: str) -> None:
+        self.resolv.write_text("\n".join(lines) + "\n")
+
+    def rules(self) -> str:
+        """iptables-save without comments and counters, to compare states."""
+        text = self.ns.out("iptables-save")
+        return "\n".join(re.sub(r" \[\d+:\d+\]$", "", line) for line in text.splitlines()
+                         if not line.startswith("#"))
+
+
+@dataclass(frozen=True)
+class Flow:
+    """One `conntrack -L` entry: the packet as it arrived (orig) and as its answer will (reply)."""
+
+    proto: str
+    src: str
+    dst: str
+    sport: str  # "" for ICMP
+    dport: str
+    reply_src: str
+    reply_dst: str
+    reply_sport: str
+    reply_dport: str
+    line: str
+
+    @staticmethod
+    def parse(line: str) -> "Flow | None":
+        pairs = re.findall(r"(\w+)=(\S+)", line)
+        values = {key: [v for k, v in pairs if k == key] or ["", ""] for key in ("src", "dst", "sport", "dport")}
+        if any(len(v) != 2 for v in values.values()) or not values["src"][0]:
+            return None
+        (src, rsrc), (dst, rdst), (sport, rsport), (dport, rdport) = values.values()
+        return Flow(line.split()[0], src, dst, sport, dport, rsrc, rdst, rsport, rdport, line.strip())
+
+
+class Walkthrough:
+    def __init__(self, root: Path, say=None) -> None:
+        self.root = Path(root)
+        self.say = say or (lambda text: None)
+        self.spaces = Namespaces()
+        self.procs: list[tuple[str, subprocess.Popen]] = []  # (namespace, process) we started
+        self.xenstore = self.root / "xenstore"
+        self.xenstore.mkdir(parents=True, exist_ok=True)
+
+    def __enter__(self) -> "Walkthrough":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- building ---------------------------------------------------------------
+
+    def _vm(self, label: str, domid: int, gateway: str, dns2: str, *resolvers: str) -> VM:
+        xen = XenEnv(self.root / label)
+        xen.xenstore = self.xenstore  # one xenstore per host, one qubesdb per VM
+        vm = VM(label, self.spaces.make(label), xen, domid)
+        for key, value in (("/qubes-netvm-gateway", gateway), ("/qubes-netvm-primary-dns", gateway),
+                           ("/qubes-netvm-secondary-dns", dns2)):
+            xen.qdb_write(key, value)
+        vm.set_resolv(*(f"nameserver {r}" for r in resolvers))
+        return vm
+
+    def backend(self, vm: VM, domid: int, ip: str, mac: str) -> str:
+        """The keys Xen's toolstack writes for a vif in `vm`; returns its XENBUS_PATH."""
+        path = f"/local/domain/{vm.domid}/backend/vif/{domid}/0"
+        for key, value in (("ip", ip), ("mac", mac), ("type", "vif")):
+            vm.xen.xs_write(f"{path}/{key}", value)
+        return path
+
+    def step(self, vm: VM, what: str, result: subprocess.CompletedProcess, expect=(0,)) -> None:
+        self.say(f"  [{vm.label:<5}] {what:<62} exit {result.returncode}")
+        if result.returncode not in expect:
+            raise BringUpError(f"{vm.label}: {what} exited {result.returncode} (expected {expect}): "
+                               f"{(result.stderr or result.stdout).strip()}")
+
+    def build(self) -> "Walkthrough":
+        sp = self.spaces
+        self.net = self._vm("net", NET_DOMID, NET_GW, NET_DNS2, DNS_A)
+        self.proxy = self._vm("proxy", PROXY_DOMID, PROXY_GW, PROXY_DNS2, NET_GW, NET_DNS2)
+        self.app = sp.make("app")
+        self.upstream = sp.make("upstream")
+        # Xen creates the vifs down and un-configured; the VM side configures itself.
+        sp.vif(self.net.ns, self.proxy.ns, "vif5.0", vm_mac=PROXY_MAC, vm_addrs=(PROXY_IP,), gateway=NET_GW)
+        sp.vif(self.proxy.ns, self.app, "vif37.0", vm_mac=APP_MAC, vm_addrs=(APP_IP,), gateway=PROXY_GW)
+        sp.link(self.net.ns, "eth0", self.upstream, "eth0")
+        self.net.ns.sh(f"ip addr add {NET_UPLINK}/24 dev eth0 && ip route add default via {UPSTREAM_GW}")
+        self.upstream.sh(f"ip addr add {UPSTREAM_GW}/24 dev eth0 && ip addr add {HOST}/32 dev lo"
+                         f" && ip addr add {DNS_A}/32 dev lo && ip addr add {DNS_B}/32 dev lo")
+        self.xb_net = self.backend(self.net, PROXY_DOMID, PROXY_IP, PROXY_MAC)
+        self.xb_proxy = self.backend(self.proxy, APP_DOMID, APP_IP, APP_MAC)
+        self.say(f"  namespaces: app={self.app.name} proxy={self.proxy.ns.name} "
+                 f"net={self.net.ns.name} upstream={self.upstream.name}")
+        self._start_upstream()
+
+        for vm in (self.net, self.proxy):
+            self.step(vm, "vif-route-qubes init", vm.init())
+        for vm, vif, xb in ((self.net, "vif5.0", self.xb_net), (self.proxy, "vif37.0", self.xb_proxy)):
+            self.step(vm, f"vif={vif} vif-route-qubes online type_if=vif", vm.hotplug("online", vif, xb))
+            status = vm.xen.xs_read(f"{xb}/hotplug-status")
+            if status != "connected":
+                raise BringUpError(f"{vm.label}: {xb}/hotplug-status is {status!r}, not 'connected'")
+        for vm in (self.net, self.proxy):
+            self.step(vm, "qubes-setup-dnat-to-ns (first run must change the rules)", vm.dnat())
+        return self
+
+    def _start_upstream(self) -> None:
+        for server, answer in ANSWER.items():
+            tag = server.rsplit(".", 1)[1]
+            argv = ["dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
+                    "--bind-interfaces", f"--listen-address={server}", f"--address=/{NAME}/{answer}",
+                    f"--pid-file={self.root / f'dnsmasq-{tag}.pid'}", "--log-queries",
+                    f"--log-facility={self.dns_log(server)}"]
+            self.start(self.upstream, argv, self.root / f"dnsmasq-{tag}.err")
+        self.echo_log = self.start_echo(self.upstream, HOST, ECHO_PORT)
+        for server, answer in ANSWER.items():  # ready when it answers from its own namespace
+            deadline = time.monotonic() + 10
+            while self.dns(self.upstream, server, timeout=0.3)[0] != answer:
+                if time.monotonic() > deadline:
+                    raise BringUpError(f"dnsmasq on {server} does not answer; see {self.root}")
+        self.say(f"  [upstr] dnsmasq on {DNS_A} ({NAME} = {ANSWER[DNS_A]}) and {DNS_B} "
+                 f"({NAME} = {ANSWER[DNS_B]}); UDP recorder on {HOST}:{ECHO_PORT}")
+
+    def dns_log(self, server: str) -> Path:
+        return self.root / f"dnsmasq-{server.rsplit('.', 1)[1]}.log"
+
+    # ---- processes --------------------------------------------------------------
+
+    def start(self, ns: Namespace, argv: list[str], output: Path) -> subprocess.Popen:
+        with open(output, "w") as out:
+            proc = ns.popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        self.procs.append((ns.name, proc))
+        return proc
+
+    def start_echo(self, ns: Namespace, address: str, port: int) -> Path:
+        """A UDP recorder at address:port in ns; returns its log (one "src port" line per datagram)."""
+        log = self.root / f"udp-{address}-{port}.log"
+        log.unlink(missing_ok=True)
+        proc = self.start(ns, [sys.executable, str(HERE / "udpecho.py"), "serve", address, str(port), str(log)],
+                          self.root / f"udp-{address}-{port}.err")
+        deadline = time.monotonic() + 5
+        while not log.exists():  # it creates the log once bound
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise BringUpError(f"the UDP recorder on {address}:{port} did not start")
+            time.sleep(0.02)
+        return log
+
+    def stop_in(self, ns_name: str | None = None) -> None:
+        """Stop the processes we started (in one namespace, or all)."""
+        for entry in [e for e in self.procs if ns_name in (None, e[0])]:
+            proc = entry[1]
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=3)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout=3)
+            self.procs.remove(entry)
+
+    def close(self) -> None:
+        try:
+            self.stop_in(None)
+        finally:
+            self.spaces.cleanup()
+
+    # ---- a second AppVM ---------------------------------------------------------
+
+    def add_app(self, domid: int, ip: str, mac: str) -> tuple[Namespace, str, str]:
+        """Another AppVM behind the ProxyVM, brought up by the hotplug form; (ns, vif, XENBUS_PATH)."""
+        ns = self.spaces.make(f"a{domid}")
+        vif = f"vif{domid}.0"
+        self.spaces.vif(self.proxy.ns, ns, vif, vm_mac=mac, vm_addrs=(ip,), gateway=PROXY_GW)
+        xb = self.backend(self.proxy, domid, ip, mac)
+        self.step(self.proxy, f"vif={vif} vif-route-qubes online type_if=vif", self.proxy.hotplug("online", vif, xb))
+        return ns, vif, xb
+
+    def remove_app(self, ns: Namespace, vif: str, xb: str) -> subprocess.CompletedProcess:
+        """As on shutdown: the VM (and with it the vif) goes away, then Xen's offline event runs."""
+        self.stop_in(ns.name)
+        subprocess.run(["ip", "netns", "del", ns.name], capture_output=True, timeout=30)
+        self.spaces.made.remove(ns)
+        return self.proxy.hotplug("offline", vif, xb)
+
+    # ---- probes (each runs inside a namespace) ----------------------------------
+
+    def dns(self, ns: Namespace, server: str, tcp: bool = False, timeout: float = 2.0) -> tuple[str | None, str]:
+        """(A address of NAME or None, outcome text) as asked from ns."""
+        argv = ["ip", "netns", "exec", ns.name, sys.executable, str(HERE / "dnsq.py"),
+                *(["--tcp"] if tcp else []), "--timeout", str(timeout), server, NAME]
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 15)
+        outcome = result.stdout.strip() or result.stderr.strip()
+        return (outcome if result.returncode == 0 else None), outcome
+
+    def udp_send(self, ns: Namespace, address: str, port: int, timeout: float = 2.0) -> str | None:
+        """The recorder's answer ("seen SRC:PORT") or None when nothing came back."""
+        argv = ["ip", "netns", "exec", ns.name, sys.executable, str(HERE / "udpecho.py"), "send", address,
+                str(port), str(timeout)]
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 15)
+        return result.stdout.strip() if result.returncode == 0 else None
+
+    def ping(self, ns: Namespace, address: str, timeout: int = 2) -> subprocess.CompletedProcess:
+        return ns.sh(f"ping -c 1 -W {timeout} {address}", check=False, timeout=timeout + 15)
+
+    def flows(self, ns: Namespace) -> list[Flow]:
+        text = ns.sh("conntrack -L", timeout=15).stdout
+        return [flow for flow in map(Flow.parse, text.splitlines()) if flow]
