@@ -10,7 +10,7 @@ import sys
 import click
 
 from vif_route_qubes import __version__
-from vif_route_qubes.options import common_options
+from vif_route_qubes.options import common_options, run_main
 
 EXIT_UNCHANGED = 100
 ACTIONS = ("up", "vpn-up", "vpn-down", "dhcp4-change")
@@ -111,4 +111,4 @@ def _run(*, dispatcher, dns1, dns2, resolv_conf, firewall_flag, dry_run, backend
 
 
 def main() -> None:
-    cli.main(prog_name=os.path.basename(sys.argv[0]) or "qubes-setup-dnat-to-ns")
+    run_main(cli, sys.argv[1:], os.path.basename(sys.argv[0]) or "qubes-setup-dnat-to-ns")

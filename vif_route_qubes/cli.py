@@ -13,7 +13,7 @@ import sys
 import click
 
 from vif_route_qubes import __version__
-from vif_route_qubes.options import common_options
+from vif_route_qubes.options import common_options, run_main
 
 _ASSIGNMENT = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)=(.*)", re.S)
 EXIT_CODES = """Exit status: 0 success (also for add/remove of a vif and offline of a
@@ -100,8 +100,8 @@ def _run_event(command: str, params: dict) -> None:
     try:
         run_vif(args, opts, sys.stdout)
     except VifError as exc:
-        where = params["vif"] or "?"
-        message = str(exc) if str(exc).startswith(where) else f"{action} {where}: {exc}"
+        where = f"{action} {params['vif']}" if params["vif"] else action
+        message = str(exc) if params["vif"] and str(exc).startswith(params["vif"]) else f"{where}: {exc}"
         log.error("%s", message)
         if not opts.dry_run:
             from vif_route_qubes.parse import xenbus_path_ok
@@ -151,5 +151,4 @@ def init_command(gateway6, dry_run, verbose, backend, lock_file, lock_timeout):
 
 
 def main() -> None:
-    argv = xen_assignments(sys.argv[1:])
-    cli.main(args=argv, prog_name="vif-route-qubes")
+    run_main(cli, xen_assignments(sys.argv[1:]), "vif-route-qubes")

@@ -28,3 +28,18 @@ common_options = _stack(
                  envvar="VIF_ROUTE_LOCK_TIMEOUT", show_envvar=True,
                  help="Seconds to wait for the lock before failing."),
 )
+
+
+def run_main(command: click.Command, args: list[str], prog_name: str) -> None:
+    """Run a click command; a usage error is one line on stderr and exit 2."""
+    try:
+        status = command.main(args=args, prog_name=prog_name, standalone_mode=False)
+    except click.UsageError as exc:
+        click.echo(f"{prog_name}: {exc.format_message()} (see {prog_name} --help)", err=True)
+        raise SystemExit(2) from None
+    except click.ClickException as exc:
+        click.echo(f"{prog_name}: {exc.format_message()}", err=True)
+        raise SystemExit(exc.exit_code) from None
+    except click.Abort:
+        raise SystemExit(1) from None
+    raise SystemExit(status if isinstance(status, int) else 0)
