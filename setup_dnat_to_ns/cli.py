@@ -81,23 +81,29 @@ def _virtual(dns1, dns2):
 def _run(*, dispatcher, dns1, dns2, resolv_conf, firewall_flag, dry_run, backend, lock_file, lock_timeout):
     from contextlib import nullcontext
 
-    from setup_dnat_to_ns.plan import DnsInputs, plan_dns
+    from setup_dnat_to_ns.plan import DnsInputs, plan_dns, plan_dns_nft
     from setup_dnat_to_ns.resolvers import upstream_servers
     from vif_route_qubes import ipt_state
     from vif_route_qubes.errors import VifError
     from vif_route_qubes.lock import locked
 
-    if backend == "nft":
-        raise VifError("the nftables backend is not available yet; use --backend iptables")
+    from vif_route_qubes import backend as backends
+
+    firewall = backends.resolve(backend)
     virtual = _virtual(dns1, dns2)
     if not virtual:
         return 0  # this VM provides no network: nothing to do
     inp = DnsInputs(virtual=virtual, upstream=upstream_servers(resolv_conf), dispatcher=dispatcher,
                     firewall_running=os.path.exists(firewall_flag))
     with nullcontext() if dry_run else locked(lock_file, lock_timeout, "DNS rules"):
-        mangle, nat = ipt_state.save([(4, "mangle"), (4, "nat")])
-        tables = {"mangle": ipt_state.table(mangle, "mangle"), "nat": ipt_state.table(nat, "nat")}
-        batch = plan_dns(inp, tables)
+        if firewall == "nft":
+            from vif_route_qubes import netlink, nft
+
+            batch = plan_dns_nft(inp, nft.current_dnat_rules(), netlink.nft_table_exists(nft.TABLE, 4))
+        else:
+            mangle, nat = ipt_state.save([(4, "mangle"), (4, "nat")])
+            tables = {"mangle": ipt_state.table(mangle, "mangle"), "nat": ipt_state.table(nat, "nat")}
+            batch = plan_dns(inp, tables)
         if not batch.changes:
             return EXIT_UNCHANGED
         if dry_run:

@@ -12,7 +12,7 @@ a query neither translated nor dropped.
 from typing import NamedTuple
 from ipaddress import IPv4Address
 
-from vif_route_qubes.batch import Batch, ConntrackPurge, Restore, Run
+from vif_route_qubes.batch import Batch, ConntrackPurge, Nft, Restore, Run
 from vif_route_qubes.ipt_state import EMPTY_TABLE, TableState, ensure_jump, sync_chain
 
 DNAT_CHAIN = "PR-QBS"
@@ -64,10 +64,23 @@ def rules_text(inp: DnsInputs, tables: dict[str, TableState]) -> str | None:
 
 
 def plan_dns(inp: DnsInputs, tables: dict[str, TableState]) -> Batch:
+    """iptables backend."""
     text = rules_text(inp, tables)
-    steps = []
-    if text:
-        steps.append(Restore(4, text))
+    return _batch(inp, [Restore(4, text)] if text else [])
+
+
+def plan_dns_nft(inp: DnsInputs, current: list[str] | None, table_exists: bool) -> Batch:
+    """nft backend: `ip qubes dnat-dns` replaced in one transaction; with no
+    upstream it drops the queries itself (a nat chain may drop in nftables)."""
+    from vif_route_qubes import nft
+
+    text = nft.plan_dns(current, table_exists, inp.virtual, inp.upstream)
+    return _batch(inp, [Nft(text)] if text else [])
+
+
+def _batch(inp: DnsInputs, changes: list) -> Batch:
+    steps = list(changes)
+    if changes:
         # Flows already translated to the old resolver would keep using it.
         steps.append(ConntrackPurge(tuple(str(v) for v in inp.virtual)))
         if inp.firewall_running:

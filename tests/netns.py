@@ -167,6 +167,11 @@ def state_of(ns: Namespace) -> str:
     for cmd in ("iptables-save", "ip6tables-save"):
         text = ns.out(cmd)
         parts.append("\n".join(line for line in text.splitlines() if not line.startswith("#")))
+    # The nft backend's tables, stateless (no counters).  Only ours: the nft
+    # view of iptables-nft's own tables shows artefacts iptables-save hides.
+    for family in ("ip", "ip6"):
+        listing = ns.sh(f"nft -s list table {family} qubes", check=False).stdout
+        parts.append(f"$ nft -s list table {family} qubes\n" + listing)
     for cmd in ("ip -4 route show table all", "ip -6 route show table all", "ip -4 addr", "ip -6 addr",
                 "ip neigh show nud permanent", "ip -6 neigh show nud permanent"):
         parts.append(f"$ {cmd}\n" + ns.out(cmd))

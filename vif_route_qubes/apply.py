@@ -15,7 +15,7 @@ import subprocess
 import time
 
 from vif_route_qubes import netlink, sources
-from vif_route_qubes.batch import (Addr, Batch, ConntrackPurge, Hook, Link, Neigh, Note, Rename,
+from vif_route_qubes.batch import (Addr, Batch, ConntrackPurge, Group, Hook, Link, Neigh, Note, Nft, Rename,
                                    Restore, Route, Run, Sysctl, XenstoreWrite)
 from vif_route_qubes.errors import VifError
 
@@ -70,6 +70,16 @@ class Applier:
         if result.returncode != 0:
             detail = " ".join(result.stderr.split())[:300] or f"exit {result.returncode}"
             raise VifError(f"{tool} failed: {detail}")
+
+    def _nft(self, step: Nft) -> None:
+        from vif_route_qubes.nft import run_nft
+
+        run_nft(["-f", "-"], stdin=step.text)
+
+    def _group(self, step: Group) -> None:
+        index = self._index(step.ifname, not step.tolerant)
+        if index is not None:
+            self.rtnl.link_set(index, group=step.group)
 
     def _sysctl(self, step: Sysctl) -> None:
         path = "/proc/sys/" + step.path

@@ -38,6 +38,27 @@ class Sysctl(NamedTuple):
         return f"{line} 2>/dev/null || true" if self.tolerant else line
 
 
+class Nft(NamedTuple):
+    """One atomic nftables transaction."""
+
+    text: str
+
+    def render(self) -> str:
+        return f"nft -f - <<'EOF'\n{self.text}EOF"
+
+
+class Group(NamedTuple):
+    """The interface group (the nft backend matches vifs by group 2)."""
+
+    ifname: str
+    group: int
+    tolerant: bool = False
+
+    def render(self) -> str:
+        line = f"ip link set dev {quote(self.ifname)} group {self.group}"
+        return f"{line} 2>/dev/null || true" if self.tolerant else line
+
+
 class Rename(NamedTuple):
     old: str
     new: str
@@ -149,7 +170,7 @@ class Note(NamedTuple):
         return "# " + self.message.replace("\n", " ")
 
 
-Step = (Restore | Sysctl | Rename | Link | Addr | Route | Neigh | ConntrackPurge | Hook | XenstoreWrite
+Step = (Restore | Nft | Group | Sysctl | Rename | Link | Addr | Route | Neigh | ConntrackPurge | Hook | XenstoreWrite
         | Run | Note)
 
 

@@ -142,9 +142,10 @@ def init_command(gateway6, dry_run, verbose, backend, lock_file, lock_timeout):
 
     log = logsetup.setup(verbose)
     try:
-        if backend == "nft":
-            raise VifError("the nftables backend is not available yet; use --backend iptables")
-        run_init(read_init_inputs(gateway6), dry_run, lock_file, lock_timeout, sys.stdout)
+        from vif_route_qubes import backend as backends
+
+        run_init(read_init_inputs(gateway6), backends.resolve(backend), dry_run, lock_file, lock_timeout,
+                 sys.stdout)
     except VifError as exc:
         log.error("init: %s", exc)
         sys.exit(exc.exit_code)

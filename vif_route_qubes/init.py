@@ -5,7 +5,7 @@ from contextlib import nullcontext
 from typing import NamedTuple
 
 from vif_route_qubes import base_ipt, ipt_state, parse, sources
-from vif_route_qubes.batch import Batch, Restore, Sysctl
+from vif_route_qubes.batch import Batch, Nft, Restore, Sysctl
 from vif_route_qubes.errors import VifError
 from vif_route_qubes.lock import locked
 
@@ -35,15 +35,33 @@ def plan_init(inp: InitInputs, save4: str, save6: str) -> Batch:
         rules = base_ipt.plan_base(ipt_state.parse_save(text), family, routed)
         if rules:
             steps.append(Restore(family, rules))
+    return Batch("vif-route-qubes init", tuple(steps + forwarding(inp)))
+
+
+def plan_init_nft(inp: InitInputs, state) -> Batch:
+    from vif_route_qubes import nft
+
+    lines = [line for version, routed in ((4, True), (6, inp.ipv6))
+             for line in nft.base_objects(version, state.table(version), routed)]
+    steps = [Nft("\n".join(lines) + "\n")] if lines else []
+    return Batch("vif-route-qubes init", tuple(steps + forwarding(inp)))
+
+
+def forwarding(inp: InitInputs) -> list:
+    steps = []
     steps.append(Sysctl("net/ipv4/ip_forward", "1"))
     steps.append(Sysctl("net/ipv6/conf/all/forwarding", "1" if inp.ipv6 else "0", tolerant=True))
-    return Batch("vif-route-qubes init", tuple(steps))
+    return steps
 
 
-def run_init(inp: InitInputs, dry_run: bool, lock_file: str, lock_timeout: float, out) -> int:
+def run_init(inp: InitInputs, firewall: str, dry_run: bool, lock_file: str, lock_timeout: float, out) -> int:
     with nullcontext() if dry_run else locked(lock_file, lock_timeout, "init"):
-        save4, save6 = ipt_state.save_both()
-        batch = plan_init(inp, save4, save6)
+        if firewall == "nft":
+            from vif_route_qubes import nft
+
+            batch = plan_init_nft(inp, nft.read_state())
+        else:
+            batch = plan_init(inp, *ipt_state.save_both())
         if dry_run:
             out.write(batch.render())
             return 0

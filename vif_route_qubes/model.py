@@ -36,5 +36,7 @@ class VifFacts(NamedTuple):
     exists: bool                      # the interface (by its final name) is there
     rename_pending: bool              # the old name still exists and must be renamed
     ipv6_enabled: bool                # IPv6 is on for the interface
-    raw4: TableState = EMPTY_TABLE      # our part of the raw table, IPv4
+    raw4: TableState = EMPTY_TABLE      # iptables backend: the raw table, IPv4
     raw6: TableState = EMPTY_TABLE
+    backend: str = "iptables"          # or "nft"
+    nft: object = None                  # nft backend: nft.NftState of the qubes tables

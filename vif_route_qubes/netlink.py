@@ -22,7 +22,7 @@ NLA_F_NESTED = 0x8000
 RTM_NEWLINK, RTM_NEWADDR, RTM_DELADDR = 16, 20, 21
 RTM_NEWROUTE, RTM_DELROUTE, RTM_NEWNEIGH, RTM_DELNEIGH = 24, 25, 28, 29
 IFF_UP = 0x1
-IFLA_IFNAME = 3
+IFLA_IFNAME, IFLA_GROUP = 3, 27
 IFA_ADDRESS, IFA_LOCAL = 1, 2
 RTA_DST, RTA_OIF, RTA_PRIORITY = 1, 4, 6
 RT_TABLE_MAIN, RTPROT_BOOT, RTN_UNICAST = 254, 3, 1
@@ -30,7 +30,8 @@ RT_SCOPE_UNIVERSE, RT_SCOPE_LINK, RT_SCOPE_NOWHERE = 0, 253, 255
 NDA_DST, NDA_LLADDR = 1, 2
 NUD_PERMANENT = 0x80
 
-NFNL_SUBSYS_CTNETLINK = 1
+NFNL_SUBSYS_CTNETLINK, NFNL_SUBSYS_NFTABLES = 1, 10
+NFT_MSG_GETTABLE, NFTA_TABLE_NAME = 1, 1
 IPCTNL_MSG_CT_GET, IPCTNL_MSG_CT_DELETE = 1, 2
 CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, CTA_ID, CTA_ZONE = 1, 2, 12, 18
 CTA_TUPLE_IP = 1
@@ -98,12 +99,15 @@ class Netlink:
 
     # -- rtnetlink ----------------------------------------------------------
 
-    def link_set(self, index: int, *, up: bool | None = None, name: str | None = None) -> None:
+    def link_set(self, index: int, *, up: bool | None = None, name: str | None = None,
+                 group: int | None = None) -> None:
         flags = IFF_UP if up else 0
         change = IFF_UP if up is not None else 0
         body = struct.pack("=BxHiII", socket.AF_UNSPEC, 0, index, flags, change)
         if name is not None:
             body += _attr(IFLA_IFNAME, name.encode() + b"\0")
+        if group is not None:
+            body += _attr(IFLA_GROUP, struct.pack("=I", group))
         self.request(RTM_NEWLINK, 0, body)
 
     def addr(self, add: bool, index: int, version: int, address: str, prefixlen: int) -> None:
@@ -140,6 +144,23 @@ class Netlink:
             self.request(RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_REPLACE, body)
         else:
             self.request(RTM_DELNEIGH, 0, body)
+
+
+def nft_table_exists(name: str, version: int) -> bool:
+    """Whether the nftables table `ip NAME` (or `ip6 NAME`) exists, without forking nft."""
+    nfproto = 10 if version == 6 else 2  # NFPROTO_IPV6, NFPROTO_IPV4
+    msg_type = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETTABLE
+    try:
+        nl = Netlink(NETLINK_NETFILTER)
+    except OSError:
+        return False
+    try:
+        nl.request(msg_type, 0, struct.pack("=BBH", nfproto, 0, 0) + _attr(NFTA_TABLE_NAME, name.encode() + b"\0"))
+        return True
+    except OSError:
+        return False
+    finally:
+        nl.close()
 
 
 def _conntrack_addresses(payload: bytes) -> tuple[set[bytes], dict[int, bytes]]:

@@ -20,7 +20,7 @@ common_options = _stack(
     click.option("-v", "--verbose", is_flag=True, envvar="VIF_ROUTE_VERBOSE", show_envvar=True,
                  help="Log every step to stderr as well."),
     click.option("--backend", type=BACKENDS, default="auto", show_default=True, envvar="QUBES_NET_BACKEND",
-                 show_envvar=True, help="Firewall backend; auto picks iptables (nft comes later)."),
+                 show_envvar=True, help="Firewall backend; auto picks nft when the table `ip qubes` exists, else iptables."),
     click.option("--lock-file", default="/run/vif-route-qubes.lock", show_default=True,
                  envvar="VIF_ROUTE_LOCK_FILE", show_envvar=True,
                  help="Lock held around each read-plan-apply cycle."),

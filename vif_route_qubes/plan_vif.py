@@ -5,7 +5,7 @@ online; the two orders below are the only place that says what comes first.
 """
 
 from vif_route_qubes import antispoof_ipt
-from vif_route_qubes.batch import (Addr, Batch, ConntrackPurge, Hook, Link, Neigh, Note,
+from vif_route_qubes.batch import (Addr, Batch, ConntrackPurge, Group, Hook, Link, Neigh, Nft, Note,
                                    Rename, Restore, Route, Sysctl, XenstoreWrite)
 from vif_route_qubes.model import VifFacts, VifInputs
 
@@ -16,6 +16,11 @@ HARDEN_V6 = {"accept_source_route": "0", "accept_redirects": "0", "accept_ra": "
 
 
 def antispoof(inp: VifInputs, facts: VifFacts, enable: bool) -> list:
+    if facts.backend == "nft":
+        from vif_route_qubes import nft
+
+        text = nft.plan_vif(facts.nft, inp.vif, inp.addresses, enable)
+        return [Nft(text)] if text else []
     steps = []
     for family, state in ((4, facts.raw4), (6, facts.raw6)):
         if enable:
@@ -53,8 +58,13 @@ def sysctls(inp: VifInputs, facts: VifFacts, enable: bool) -> list:
     return steps
 
 
-def link(inp: VifInputs, enable: bool) -> list:
-    return [Link(inp.vif, up=enable, tolerant=not enable)]
+def link(inp: VifInputs, facts: VifFacts, enable: bool) -> list:
+    steps = [Link(inp.vif, up=enable, tolerant=not enable)]
+    if facts.backend == "nft":
+        # nft matches vifs by interface group: set before the link is up, reset after it is down.
+        group = Group(inp.vif, 2) if enable else Group(inp.vif, 0, tolerant=True)
+        steps.insert(0 if enable else 1, group)
+    return steps
 
 
 def gateways(inp: VifInputs, facts: VifFacts, enable: bool) -> list:
@@ -108,7 +118,7 @@ def plan_online(inp: VifInputs, facts: VifFacts) -> Batch:
     steps += antispoof(inp, facts, True)
     steps += conntrack(inp)
     steps += sysctls(inp, facts, True)
-    steps += link(inp, True)
+    steps += link(inp, facts, True)
     steps += gateways(inp, facts, True)
     steps += routes(inp, facts, True)
     steps += neighbours(inp, facts, True)
@@ -123,7 +133,7 @@ def plan_offline(inp: VifInputs, facts: VifFacts) -> Batch:
         steps += routes(inp, facts, False)
         steps += neighbours(inp, facts, False)
         steps += gateways(inp, facts, False)
-        steps += link(inp, False)
+        steps += link(inp, facts, False)
         steps += sysctls(inp, facts, False)
     # Rules go last, once nothing routes to the VM any more.
     steps += antispoof(inp, facts, False)

@@ -5,7 +5,7 @@ import os
 from contextlib import nullcontext
 from typing import NamedTuple
 
-from vif_route_qubes import ipt_state, plan_vif, timing
+from vif_route_qubes import backend, ipt_state, plan_vif, timing
 from vif_route_qubes.errors import VifError
 from vif_route_qubes.inputs import VifArgs, read_vif_inputs
 from vif_route_qubes.lock import DEFAULT_LOCK, locked
@@ -36,12 +36,17 @@ def _read_proc(path: str) -> str | None:
         return None
 
 
-def read_facts(inp: VifInputs) -> VifFacts:
+def read_facts(inp: VifInputs, backend: str = "iptables") -> VifFacts:
     exists = os.path.isdir(f"/proc/sys/net/ipv4/conf/{inp.vif}")
     rename_pending = bool(inp.rename_from and not exists
                           and os.path.isdir(f"/proc/sys/net/ipv4/conf/{inp.rename_from}"))
     probe = inp.rename_from if rename_pending else inp.vif
     ipv6_enabled = _read_proc(f"/proc/sys/net/ipv6/conf/{probe}/disable_ipv6") == "0"
+    if backend == "nft":
+        from vif_route_qubes import nft
+
+        return VifFacts(exists=exists, rename_pending=rename_pending, ipv6_enabled=ipv6_enabled,
+                        backend="nft", nft=nft.read_state())
     save4, save6 = ipt_state.save_both("raw")
     return VifFacts(exists=exists, rename_pending=rename_pending, ipv6_enabled=ipv6_enabled,
                     raw4=ipt_state.table(save4, "raw"), raw6=ipt_state.table(save6, "raw"))
@@ -69,15 +74,14 @@ def report_error(xenbus_path: str | None, message: str) -> None:
 
 
 def run_vif(args: VifArgs, opts: RunOptions, out) -> int:
-    if opts.backend == "nft":
-        raise VifError("the nftables backend is not available yet; use --backend iptables")
     clock = timing.Clock()
     inp = read_vif_inputs(args)
     clock.mark("inputs")
+    firewall = backend.resolve(opts.backend)
     # A dry run only reads, so it takes no lock (and needs no write access to /run).
     with nullcontext() if opts.dry_run else locked(opts.lock_file, opts.lock_timeout, inp.vif):
         clock.mark("lock")
-        facts = read_facts(inp)
+        facts = read_facts(inp, firewall)
         clock.mark("facts")
         batch = plan(inp, facts)
         clock.mark("plan")

@@ -1,0 +1,228 @@
+"""The nftables backend: the `ip qubes` / `ip6 qubes` tables of Qubes R4.2.
+
+Layout, per family (F = ip or ip6):
+  set allowed      ifname . address pairs a vif may send from (one per VM address)
+  set downstream   every VM address (dropped when it arrives on a non-vif)
+  chain prerouting (raw)   iifgroup 2 goto antispoof; saddr @downstream drop
+  chain antispoof          iifname . saddr @allowed accept; drop
+  chain postrouting (srcnat), input, forward (filter), custom-input,
+        custom-forward (the user's), dnat-dns (dstnat, the DNS rules)
+Vif links get interface group 2 before they come up.  Per-vif events only
+add and delete set elements; `init` only creates what is missing and never
+touches a chain that exists (it may hold Qubes' or the user's rules); the DNS
+command replaces `dnat-dns` in one transaction (add, delete, recreate).
+Every change is one `nft -f` transaction: all of it applies, or none.
+"""
+
+import json
+import subprocess
+from typing import NamedTuple
+
+from vif_route_qubes.errors import VifError
+
+TABLE = "qubes"
+VIF_GROUP = 2
+FAMILIES = {4: "ip", 6: "ip6"}
+ADDR_TYPE = {4: "ipv4_addr", 6: "ipv6_addr"}
+SADDR = {4: "ip saddr", 6: "ip6 saddr"}
+ANTISPOOF_OBJECTS = ("sets", "antispoof", "prerouting")
+
+
+class NftTable(NamedTuple):
+    chains: frozenset[str] = frozenset()
+    allowed: frozenset[tuple[str, str]] = frozenset()   # (ifname, address)
+    downstream: frozenset[str] = frozenset()
+    has_sets: bool = False
+
+
+class NftState(NamedTuple):
+    tables: dict  # family (4/6) -> NftTable, only for tables that exist
+
+    def table(self, family: int) -> NftTable | None:
+        return self.tables.get(family)
+
+
+def run_nft(args: list[str], stdin: str | None = None) -> str:
+    try:
+        result = subprocess.run(["nft", *args], input=stdin, capture_output=True, text=True, timeout=30)
+    except FileNotFoundError:
+        raise VifError("nft is not installed") from None
+    except subprocess.TimeoutExpired:
+        raise VifError("nft did not finish within 30 s") from None
+    if result.returncode != 0:
+        raise VifError(f"nft failed: {' '.join(result.stderr.split())[:300]}")
+    return result.stdout
+
+
+def parse_ruleset(text: str) -> NftState:
+    """Our two tables out of `nft -j list ruleset`."""
+    chains: dict[int, set] = {}
+    sets: dict[int, dict] = {}
+    families = {name: version for version, name in FAMILIES.items()}
+    for item in json.loads(text or '{"nftables": []}').get("nftables", []):
+        kind, body = next(iter(item.items()))
+        if not isinstance(body, dict) or body.get("family") not in families:
+            continue
+        version = families[body["family"]]
+        if kind == "table" and body.get("name") == TABLE:
+            chains.setdefault(version, set())
+            sets.setdefault(version, {})
+        elif body.get("table") != TABLE:
+            continue
+        elif kind == "chain":
+            chains.setdefault(version, set()).add(body["name"])
+        elif kind == "set":
+            sets.setdefault(version, {})[body["name"]] = body.get("elem", [])
+    tables = {}
+    for version in chains:
+        found = sets.get(version, {})
+        allowed = frozenset(tuple(e["concat"]) for e in found.get("allowed", [])
+                            if isinstance(e, dict) and "concat" in e)
+        downstream = frozenset(e for e in found.get("downstream", []) if isinstance(e, str))
+        tables[version] = NftTable(frozenset(chains[version]), allowed, downstream,
+                                   "allowed" in found and "downstream" in found)
+    return NftState(tables)
+
+
+def read_state() -> NftState:
+    return parse_ruleset(run_nft(["-j", "list", "ruleset"]))
+
+
+# -- the objects of the base ---------------------------------------------
+
+def _base_chain(f: str, name: str, spec: str, rules: list[str]) -> list[str]:
+    return [f"add chain {f} {TABLE} {name} {{ {spec} }}" if spec else f"add chain {f} {TABLE} {name}",
+            *(f"add rule {f} {TABLE} {name} {rule}" for rule in rules)]
+
+
+def antispoof_objects(version: int, table: NftTable | None) -> list[str]:
+    """What a per-vif event needs when `init` has not run: sets, antispoof, prerouting."""
+    f = FAMILIES[version]
+    have = table.chains if table else frozenset()
+    out = [] if table else [f"add table {f} {TABLE}"]
+    if not (table and table.has_sets):
+        out += [f"add set {f} {TABLE} downstream {{ type {ADDR_TYPE[version]}; }}",
+                f"add set {f} {TABLE} allowed {{ type ifname . {ADDR_TYPE[version]}; }}"]
+    if "antispoof" not in have:
+        out += _base_chain(f, "antispoof", "", [f"iifname . {SADDR[version]} @allowed accept", "counter drop"])
+    if "prerouting" not in have:
+        out += _base_chain(f, "prerouting", "type filter hook prerouting priority raw; policy accept;",
+                           [f"iifgroup {VIF_GROUP} goto antispoof", f"{SADDR[version]} @downstream counter drop"])
+    return out
+
+
+def base_objects(version: int, table: NftTable | None, routed: bool) -> list[str]:
+    """`init`: every missing object of the base; existing chains are left as they are."""
+    f = FAMILIES[version]
+    have = table.chains if table else frozenset()
+    out = antispoof_objects(version, table)
+    g = VIF_GROUP
+    if routed:
+        dhcp, icmp, reject = ((67, "icmp", "icmp type host-prohibited") if version == 4
+                              else (547, "ipv6-icmp", "icmpv6 type admin-prohibited"))
+        input_rules = ["jump custom-input", f"iifgroup {g} udp dport {dhcp} drop",
+                       "ct state established,related accept", f"iifgroup {g} meta l4proto {icmp} accept",
+                       f"iifgroup {g} reject with {reject}"]
+        forward_rules = ["jump custom-forward", "ct state established,related accept",
+                         f"iifgroup {g} oifgroup {g} drop", f"iifgroup {g} accept", f"oifgroup {g} drop"]
+    else:  # IPv6 not offered to the VMs: nothing of it from them, nothing to them
+        input_rules = ["jump custom-input", f"iifgroup {g} drop"]
+        forward_rules = ["jump custom-forward", f"iifgroup {g} drop", f"oifgroup {g} drop"]
+    wanted = [
+        ("custom-input", "", []),
+        ("custom-forward", "", []),
+        ("postrouting", "type nat hook postrouting priority srcnat; policy accept;",
+         [f"oifgroup {g} accept", 'oifname "lo" accept', "masquerade"]),
+        ("input", "type filter hook input priority filter; policy accept;", input_rules),
+        ("forward", "type filter hook forward priority filter; policy accept;", forward_rules),
+    ]
+    if version == 4:
+        wanted.append(("dnat-dns", DNAT_SPEC, []))
+    for name, spec, rules in wanted:
+        if name not in have:
+            out += _base_chain(f, name, spec, rules)
+    return out
+
+
+DNAT_SPEC = "type nat hook prerouting priority dstnat; policy accept;"
+
+
+def vif_elements(version: int, table: NftTable | None, vif: str, addrs: tuple, enable: bool) -> list[str]:
+    """Element changes that make this vif's pairs exactly `addrs` (online) or none (offline)."""
+    f = FAMILIES[version]
+    want = {str(a) for a in addrs if a.version == version} if enable else set()
+    have = {addr for name, addr in (table.allowed if table else ()) if name == vif}
+    have_down = table.downstream if table else frozenset()
+    out = []
+    for addr in sorted(have - want):
+        out.append(f'delete element {f} {TABLE} allowed {{ "{vif}" . {addr} }}')
+        if addr in have_down:
+            out.append(f"delete element {f} {TABLE} downstream {{ {addr} }}")
+    for addr in sorted(want):
+        if addr not in have:
+            out.append(f'add element {f} {TABLE} allowed {{ "{vif}" . {addr} }}')
+        if addr not in have_down:
+            out.append(f"add element {f} {TABLE} downstream {{ {addr} }}")
+    return out
+
+
+def is_base(table: NftTable) -> bool:
+    """`init` (or Qubes) made this table, not just a per-vif event."""
+    return bool(table.chains - {"antispoof", "prerouting"})
+
+
+def plan_vif(state: NftState, vif: str, addrs: tuple, enable: bool) -> str | None:
+    """One transaction for both families: this vif's elements (and, online, the
+    anti-spoofing objects that are missing); offline also removes a table that
+    only a per-vif event made once its sets are empty."""
+    out = []
+    for version in (4, 6):
+        table = state.table(version)
+        if enable:
+            out += antispoof_objects(version, table)
+        elif table is None:
+            continue
+        changes = vif_elements(version, table, vif, addrs, enable)
+        out += changes
+        if not enable and not is_base(table):
+            left = {pair for pair in table.allowed if pair[0] != vif}
+            if not left:
+                out = [line for line in out if not line.startswith(f"delete element {FAMILIES[version]} ")]
+                out.append(f"delete table {FAMILIES[version]} {TABLE}")
+    return "\n".join(out) + "\n" if out else None
+
+
+def dnat_rules(virtual: tuple, upstream: tuple) -> list[str]:
+    """DNAT of each virtual address (udp and tcp 53), or a drop when there is no upstream."""
+    rules = []
+    for index, addr in enumerate(virtual):
+        for proto in ("udp", "tcp"):
+            target = f"dnat to {upstream[index % len(upstream)]}" if upstream else "drop"
+            rules.append(f"ip daddr {addr} {proto} dport 53 {target}")
+    return rules
+
+
+def current_dnat_rules() -> list[str] | None:
+    """The rules of `ip qubes dnat-dns` as nft prints them; None when the chain is missing."""
+    try:
+        result = subprocess.run(["nft", "list", "chain", "ip", TABLE, "dnat-dns"], capture_output=True,
+                                text=True, timeout=30)
+    except FileNotFoundError:
+        raise VifError("nft is not installed") from None
+    if result.returncode != 0:
+        return None
+    lines = [line.strip() for line in result.stdout.splitlines()]
+    body = lines[lines.index(next(l for l in lines if l.startswith("type nat"))) + 1:] if any(
+        l.startswith("type nat") for l in lines) else []
+    return [line for line in body if line and line != "}"]
+
+
+def plan_dns(current: list[str] | None, table_exists: bool, virtual: tuple, upstream: tuple) -> str | None:
+    wanted = dnat_rules(virtual, upstream)
+    if current == wanted:
+        return None
+    out = [] if table_exists else [f"add table ip {TABLE}"]
+    # add (so that delete cannot fail), delete, recreate: one atomic replacement.
+    out += [f"add chain ip {TABLE} dnat-dns {{ {DNAT_SPEC} }}", f"delete chain ip {TABLE} dnat-dns"]
+    out += _base_chain("ip", "dnat-dns", DNAT_SPEC, wanted)
+    return "\n".join(out) + "\n"
