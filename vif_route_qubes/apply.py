@@ -15,7 +15,8 @@ import subprocess
 import time
 
 from vif_route_qubes import netlink, sources
-from vif_route_qubes.batch import (Addr, Batch, ConntrackPurge, Group, Hook, Link, Neigh, Note, Nft, Rename,
+from vif_route_qubes.batch import (Addr, Batch, ConntrackPurge, Exec, Group, Hook, Link, Neigh, Note, Nft,
+                                   Rename, ReturnLink,
                                    Restore, Route, Run, Sysctl, XenstoreWrite)
 from vif_route_qubes.errors import VifError
 
@@ -70,6 +71,20 @@ class Applier:
         if result.returncode != 0:
             detail = " ".join(result.stderr.split())[:300] or f"exit {result.returncode}"
             raise VifError(f"{tool} failed: {detail}")
+
+    def _exec(self, step: Exec) -> None:
+        try:
+            result = subprocess.run(step.argv, input=step.stdin, capture_output=True, text=True,
+                                    errors="replace", timeout=RESTORE_TIMEOUT)
+        except FileNotFoundError:
+            raise VifError(f"{step.argv[0]} is not installed") from None
+        except subprocess.TimeoutExpired:
+            raise VifError(f"{' '.join(step.argv)} did not finish within {RESTORE_TIMEOUT:g} s") from None
+        if result.returncode != 0:
+            raise VifError(f"{' '.join(step.argv)} failed: {' '.join(result.stderr.split())[:300]}")
+
+    def _returnlink(self, step: ReturnLink) -> None:
+        self._exec(Exec(("ip", "-n", step.netns, "link", "set", "dev", step.ifname, "netns", str(os.getpid()))))
 
     def _nft(self, step: Nft) -> None:
         from vif_route_qubes.nft import run_nft

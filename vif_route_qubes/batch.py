@@ -38,6 +38,27 @@ class Sysctl(NamedTuple):
         return f"{line} 2>/dev/null || true" if self.tolerant else line
 
 
+class Exec(NamedTuple):
+    """Run a program (with `stdin` as a here-document); a failure is fatal."""
+
+    argv: tuple[str, ...]
+    stdin: str | None = None
+
+    def render(self) -> str:
+        line = " ".join(quote(arg) for arg in self.argv)
+        return f"{line} <<'EOS'\n{self.stdin}EOS" if self.stdin is not None else line
+
+
+class ReturnLink(NamedTuple):
+    """Move an interface from a namespace back into this one (ours: `$$`)."""
+
+    netns: str
+    ifname: str
+
+    def render(self) -> str:
+        return f"ip -n {quote(self.netns)} link set dev {quote(self.ifname)} netns $$"
+
+
 class Nft(NamedTuple):
     """One atomic nftables transaction."""
 
@@ -170,7 +191,7 @@ class Note(NamedTuple):
         return "# " + self.message.replace("\n", " ")
 
 
-Step = (Restore | Nft | Group | Sysctl | Rename | Link | Addr | Route | Neigh | ConntrackPurge | Hook | XenstoreWrite
+Step = (Restore | Nft | Group | Exec | ReturnLink | Sysctl | Rename | Link | Addr | Route | Neigh | ConntrackPurge | Hook | XenstoreWrite
         | Run | Note)
 
 

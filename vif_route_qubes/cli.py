@@ -55,6 +55,16 @@ def _event_options(func):
         click.option("--hook-timeout", type=click.FloatRange(0.1), default=10.0, show_default=True,
                      envvar="VIF_ROUTE_HOOK_TIMEOUT", show_envvar=True,
                      help="Seconds before a hook is killed (it is logged, never fatal)."),
+        click.option("--visible-ip", envvar="VIF_ROUTE_VISIBLE_IP", show_envvar=True,
+                     help="Address the VM sees instead of its real one [default: qubesdb "
+                          "/mapped-ip/IP4/visible-ip]."),
+        click.option("--visible-gateway", envvar="VIF_ROUTE_VISIBLE_GATEWAY", show_envvar=True,
+                     help="Gateway the mapped VM sees [default: qubesdb /mapped-ip/IP4/visible-gateway]."),
+        click.option("--mapped-wait", type=click.FloatRange(0), default=5.0, show_default=True,
+                     envvar="VIF_ROUTE_MAPPED_WAIT", show_envvar=True,
+                     help="Seconds to wait for mapped entries qubesdb announced but does not hold yet."),
+        click.option("--netns-prefix", default="", envvar="VIF_ROUTE_NETNS_PREFIX", show_envvar=True,
+                     help="Prefix of the namespace a mapped vif gets (its name is PREFIX + VIF)."),
         click.option("--type-if", type=click.Choice(["vif", "tap"]), default="vif", show_default=True,
                      envvar="type_if", show_envvar=True, help="Xen device kind (Xen passes type_if=...)."),
         click.option("--xenbus-path", envvar="XENBUS_PATH", show_envvar=True,
@@ -94,7 +104,9 @@ def _run_event(command: str, params: dict) -> None:
                    gateway=params["gateway"], gateway6=params["gateway6"], dns1=params["dns1"],
                    dns2=params["dns2"], harden=params["harden"], type_if=params["type_if"],
                    xenbus_path=params["xenbus_path"], hooks_dir=params["hooks_dir"],
-                   hook_timeout=params["hook_timeout"])
+                   hook_timeout=params["hook_timeout"], visible_ip=params["visible_ip"],
+                   visible_gateway=params["visible_gateway"], mapped_wait=params["mapped_wait"],
+                   netns_prefix=params["netns_prefix"])
     opts = RunOptions(dry_run=params["dry_run"], backend=params["backend"],
                       lock_file=params["lock_file"], lock_timeout=params["lock_timeout"])
     try:
@@ -149,6 +161,22 @@ def init_command(gateway6, dry_run, verbose, backend, lock_file, lock_timeout):
     except VifError as exc:
         log.error("init: %s", exc)
         sys.exit(exc.exit_code)
+
+
+@cli.command("check", epilog="""Exit status: 0 all as it should be, 1 differences (one line each),
+2 usage error, refused input or nft backend, 3 could not read the system.""")
+@click.option("--all", "every", is_flag=True,
+              help="Every vif: interfaces vifD.N and every vif with rules of ours (stale ones too).")
+@click.option("--json", "as_json", is_flag=True, help='Print a list of {"vif"|"scope", "kind", "detail"}.')
+@_event_options
+def check_command(every, as_json, **params):
+    """Compare the system with what online would leave (read-only): one vif, or --all.
+
+    Same inputs as online (env vif, XENBUS_PATH, xenstore, qubesdb, options).
+    """
+    from vif_route_qubes.check import run_vif_check
+
+    sys.exit(run_vif_check(params, every, as_json))
 
 
 def main() -> None:

@@ -5,6 +5,7 @@ xenstore, then qubesdb).  Every value is parsed strictly before it is kept.
 """
 
 import os
+import re
 from typing import NamedTuple
 
 from vif_route_qubes import parse, sources
@@ -33,6 +34,10 @@ class VifArgs(NamedTuple):
     xenbus_path: str | None = None
     hooks_dir: str = "/rw/config/network-hooks.d"
     hook_timeout: float = 10.0
+    visible_ip: str | None = None
+    visible_gateway: str | None = None
+    mapped_wait: float = 5.0
+    netns_prefix: str = ""
 
 
 def list_hooks(folder: str) -> tuple[str, ...]:
@@ -92,7 +97,9 @@ def read_vif_inputs(args: VifArgs) -> VifInputs:
     want = [key for key, have in ((QDB_GATEWAY, args.gateway), (QDB_GATEWAY6, args.gateway6),
                                   (QDB_DNS[0], args.dns1), (QDB_DNS[1], args.dns2),
                                   (QDB_HARDEN, args.harden)) if have is None]
-    qdb = _qubesdb(want) if want else {}
+    real = next((a for a in addrs if a.version == 4), None)
+    mapped_keys = _mapped_keys(real) if real and args.visible_ip is None and args.command == "online" else ()
+    qdb = _qubesdb(want + list(mapped_keys)) if want or mapped_keys else {}
 
     def pick(option, key, version, what):
         text = option if option is not None else qdb.get(key)
@@ -101,6 +108,16 @@ def read_vif_inputs(args: VifArgs) -> VifInputs:
         return parse.address_of(text, version, source=f"{vif}: {what}")
 
     dns = tuple(d for d in (pick(args.dns1, QDB_DNS[0], 4, "DNS 1"), pick(args.dns2, QDB_DNS[1], 4, "DNS 2")) if d)
+    gateway = pick(args.gateway, QDB_GATEWAY, 4, "gateway")
+    mapped = None
+    if args.visible_ip is not None:
+        mapped = _mapped(vif, real, args.visible_ip, args.visible_gateway)
+    elif mapped_keys:
+        mapped = _mapped_from_qubesdb(vif, real, qdb, mapped_keys, args.mapped_wait)
+    if mapped and gateway is None:
+        raise InputError(f"{vif}: a mapped address needs the gateway of the vif")
+    if not _NETNS_PREFIX.fullmatch(args.netns_prefix):
+        raise InputError(f"namespace prefix {args.netns_prefix!r} is not a short name")
     return VifInputs(
         command=args.command,
         vif=vif,
@@ -108,7 +125,7 @@ def read_vif_inputs(args: VifArgs) -> VifInputs:
         addresses=addrs,
         mac=mac,
         dev_type=dev_type,
-        gateway=pick(args.gateway, QDB_GATEWAY, 4, "gateway"),
+        gateway=gateway,
         gateway6=pick(args.gateway6, QDB_GATEWAY6, 6, "IPv6 gateway"),
         dns=dns,
         harden=args.harden if args.harden is not None else parse.flag(qdb.get(QDB_HARDEN)),
@@ -116,4 +133,59 @@ def read_vif_inputs(args: VifArgs) -> VifInputs:
         hook_timeout=args.hook_timeout,
         xenbus_path=xenbus,
         rename_from=rename_from,
+        mapped=mapped,
+        netns_prefix=args.netns_prefix,
     )
+
+
+_NETNS_PREFIX = re.compile(r"[A-Za-z0-9_.-]{0,32}")
+MAPPED_POLL = 0.1  # seconds between two looks at qubesdb while waiting
+
+
+def _mapped_keys(real) -> tuple[str, str, str]:
+    """(announcement, visible-ip, visible-gateway) keys for the VM's real address."""
+    base = f"/mapped-ip/{real}"
+    return base, f"{base}/visible-ip", f"{base}/visible-gateway"
+
+
+def _mapped(vif, real, visible_text, gateway_text):
+    """Mapped(real, visible, visible gateway), or None when visible == real."""
+    from vif_route_qubes.mapped import Mapped
+
+    if real is None:
+        raise InputError(f"{vif}: a mapped address needs an IPv4 address of the VM")
+    visible = parse.address_of(visible_text, 4, source=f"{vif}: visible address")
+    if not gateway_text:
+        raise InputError(f"{vif}: visible address {visible} has no visible gateway")
+    visible_gw = parse.address_of(gateway_text, 4, source=f"{vif}: visible gateway")
+    if visible == real:
+        return None
+    if visible_gw == visible:
+        raise InputError(f"{vif}: visible gateway {visible_gw} is the visible address itself")
+    return Mapped(real, visible, visible_gw)
+
+
+def _mapped_from_qubesdb(vif, real, qdb, keys, wait: float):
+    """Mapped entries from qubesdb, waiting for late ones (qubes-issues #9318).
+
+    Rule: dom0 may write the two entries after the hotplug script started.  When
+    qubesdb announces a mapped VM (the key /mapped-ip/<ip4> exists) or holds only
+    one of the two entries, we poll qubesdb until both are there, at most `wait`
+    seconds, then fail rather than configure the VM without its mapping.  With
+    neither the announcement nor an entry, the VM is not mapped: no wait.
+    """
+    import time
+
+    announce, visible_key, gateway_key = keys
+    deadline = time.monotonic() + wait
+    while True:
+        have = [k in qdb for k in (visible_key, gateway_key)]
+        if all(have):
+            return _mapped(vif, real, qdb[visible_key], qdb[gateway_key])
+        if not any(have) and announce not in qdb:
+            return None
+        if time.monotonic() >= deadline:
+            raise VifError(f"{vif}: mapped address entries for {real} did not appear in qubesdb "
+                           f"within {wait:g} s")
+        time.sleep(MAPPED_POLL)
+        qdb = _qubesdb(list(keys))

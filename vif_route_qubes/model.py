@@ -21,6 +21,8 @@ class VifInputs(NamedTuple):
     hook_timeout: float
     xenbus_path: str | None
     rename_from: str | None = None    # the kernel's name when xenstore `vifname` renames it
+    mapped: object = None             # mapped.Mapped(real, visible, visible_gateway) or None
+    netns_prefix: str = ""            # prefix of a mapped vif's namespace name
 
     @property
     def metric(self) -> int:
@@ -40,3 +42,4 @@ class VifFacts(NamedTuple):
     raw6: TableState = EMPTY_TABLE
     backend: str = "iptables"          # or "nft"
     nft: object = None                  # nft backend: nft.NftState of the qubes tables
+    mapped: object = None               # mapped.MappedFacts: the vif's own namespace, if any

@@ -114,6 +114,11 @@ def plan_online(inp: VifInputs, facts: VifFacts) -> Batch:
     steps = []
     if facts.rename_pending:
         steps.append(Rename(inp.rename_from, inp.vif))
+    if inp.mapped:
+        from vif_route_qubes import mapped
+
+        steps += mapped.plan_online(inp, facts.mapped, facts.exists)
+        inp = mapped.main_side(inp)
     # Anti-spoofing first: the link must never be up without it.
     steps += antispoof(inp, facts, True)
     steps += conntrack(inp)
@@ -129,6 +134,14 @@ def plan_online(inp: VifInputs, facts: VifFacts) -> Batch:
 
 def plan_offline(inp: VifInputs, facts: VifFacts) -> Batch:
     steps = []
+    title = f"vif-route-qubes offline {inp.vif}"
+    if facts.mapped and facts.mapped.netns_exists:
+        from vif_route_qubes import mapped
+
+        full, inp = inp, mapped.main_side(inp)
+        tail = mapped.plan_offline(full, facts.mapped, facts.exists)
+    else:
+        tail = []
     if facts.exists:
         steps += routes(inp, facts, False)
         steps += neighbours(inp, facts, False)
@@ -138,5 +151,6 @@ def plan_offline(inp: VifInputs, facts: VifFacts) -> Batch:
     # Rules go last, once nothing routes to the VM any more.
     steps += antispoof(inp, facts, False)
     steps += conntrack(inp)
+    steps += tail
     steps += hooks(inp)
-    return Batch(f"vif-route-qubes offline {inp.vif}", tuple(steps))
+    return Batch(title, tuple(steps))

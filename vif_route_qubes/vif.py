@@ -42,19 +42,24 @@ def read_facts(inp: VifInputs, backend: str = "iptables") -> VifFacts:
                           and os.path.isdir(f"/proc/sys/net/ipv4/conf/{inp.rename_from}"))
     probe = inp.rename_from if rename_pending else inp.vif
     ipv6_enabled = _read_proc(f"/proc/sys/net/ipv6/conf/{probe}/disable_ipv6") == "0"
+    from vif_route_qubes import mapped
+
+    # A vif's own namespace exists only for a mapped VM: one stat tells.
+    extra = {"mapped": mapped.read_facts(inp)}
     if backend == "nft":
         from vif_route_qubes import nft
 
         return VifFacts(exists=exists, rename_pending=rename_pending, ipv6_enabled=ipv6_enabled,
-                        backend="nft", nft=nft.read_state())
+                        backend="nft", nft=nft.read_state(), **extra)
     save4, save6 = ipt_state.save_both("raw")
     return VifFacts(exists=exists, rename_pending=rename_pending, ipv6_enabled=ipv6_enabled,
-                    raw4=ipt_state.table(save4, "raw"), raw6=ipt_state.table(save6, "raw"))
+                    raw4=ipt_state.table(save4, "raw"), raw6=ipt_state.table(save6, "raw"), **extra)
 
 
 def plan(inp: VifInputs, facts: VifFacts):
     if inp.command == "online":
-        if not facts.exists and not facts.rename_pending:
+        in_netns = inp.mapped is not None and facts.mapped.vif_in_netns
+        if not facts.exists and not facts.rename_pending and not in_netns:
             raise VifError(f"{inp.vif}: no such interface")
         return plan_vif.plan_online(inp, facts)
     return plan_vif.plan_offline(inp, facts)

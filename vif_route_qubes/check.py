@@ -1,0 +1,437 @@
+"""`vif-route-qubes check` and `qubes-setup-dnat-to-ns --check`: what differs
+between the system and what the inputs say it should be.  Read-only.
+
+"Should be" is never written down twice: a vif's state is the batch `online`
+plans for it (plan_vif.plan_online: sysctls, link, gateway addresses, routes,
+neighbours), its rules are antispoof_ipt.desired_rules, and the DNS chains and
+jumps are what the DNS planner installs on empty tables.  The comparisons are
+pure functions of the inputs and of a NetState read once (ip -j,
+iptables-save, /proc/sys) under the events' lock taken shared.
+
+Exit status: 0 as it should be, 1 differences (one line each, or --json),
+2 usage error, refused input or nft backend, 3 the system could not be read.
+"""
+
+import fcntl
+import ipaddress
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import time
+from collections import Counter
+from contextlib import contextmanager
+from typing import NamedTuple
+
+from vif_route_qubes import antispoof_ipt, ipt_state, plan_vif, sources
+from vif_route_qubes.errors import InputError, VifError
+from vif_route_qubes.model import VifFacts, VifInputs
+
+EXIT_CLEAN, EXIT_DRIFT, EXIT_USAGE, EXIT_UNKNOWN = 0, 1, 2, 3
+VIF_NAME = re.compile(r"vif(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)")
+_HOST_SOURCE = re.compile(r"-s (\S+)/(?:32|128) ")
+_DNAT = re.compile(r"-A \S+ -d (\S+)/32 -p (udp|tcp) -m \2 --dport 53 -j DNAT --to-destination (\S+)")
+# Read for every vif under the lock; any other sysctl the planner asks for is read when compared.
+_SYSCTLS = (("ipv4", ("proxy_arp", *plan_vif.HARDEN_V4)),
+            ("ipv6", ("proxy_ndp", "disable_ipv6", *plan_vif.HARDEN_V6)))
+
+
+class Drift(NamedTuple):
+    scope: str    # a vif, "DNS", or QBS-ANTISPOOF (the jump every vif relies on)
+    kind: str     # a stable word for monitoring: rule-missing, route-missing, stale, ...
+    detail: str
+
+    def line(self) -> str:
+        return f"{self.scope}: {self.detail}"
+
+    def record(self) -> dict:
+        return {"vif" if VIF_NAME.fullmatch(self.scope) else "scope": self.scope, "kind": self.kind,
+                "detail": self.detail}
+
+
+class NetState(NamedTuple):
+    links: dict      # ifname -> administratively up
+    addrs: dict      # ifname -> frozenset of "address/prefixlen"
+    routes: tuple    # (dst, dev, metric) of the main table; host routes print without /32, /128
+    neighs: dict     # (dev, dst) -> (lladdr, permanent)
+    raw: dict        # 4, 6 -> TableState of the raw table
+    sysctl: dict     # path under /proc/sys -> value
+
+    def read_sysctl(self, path: str) -> str | None:
+        return self.sysctl[path] if path in self.sysctl else _read_proc(path)
+
+
+def _norm(text: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return text
+
+
+# -- comparisons (pure) ---------------------------------------------------
+
+def lines_drift(scope: str, what: str, current: tuple, wanted: tuple, ordered: bool = False) -> list[Drift]:
+    """Missing, unexpected and duplicated lines of one of our chains (and their order, if it matters)."""
+    have = Counter(current)
+    out = [Drift(scope, "rule-missing", f"{what} rule missing: {line}") for line in wanted if not have[line]]
+    for line, count in have.items():
+        if line not in wanted:
+            out.append(Drift(scope, "rule-unexpected", f"unexpected {what} rule: {line}"))
+        if count > 1:
+            out.append(Drift(scope, "rule-duplicated", f"rule duplicated {count} times: {line}"))
+    if ordered and not out and tuple(current) != tuple(wanted):
+        out.append(Drift(scope, "rules-out-of-order", f"{what} rules out of order (the final DROP must come last)"))
+    return out
+
+
+def antispoof_drift(vif: str, addrs: tuple, raw: dict) -> list[Drift]:
+    out = []
+    for family in (4, 6):
+        state, what = raw[family], ("" if family == 4 else "IPv6 ") + "anti-spoofing"
+        dispatch, body = antispoof_ipt.desired_rules(vif, family, addrs)
+        out += lines_drift(vif, what, antispoof_ipt.dispatch_rules_of(state, vif), dispatch)
+        chain = antispoof_ipt.vif_chain(vif)
+        if chain in state.chains:
+            out += lines_drift(vif, what, state.rules_of(chain), body, ordered=True)
+        else:
+            out.append(Drift(vif, "chain-missing", f"{what} chain {chain} missing"))
+    return out
+
+
+def jump_drift(raw: dict) -> list[Drift]:
+    """The jump from raw PREROUTING to the dispatch chain: exactly one per family."""
+    out = []
+    for family in (4, 6):
+        jumps = [j for j in raw[family].rules_of("PREROUTING") if j in (antispoof_ipt.JUMP, antispoof_ipt.BASE_JUMP)]
+        where = f"{'ip6' if family == 6 else 'ip'}tables raw PREROUTING"
+        if len(jumps) != 1:
+            kind, what = ("jump-missing", f"missing from {where}") if not jumps else \
+                ("jump-duplicated", f"duplicated {len(jumps)} times in {where}")
+            out.append(Drift(antispoof_ipt.DISPATCH, kind, f"jump {what}: {(jumps or [antispoof_ipt.JUMP])[0]}"))
+    return out
+
+
+def rule_addresses(raw: dict, vif: str) -> tuple:
+    """The VM addresses a vif's rules name (what --all expects when xenstore has nothing)."""
+    found = {}
+    for state in (raw[4], raw[6]):
+        for line in (*antispoof_ipt.dispatch_rules_of(state, vif), *state.rules_of(antispoof_ipt.vif_chain(vif))):
+            if match := _HOST_SOURCE.search(line):
+                found.setdefault(ipaddress.ip_address(match.group(1)), None)
+    return tuple(found)
+
+
+def stale_drift(vif: str, net: NetState) -> list[Drift]:
+    """The rules of a vif whose interface is gone.  (Its routes, addresses and
+    neighbours went with the interface: the kernel flushes them.)"""
+    if not any(antispoof_ipt.dispatch_rules_of(net.raw[f], vif) or antispoof_ipt.vif_chain(vif) in net.raw[f].chains
+               for f in (4, 6)):
+        return []
+    addrs = " ".join(map(str, rule_addresses(net.raw, vif))) or "no address"
+    return [Drift(vif, "stale", f"stale anti-spoofing rules for {addrs} (no such interface)")]
+
+
+def _sysctl_name(path: str) -> str:
+    return ("IPv6 " if path.startswith("net/ipv6/") else "") + path.rsplit("/", 1)[1]
+
+
+def steps_drift(inp: VifInputs, steps: tuple, net: NetState) -> list[Drift]:
+    """Each step of the online batch that is not in effect, and routes online would not make."""
+    vif, out = inp.vif, []
+    for step in steps:
+        kind = type(step).__name__
+        if kind == "Sysctl" and (have := net.read_sysctl(step.path)) != step.value:
+            out.append(Drift(vif, "sysctl", f"{_sysctl_name(step.path)} is {have or 'missing'}, should be {step.value}"))
+        elif kind == "Link" and step.up and not net.links.get(step.ifname):
+            out.append(Drift(vif, "link-down", "link down"))
+        elif kind == "Addr" and step.add and f"{_norm(step.address)}/{step.prefixlen}" not in net.addrs.get(vif, ()):
+            what = "gateway" if step.family == 4 else "IPv6 gateway"
+            out.append(Drift(vif, "address-missing", f"{what} address {step.address}/{step.prefixlen} missing"))
+        elif kind == "Route" and step.add and (_norm(step.address), vif, step.metric) not in net.routes:
+            out.append(Drift(vif, "route-missing", f"route {step.address} metric {step.metric} missing"))
+        elif kind == "Neigh" and step.add:
+            lladdr, permanent = net.neighs.get((vif, _norm(step.address)), (None, False))
+            if lladdr is None:
+                out.append(Drift(vif, "neighbour-missing", f"neighbour {step.address} lladdr {step.mac} missing"))
+            elif lladdr != step.mac:
+                out.append(Drift(vif, "neighbour-wrong-mac",
+                                 f"neighbour {step.address} has MAC {lladdr}, should be {step.mac}"))
+            elif not permanent:
+                out.append(Drift(vif, "neighbour-not-permanent", f"neighbour {step.address} is not permanent"))
+    # Other routes to the VM's addresses (a lower metric wins over ours), and
+    # routes of this vif's metric to addresses that are not the VM's.
+    mine = {str(a) for a in inp.addresses}
+    for dst, dev, metric in net.routes:
+        if dst in mine and (dev, metric) != (vif, inp.metric):
+            why = "not the VM's route"
+        elif dev == vif and metric == inp.metric and dst not in mine:
+            why = "not an address of the VM"
+        else:
+            continue
+        out.append(Drift(vif, "route-unexpected", f"unexpected route {dst} dev {dev} metric {metric} ({why})"))
+    return out
+
+
+def vif_drift(inp: VifInputs, net: NetState) -> list[Drift]:
+    """Everything that differs from what `online` leaves for this vif."""
+    exists = inp.vif in net.links
+    pending = bool(inp.rename_from and not exists and inp.rename_from in net.links)
+    if not exists and not pending:
+        return stale_drift(inp.vif, net) or [Drift(inp.vif, "no-interface", "no such interface")]
+    probe = inp.rename_from if pending else inp.vif
+    facts = VifFacts(exists=exists, rename_pending=pending, raw4=net.raw[4], raw6=net.raw[6],
+                     ipv6_enabled=net.read_sysctl(f"net/ipv6/conf/{probe}/disable_ipv6") == "0")
+    batch = plan_vif.plan_online(inp, facts)
+    out = antispoof_drift(inp.vif, inp.addresses, net.raw)
+    # The planner's own verdict is the last word: it must not see a change we cannot name.
+    if (not out and any(type(s).__name__ == "Restore" for s in batch.steps)
+            and all(antispoof_ipt.has_jump(net.raw[f]) for f in (4, 6))):
+        out.append(Drift(inp.vif, "rules-differ", "anti-spoofing rules differ from what online would install"))
+    if pending:
+        return [Drift(inp.vif, "not-renamed", f"interface still named {inp.rename_from}"), *out]
+    return out + steps_drift(inp, batch.steps, net)
+
+
+def discover(net: NetState) -> list[str]:
+    """Every vif there is something of: interfaces, raw chains and dispatch rules, routes of our metrics."""
+    names = set(net.links)
+    for state in net.raw.values():
+        names |= {c[len(antispoof_ipt.PREFIX):] for c in state.chains if c.startswith(antispoof_ipt.PREFIX)}
+        names |= set(re.findall(r'--comment "([^"]+)"', "\n".join(state.rules_of(antispoof_ipt.DISPATCH))))
+    names |= {dev for _, dev, metric in net.routes
+              if (m := VIF_NAME.fullmatch(dev or "")) and metric == 32752 - int(m.group(1))}
+    return sorted((n for n in names if VIF_NAME.fullmatch(n)),
+                  key=lambda n: tuple(map(int, VIF_NAME.fullmatch(n).groups())))
+
+
+def dns_drift(inp, tables: dict) -> list[Drift]:
+    """Our DNS chains and their jumps, against what the DNS planner installs on empty tables."""
+    from setup_dnat_to_ns import plan as dns_plan
+
+    text = dns_plan.rules_text(inp, {}) or ""
+    out: list[Drift] = []
+    for name, want in ipt_state.parse_save(text).items():
+        have = tables.get(name, ipt_state.EMPTY_TABLE)
+        for chain in sorted(want.chains):
+            if chain not in have.chains:
+                out.append(Drift("DNS", "chain-missing", f"chain {name} {chain} missing"))
+            elif chain == dns_plan.DNAT_CHAIN:
+                out += _dnat_drift(inp, have.rules_of(chain), want.rules_of(chain))
+            else:
+                out += lines_drift("DNS", f"{name} {chain}", have.rules_of(chain), want.rules_of(chain))
+    table = None
+    for line in text.splitlines():  # the planner's check-then-insert jumps: -I BUILTIN POS ...
+        table = line[1:] if line.startswith("*") else table
+        if line.startswith("-I "):
+            _, builtin, _, rest = line.split(" ", 3)
+            jump = f"-A {builtin} {rest}"
+            count = tables.get(table, ipt_state.EMPTY_TABLE).rules_of(builtin).count(jump)
+            if count != 1:
+                what = "missing" if not count else f"duplicated {count} times"
+                out.append(Drift("DNS", "jump-missing" if not count else "jump-duplicated",
+                                 f"jump {what} ({table}): {jump}"))
+    if not out and dns_plan.rules_text(inp, tables) is not None:
+        out.append(Drift("DNS", "rules-differ", "DNS rules differ from what qubes-setup-dnat-to-ns would install"))
+    return out
+
+
+def _dnat_drift(inp, current: tuple, wanted: tuple) -> list[Drift]:
+    """Per virtual address: where it is DNATed to, and where it should be."""
+    out = [d for d in lines_drift("DNS", "nat PR-QBS", current, wanted) if d.kind == "rule-duplicated"]
+    have: dict = {}
+    want: dict = {}
+    for lines, into in ((current, have), (wanted, want)):
+        for line in lines:
+            if match := _DNAT.fullmatch(line):
+                into.setdefault(match.group(1), {}).setdefault(match.group(2), set()).add(match.group(3))
+            else:
+                out.append(Drift("DNS", "rule-unexpected", f"unexpected nat PR-QBS rule: {line}"))
+    virtual = [str(v) for v in inp.virtual]
+    for addr in dict.fromkeys([*virtual, *have]):
+        h, w = have.get(addr, {}), want.get(addr, {})
+        if h == w:
+            continue
+        targets = ", ".join(sorted(set().union(*h.values())))
+        should = ", ".join(sorted(set().union(*w.values())))
+        if addr not in virtual:
+            detail = f"{addr} is DNATed to {targets}, but it is not a virtual DNS address"
+        elif not w:
+            detail = f"{addr} is DNATed to {targets}, should be dropped (no upstream resolver)"
+        elif not h:
+            detail = f"{addr} is not DNATed, should be DNATed to {should}"
+        elif set(h) != set(w):
+            detail = f"{addr} is DNATed to {targets} for {' and '.join(sorted(h))} only, should be {should} for udp and tcp"
+        else:
+            detail = f"{addr} is DNATed to {targets}, should be {should}"
+        out.append(Drift("DNS", "dns-target", detail))
+    return out
+
+
+# -- reading the system ---------------------------------------------------
+
+def _read_proc(path: str) -> str | None:
+    try:
+        with open("/proc/sys/" + path) as handle:
+            return handle.read().strip()
+    except OSError:
+        return None
+
+
+def _ip_json(*args: str) -> list:
+    try:
+        result = subprocess.run(["ip", "-j", *args], capture_output=True, text=True, timeout=30)
+    except FileNotFoundError:
+        raise VifError("ip is not installed") from None
+    if result.returncode != 0:
+        raise VifError(f"ip {' '.join(args)} failed: {' '.join(result.stderr.split())[:200]}")
+    return json.loads(result.stdout or "[]")
+
+
+def read_state(extra: tuple = ()) -> NetState:
+    links, addrs = {}, {}
+    for link in _ip_json("addr", "show"):
+        links[link["ifname"]] = "UP" in link.get("flags", ())
+        addrs[link["ifname"]] = frozenset(f"{_norm(a['local'])}/{a['prefixlen']}"
+                                          for a in link.get("addr_info", ()) if "local" in a)
+    routes = tuple((_norm(r["dst"]), r.get("dev"), r.get("metric", 0))
+                   for version in ("-4", "-6") for r in _ip_json(version, "route", "show", "table", "main"))
+    neighs = {(n["dev"], _norm(n["dst"])): (n.get("lladdr"), "PERMANENT" in n.get("state", ()))
+              for n in _ip_json("neigh", "show") if "dev" in n}
+    save4, save6 = ipt_state.save_both("raw")
+    names = [n for n in links if VIF_NAME.fullmatch(n)] + [n for n in extra if n]
+    sysctl = {path: _read_proc(path) for name in names for family, keys in _SYSCTLS for key in keys
+              for path in [f"net/{family}/conf/{name}/{key}"]}
+    return NetState(links, addrs, routes, neighs, {4: ipt_state.table(save4, "raw"), 6: ipt_state.table(save6, "raw")},
+                    sysctl)
+
+
+@contextmanager
+def shared_lock(path: str, timeout: float):
+    """The events' lock, shared: a check never reads half an event, and checks
+    never wait for each other.  No lock file: no event ever ran."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        fd = None
+    try:
+        deadline = time.monotonic() + timeout
+        while fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise VifError(f"lock {path} still held after {timeout:g} s") from None
+                time.sleep(0.02)
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _refuse_nft(choice: str) -> None:
+    try:
+        from vif_route_qubes.backend import resolve
+    except ImportError:  # no nft backend at all
+        resolve = str
+    if resolve(choice) == "nft":
+        raise InputError("nft backend not supported yet")
+
+
+def _report(drifts: list[Drift], as_json: bool, out) -> int:
+    if as_json:
+        out.write(json.dumps([d.record() for d in drifts], indent=1) + "\n")
+    else:
+        out.write("".join(d.line() + "\n" for d in drifts))
+    return EXIT_DRIFT if drifts else EXIT_CLEAN
+
+
+def _guarded(logger: str, run) -> int:
+    try:
+        return run()
+    except InputError as exc:
+        logging.getLogger(logger).error("check: %s", exc)
+        return EXIT_USAGE
+    except VifError as exc:
+        logging.getLogger(logger).error("check: %s", exc)
+        return EXIT_UNKNOWN
+
+
+def _all_vifs(args, net: NetState) -> list[Drift]:
+    """--all: a vif's inputs come from xenstore (this domain's backend/vif/D/N)
+    when it has the vif, else its addresses from its rules; qubesdb is read once."""
+    from vif_route_qubes import inputs
+
+    try:
+        own = sources.xenstore_read(["domid"]).get("domid", "")
+    except VifError:
+        own = ""
+    prefix = f"/local/domain/{own}/backend/vif" if re.fullmatch(r"0|[1-9][0-9]{0,4}", own) else None
+    fill = {f: k for f, k in (("gateway", inputs.QDB_GATEWAY), ("gateway6", inputs.QDB_GATEWAY6),
+                              ("dns1", inputs.QDB_DNS[0]), ("dns2", inputs.QDB_DNS[1])) if getattr(args, f) is None}
+    qdb = inputs._qubesdb([*fill.values(), inputs.QDB_HARDEN])
+    args = args._replace(**{f: qdb.get(k, "") for f, k in fill.items()},
+                         harden=args.harden if args.harden is not None else bool(qdb.get(inputs.QDB_HARDEN)))
+    names = discover(net)
+    out = jump_drift(net.raw) if any(name in net.links for name in names) else []
+    for name in names:
+        if name not in net.links:
+            out += stale_drift(name, net)
+            continue
+        path = "{}/{}/{}".format(prefix, *VIF_NAME.fullmatch(name).groups()) if prefix else None
+        if path and sources.xenstore_read([f"{path}/ip"]):
+            vif_args = args._replace(vif=name, xenbus_path=path, addresses=None)
+        else:
+            vif_args = args._replace(vif=name, xenbus_path=None, addresses=tuple(map(str, rule_addresses(net.raw, name))))
+        try:
+            out += vif_drift(inputs.read_vif_inputs(vif_args), net)
+        except InputError as exc:
+            out.append(Drift(name, "bad-input", str(exc)))
+    return out
+
+
+def run_vif_check(params: dict, every: bool, as_json: bool, out=sys.stdout) -> int:
+    """`vif-route-qubes check [VIF [ADDR...]] | --all`; params: the event commands' options."""
+    from vif_route_qubes import logsetup
+    from vif_route_qubes.inputs import VifArgs, read_vif_inputs
+
+    logsetup.setup(params["verbose"])
+
+    def run() -> int:
+        if every == bool(params["vif"]):
+            raise InputError("give a VIF or --all (not both)")
+        _refuse_nft(params["backend"])
+        env_ip = os.environ.get("ip")
+        addresses = params["addresses"] or (tuple(env_ip.split()) if env_ip and env_ip.strip() else None)
+        args = VifArgs("online", **{k: params[k] for k in VifArgs._fields if k in params and k != "addresses"},
+                       addresses=addresses)
+        inp = None if every else read_vif_inputs(args)
+        with shared_lock(params["lock_file"], params["lock_timeout"]):
+            net = read_state(() if every else (inp.vif, inp.rename_from))
+        if every:
+            return _report(_all_vifs(args, net), as_json, out)
+        return _report((jump_drift(net.raw) if inp.vif in net.links else []) + vif_drift(inp, net), as_json, out)
+
+    return _guarded("vif-route-qubes", run)
+
+
+def run_dns_check(read_virtual, resolv_conf: str, as_json: bool, backend: str, lock_file: str,
+                  lock_timeout: float, out=sys.stdout) -> int:
+    """`qubes-setup-dnat-to-ns --check`; read_virtual() gives the virtual DNS addresses."""
+    from setup_dnat_to_ns.plan import DnsInputs
+    from setup_dnat_to_ns.resolvers import upstream_servers
+
+    def run() -> int:
+        _refuse_nft(backend)
+        virtual = read_virtual()
+        if not virtual:
+            return _report([], as_json, out)  # this VM provides no network: nothing is expected
+        inp = DnsInputs(virtual=virtual, upstream=upstream_servers(resolv_conf))
+        with shared_lock(lock_file, lock_timeout):
+            mangle, nat = ipt_state.save([(4, "mangle"), (4, "nat")])
+        tables = {"mangle": ipt_state.table(mangle, "mangle"), "nat": ipt_state.table(nat, "nat")}
+        return _report(dns_drift(inp, tables), as_json, out)
+
+    return _guarded("qubes-setup-dnat-to-ns", run)
