@@ -161,12 +161,25 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--skip-scale", action="store_true")
     parser.add_argument("--skip-storm", action="store_true")
+    parser.add_argument("--backend", choices=("iptables", "nft"), default="iptables",
+                        help="firewall backend measured (nft: each namespace gets `init --backend nft`)")
     args = parser.parse_args()
     runs = max(args.runs, 10)
     netns = Namespaces()
     with tempfile.TemporaryDirectory() as tmp:
         xen = XenEnv(Path(tmp))
-        env = xen.env(VIF_ROUTE_TIMING="1", QUBES_RESOLV_CONF=str(Path(tmp) / "resolv.conf"))
+        env = xen.env(VIF_ROUTE_TIMING="1", QUBES_RESOLV_CONF=str(Path(tmp) / "resolv.conf"),
+                      QUBES_NET_BACKEND=args.backend)
+        if args.backend == "nft":
+            # Every namespace starts as a VM that ran `init --backend nft` at boot.
+            make = netns.make
+
+            def make_with_base(role):
+                ns = make(role)
+                timed(in_ns(ns, [VIF, "init", "--gateway6", ""]), env)
+                return ns
+
+            netns.make = make_with_base
         try:
             provider, vm = netns.make("prov"), netns.make("vm")
             netns.vif(provider, vm, "vif37.0")
@@ -190,6 +203,7 @@ def main() -> None:
                 report["storm_100"] = storm_bench(netns, env)
         finally:
             netns.cleanup()
+    report = {"backend": args.backend, **report}
     if args.json:
         print(json.dumps(report, indent=2))
         return
