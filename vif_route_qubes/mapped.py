@@ -31,18 +31,34 @@ class Mapped(NamedTuple):
 class MappedFacts(NamedTuple):
     netns_exists: bool
     vif_in_netns: bool   # the Xen vif is already inside the namespace
+    private_mounts: bool = False  # we run in a mount namespace of our own (udevd's PrivateMounts)
 
 
 def netns_name(inp: VifInputs) -> str:
     return inp.netns_prefix + inp.vif
 
 
+def _private_mounts() -> bool:
+    try:
+        return os.readlink("/proc/self/ns/mnt") != os.readlink("/proc/1/ns/mnt")
+    except OSError:
+        return False
+
+
 def read_facts(inp: VifInputs) -> MappedFacts:
     name = netns_name(inp)
     if not os.path.exists(f"/run/netns/{name}"):
-        return MappedFacts(False, False)
+        return MappedFacts(False, False, _private_mounts())
     found = subprocess.run(["ip", "-n", name, "link", "show", "dev", inp.vif], capture_output=True)
-    return MappedFacts(True, found.returncode == 0)
+    return MappedFacts(True, found.returncode == 0, _private_mounts())
+
+
+def _netns(facts: MappedFacts, *argv: str) -> Exec:
+    """`ip netns add|del`, in the host's mount namespace when ours is private:
+    udevd runs hotplug programs with PrivateMounts, and a namespace mounted
+    there would be invisible to the rest of the system and lost with udevd."""
+    host = ("nsenter", "--mount=/proc/1/ns/mnt", "--") if facts.private_mounts else ()
+    return Exec((*host, "ip", "netns", *argv))
 
 
 def main_side(inp: VifInputs) -> VifInputs:
@@ -112,7 +128,7 @@ def plan_online(inp: VifInputs, facts: MappedFacts, vif_in_main: bool) -> list:
     name = netns_name(inp)
     steps = []
     if not facts.netns_exists:
-        steps.append(Exec(("ip", "netns", "add", name)))
+        steps.append(_netns(facts, "add", name))
     if not facts.vif_in_netns:
         steps.append(Exec(("ip", "link", "set", "dev", inp.vif, "netns", name)))
     if not (facts.vif_in_netns and vif_in_main):
@@ -133,5 +149,5 @@ def plan_offline(inp: VifInputs, facts: MappedFacts, vif_in_main: bool) -> list:
         if vif_in_main:  # the main end of our veth pair (its peer goes with it)
             steps.append(Exec(("ip", "link", "del", "dev", inp.vif)))
         steps.append(ReturnLink(name, inp.vif))
-    steps.append(Exec(("ip", "netns", "del", name)))
+    steps.append(_netns(facts, "del", name))
     return steps
