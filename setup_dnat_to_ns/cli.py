@@ -33,9 +33,12 @@ with --dry-run), 1 failure, 2 usage error."""
 @click.option("--firewall-flag", default="/run/qubes-service/qubes-firewall", show_default=True,
               envvar="QUBES_FIREWALL_FLAG", show_envvar=True,
               help="When this file exists, qubes-firewall.service is reloaded after a change.")
+@click.option("--check", is_flag=True, help="Change nothing: list how the DNS rules differ from what they "
+                                             "should be; exit 0 when they are right, 1 when not, 3 when unreadable.")
+@click.option("--json", "as_json", is_flag=True, help="With --check: print the differences as JSON.")
 @common_options
-def cli(iface, action, dns1, dns2, resolv_conf, firewall_flag, dry_run, verbose, backend, lock_file,
-        lock_timeout):
+def cli(iface, action, dns1, dns2, resolv_conf, firewall_flag, check, as_json, dry_run, verbose, backend,
+        lock_file, lock_timeout):
     """DNAT the VMs' virtual DNS addresses to the resolvers this VM uses.
 
     \b
@@ -49,6 +52,11 @@ def cli(iface, action, dns1, dns2, resolv_conf, firewall_flag, dry_run, verbose,
     log = logsetup.setup(verbose, "qubes-setup-dnat-to-ns")
     if iface is not None and action is None:
         raise click.UsageError("give both IFACE and ACTION, or neither")
+    if check:
+        from vif_route_qubes.check import run_dns_check
+
+        sys.exit(run_dns_check(lambda: _virtual(dns1, dns2), resolv_conf, as_json, backend, lock_file,
+                               lock_timeout))
     if action is not None and action not in ACTIONS:
         log.debug("%s %s: nothing to do", iface, action)
         return

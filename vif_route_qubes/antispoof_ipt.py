@@ -38,6 +38,20 @@ def has_jump(state: TableState) -> bool:
     return JUMP in prerouting or BASE_JUMP in prerouting
 
 
+def extra_jumps(state: TableState) -> list[str]:
+    """Deletions that leave exactly one jump to the dispatch chain (the base one
+    when `init` made it), whatever copies were added by hand."""
+    prerouting = state.rules_of("PREROUTING")
+    keep = BASE_JUMP if BASE_JUMP in prerouting else JUMP
+    out, kept = [], False
+    for line in prerouting:
+        if line == keep and not kept:
+            kept = True
+        elif line in (JUMP, BASE_JUMP):
+            out.append(delete(line))
+    return out
+
+
 def is_base(state: TableState) -> bool:
     return BASE_JUMP in state.rules_of("PREROUTING")
 
@@ -70,7 +84,8 @@ def plan_online(state: TableState, vif: str, family: int, addrs: tuple) -> str |
     dispatch, body = desired_rules(vif, family, addrs)
     chain = vif_chain(vif)
     current = dispatch_rules_of(state, vif)
-    if (has_jump(state) and chain in state.chains
+    extra = extra_jumps(state)
+    if (has_jump(state) and not extra and chain in state.chains
             and sorted(current) == sorted(dispatch) and state.rules_of(chain) == body):
         return None
     out = ["*raw"]
@@ -79,6 +94,7 @@ def plan_online(state: TableState, vif: str, family: int, addrs: tuple) -> str |
     out.append(f":{chain} - [0:0]")  # declaring a chain in --noflush mode flushes it
     if not has_jump(state):
         out.append(f"-I PREROUTING 1 -j {DISPATCH}")
+    out += extra
     out += [delete(line) for line in current]
     out += list(body)
     out += list(dispatch)

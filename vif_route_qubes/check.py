@@ -29,7 +29,9 @@ from vif_route_qubes import antispoof_ipt, ipt_state, plan_vif, sources
 from vif_route_qubes.errors import InputError, VifError
 from vif_route_qubes.model import VifFacts, VifInputs
 
-EXIT_CLEAN, EXIT_DRIFT, EXIT_USAGE, EXIT_UNKNOWN = 0, 1, 2, 3
+# A check that cannot read the system fails like any command (1, one line on
+# stderr, no report on stdout); drift is 1 with the report on stdout.
+EXIT_CLEAN, EXIT_DRIFT, EXIT_USAGE, EXIT_UNKNOWN = 0, 1, 2, 1
 VIF_NAME = re.compile(r"vif(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)")
 _HOST_SOURCE = re.compile(r"-s (\S+)/(?:32|128) ")
 _DNAT = re.compile(r"-A \S+ -d (\S+)/32 -p (udp|tcp) -m \2 --dport 53 -j DNAT --to-destination (\S+)")
@@ -58,6 +60,7 @@ class NetState(NamedTuple):
     neighs: dict     # (dev, dst) -> (lladdr, permanent)
     raw: dict        # 4, 6 -> TableState of the raw table
     sysctl: dict     # path under /proc/sys -> value
+    netns: frozenset = frozenset()  # names in /run/netns (a mapped vif has its own)
 
     def read_sysctl(self, path: str) -> str | None:
         return self.sysctl[path] if path in self.sysctl else _read_proc(path)
@@ -133,17 +136,14 @@ def stale_drift(vif: str, net: NetState) -> list[Drift]:
     return [Drift(vif, "stale", f"stale anti-spoofing rules for {addrs} (no such interface)")]
 
 
-def _sysctl_name(path: str) -> str:
-    return ("IPv6 " if path.startswith("net/ipv6/") else "") + path.rsplit("/", 1)[1]
-
-
 def steps_drift(inp: VifInputs, steps: tuple, net: NetState) -> list[Drift]:
     """Each step of the online batch that is not in effect, and routes online would not make."""
     vif, out = inp.vif, []
     for step in steps:
         kind = type(step).__name__
         if kind == "Sysctl" and (have := net.read_sysctl(step.path)) != step.value:
-            out.append(Drift(vif, "sysctl", f"{_sysctl_name(step.path)} is {have or 'missing'}, should be {step.value}"))
+            name = ("IPv6 " if step.path.startswith("net/ipv6/") else "") + step.path.rsplit("/", 1)[1]
+            out.append(Drift(vif, "sysctl", f"{name} is {have or 'missing'}, should be {step.value}"))
         elif kind == "Link" and step.up and not net.links.get(step.ifname):
             out.append(Drift(vif, "link-down", "link down"))
         elif kind == "Addr" and step.add and f"{_norm(step.address)}/{step.prefixlen}" not in net.addrs.get(vif, ()):
@@ -160,22 +160,31 @@ def steps_drift(inp: VifInputs, steps: tuple, net: NetState) -> list[Drift]:
                                  f"neighbour {step.address} has MAC {lladdr}, should be {step.mac}"))
             elif not permanent:
                 out.append(Drift(vif, "neighbour-not-permanent", f"neighbour {step.address} is not permanent"))
-    # Other routes to the VM's addresses (a lower metric wins over ours), and
-    # routes of this vif's metric to addresses that are not the VM's.
+    # Other routes to the VM's addresses (a lower metric wins over ours; another
+    # vif's own route is that vif's business), and routes of this vif's metric
+    # to addresses that are not the VM's.
     mine = {str(a) for a in inp.addresses}
     for dst, dev, metric in net.routes:
-        if dst in mine and (dev, metric) != (vif, inp.metric):
+        if dst in mine and (dev, metric) != (vif, inp.metric) and not _vif_route(dev, metric):
             why = "not the VM's route"
         elif dev == vif and metric == inp.metric and dst not in mine:
             why = "not an address of the VM"
         else:
             continue
         out.append(Drift(vif, "route-unexpected", f"unexpected route {dst} dev {dev} metric {metric} ({why})"))
+    out += [Drift(vif, "neighbour-unexpected", f"unexpected permanent neighbour {dst} (not an address of the VM)")
+            for (dev, dst), (_, permanent) in net.neighs.items() if dev == vif and permanent and dst not in mine]
     return out
 
 
 def vif_drift(inp: VifInputs, net: NetState) -> list[Drift]:
     """Everything that differs from what `online` leaves for this vif."""
+    if getattr(inp, "mapped", None):  # here the veth end for the real address; inside its namespace: not compared
+        from vif_route_qubes import mapped
+
+        name = mapped.netns_name(inp)
+        gone = [] if name in net.netns else [Drift(inp.vif, "netns-missing", f"namespace {name} missing")]
+        return gone + vif_drift(mapped.main_side(inp)._replace(mapped=None), net)
     exists = inp.vif in net.links
     pending = bool(inp.rename_from and not exists and inp.rename_from in net.links)
     if not exists and not pending:
@@ -186,12 +195,20 @@ def vif_drift(inp: VifInputs, net: NetState) -> list[Drift]:
     batch = plan_vif.plan_online(inp, facts)
     out = antispoof_drift(inp.vif, inp.addresses, net.raw)
     # The planner's own verdict is the last word: it must not see a change we cannot name.
+    # (A missing or duplicated jump is the dispatch chain's drift, named once for all vifs.)
     if (not out and any(type(s).__name__ == "Restore" for s in batch.steps)
-            and all(antispoof_ipt.has_jump(net.raw[f]) for f in (4, 6))):
+            and all(antispoof_ipt.has_jump(net.raw[f]) and not antispoof_ipt.extra_jumps(net.raw[f])
+                    for f in (4, 6))):
         out.append(Drift(inp.vif, "rules-differ", "anti-spoofing rules differ from what online would install"))
     if pending:
         return [Drift(inp.vif, "not-renamed", f"interface still named {inp.rename_from}"), *out]
     return out + steps_drift(inp, batch.steps, net)
+
+
+def _vif_route(dev: str | None, metric: int) -> bool:
+    """A route of our metric scheme: through vifD.N with metric 32752 - D."""
+    match = VIF_NAME.fullmatch(dev or "")
+    return bool(match) and metric == 32752 - int(match.group(1))
 
 
 def discover(net: NetState) -> list[str]:
@@ -200,8 +217,7 @@ def discover(net: NetState) -> list[str]:
     for state in net.raw.values():
         names |= {c[len(antispoof_ipt.PREFIX):] for c in state.chains if c.startswith(antispoof_ipt.PREFIX)}
         names |= set(re.findall(r'--comment "([^"]+)"', "\n".join(state.rules_of(antispoof_ipt.DISPATCH))))
-    names |= {dev for _, dev, metric in net.routes
-              if (m := VIF_NAME.fullmatch(dev or "")) and metric == 32752 - int(m.group(1))}
+    names |= {dev for _, dev, metric in net.routes if _vif_route(dev, metric)}
     return sorted((n for n in names if VIF_NAME.fullmatch(n)),
                   key=lambda n: tuple(map(int, VIF_NAME.fullmatch(n).groups())))
 
@@ -248,24 +264,19 @@ def _dnat_drift(inp, current: tuple, wanted: tuple) -> list[Drift]:
                 into.setdefault(match.group(1), {}).setdefault(match.group(2), set()).add(match.group(3))
             else:
                 out.append(Drift("DNS", "rule-unexpected", f"unexpected nat PR-QBS rule: {line}"))
+
+    def where(protos: dict) -> str:  # "203.0.113.53", or "203.0.113.53 (tcp only)"
+        targets = ", ".join(sorted(set().union(*protos.values())))
+        return targets if len(protos) == 2 else f"{targets} ({' and '.join(protos)} only)"
+
     virtual = [str(v) for v in inp.virtual]
     for addr in dict.fromkeys([*virtual, *have]):
         h, w = have.get(addr, {}), want.get(addr, {})
-        if h == w:
-            continue
-        targets = ", ".join(sorted(set().union(*h.values())))
-        should = ", ".join(sorted(set().union(*w.values())))
-        if addr not in virtual:
-            detail = f"{addr} is DNATed to {targets}, but it is not a virtual DNS address"
-        elif not w:
-            detail = f"{addr} is DNATed to {targets}, should be dropped (no upstream resolver)"
-        elif not h:
-            detail = f"{addr} is not DNATed, should be DNATed to {should}"
-        elif set(h) != set(w):
-            detail = f"{addr} is DNATed to {targets} for {' and '.join(sorted(h))} only, should be {should} for udp and tcp"
-        else:
-            detail = f"{addr} is DNATed to {targets}, should be {should}"
-        out.append(Drift("DNS", "dns-target", detail))
+        if h != w:
+            is_now = f"is DNATed to {where(h)}" if h else "is not DNATed"
+            should = ("but it is not a virtual DNS address" if addr not in virtual
+                      else f"should be {where(w) if w else 'dropped (no upstream resolver)'}")
+            out.append(Drift("DNS", "dns-target", f"{addr} {is_now}, {should}"))
     return out
 
 
@@ -303,8 +314,9 @@ def read_state(extra: tuple = ()) -> NetState:
     names = [n for n in links if VIF_NAME.fullmatch(n)] + [n for n in extra if n]
     sysctl = {path: _read_proc(path) for name in names for family, keys in _SYSCTLS for key in keys
               for path in [f"net/{family}/conf/{name}/{key}"]}
+    netns = frozenset(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else frozenset()
     return NetState(links, addrs, routes, neighs, {4: ipt_state.table(save4, "raw"), 6: ipt_state.table(save6, "raw")},
-                    sysctl)
+                    sysctl, netns)
 
 
 @contextmanager
@@ -340,23 +352,18 @@ def _refuse_nft(choice: str) -> None:
         raise InputError("nft backend not supported yet")
 
 
-def _report(drifts: list[Drift], as_json: bool, out) -> int:
+def _report(logger: str, collect, as_json: bool, out) -> int:
+    """Print what collect() found: one line each, or JSON; a failure to collect is one line on stderr."""
+    try:
+        drifts = collect()
+    except VifError as exc:
+        logging.getLogger(logger).error("check: %s", exc)
+        return EXIT_USAGE if isinstance(exc, InputError) else EXIT_UNKNOWN
     if as_json:
         out.write(json.dumps([d.record() for d in drifts], indent=1) + "\n")
     else:
         out.write("".join(d.line() + "\n" for d in drifts))
     return EXIT_DRIFT if drifts else EXIT_CLEAN
-
-
-def _guarded(logger: str, run) -> int:
-    try:
-        return run()
-    except InputError as exc:
-        logging.getLogger(logger).error("check: %s", exc)
-        return EXIT_USAGE
-    except VifError as exc:
-        logging.getLogger(logger).error("check: %s", exc)
-        return EXIT_UNKNOWN
 
 
 def _all_vifs(args, net: NetState) -> list[Drift]:
@@ -399,7 +406,7 @@ def run_vif_check(params: dict, every: bool, as_json: bool, out=sys.stdout) -> i
 
     logsetup.setup(params["verbose"])
 
-    def run() -> int:
+    def collect() -> list[Drift]:
         if every == bool(params["vif"]):
             raise InputError("give a VIF or --all (not both)")
         _refuse_nft(params["backend"])
@@ -411,10 +418,10 @@ def run_vif_check(params: dict, every: bool, as_json: bool, out=sys.stdout) -> i
         with shared_lock(params["lock_file"], params["lock_timeout"]):
             net = read_state(() if every else (inp.vif, inp.rename_from))
         if every:
-            return _report(_all_vifs(args, net), as_json, out)
-        return _report((jump_drift(net.raw) if inp.vif in net.links else []) + vif_drift(inp, net), as_json, out)
+            return _all_vifs(args, net)
+        return (jump_drift(net.raw) if inp.vif in net.links else []) + vif_drift(inp, net)
 
-    return _guarded("vif-route-qubes", run)
+    return _report("vif-route-qubes", collect, as_json, out)
 
 
 def run_dns_check(read_virtual, resolv_conf: str, as_json: bool, backend: str, lock_file: str,
@@ -423,15 +430,14 @@ def run_dns_check(read_virtual, resolv_conf: str, as_json: bool, backend: str, l
     from setup_dnat_to_ns.plan import DnsInputs
     from setup_dnat_to_ns.resolvers import upstream_servers
 
-    def run() -> int:
+    def collect() -> list[Drift]:
         _refuse_nft(backend)
         virtual = read_virtual()
         if not virtual:
-            return _report([], as_json, out)  # this VM provides no network: nothing is expected
+            return []  # this VM provides no network: nothing is expected
         inp = DnsInputs(virtual=virtual, upstream=upstream_servers(resolv_conf))
         with shared_lock(lock_file, lock_timeout):
             mangle, nat = ipt_state.save([(4, "mangle"), (4, "nat")])
-        tables = {"mangle": ipt_state.table(mangle, "mangle"), "nat": ipt_state.table(nat, "nat")}
-        return _report(dns_drift(inp, tables), as_json, out)
+        return dns_drift(inp, {"mangle": ipt_state.table(mangle, "mangle"), "nat": ipt_state.table(nat, "nat")})
 
-    return _guarded("qubes-setup-dnat-to-ns", run)
+    return _report("qubes-setup-dnat-to-ns", collect, as_json, out)

@@ -68,10 +68,12 @@ def ensure_chain(state: TableState, chain: str) -> list[str]:
 
 
 def ensure_jump(state: TableState, builtin: str, jump: str, position: int = 1) -> list[str]:
-    """Check-then-insert a jump rule (`jump` as saved, `-A BUILTIN ...`) into a built-in chain."""
-    if jump in state.rules_of(builtin):
-        return []
-    return [f"-I {builtin} {position}" + jump[len(f"-A {builtin}"):]]
+    """Exactly one jump rule (`jump` as saved, `-A BUILTIN ...`) in a built-in
+    chain: inserted when missing, extra copies (made by hand) deleted."""
+    count = state.rules_of(builtin).count(jump)
+    if count == 0:
+        return [f"-I {builtin} {position}" + jump[len(f"-A {builtin}"):]]
+    return [delete(jump)] * (count - 1)
 
 
 def save(jobs: list[tuple[int, str | None]]) -> list[str]:
