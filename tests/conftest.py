@@ -7,6 +7,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from firewall import BACKENDS  # noqa: E402
 from netns import BIN, Namespaces, XenEnv  # noqa: E402
 
 
@@ -18,9 +19,9 @@ def pytest_configure(config):
 def _needs_root():
     if os.geteuid() != 0:
         pytest.exit("the tests build network namespaces and must run as root", returncode=2)
-    for tool in ("ip", "iptables-restore", "ip6tables-restore"):
+    for tool in ("ip", "iptables-restore", "ip6tables-restore", "nft"):
         if not shutil.which(tool):
-            pytest.exit(f"{tool} is missing: install iproute2 and iptables", returncode=2)
+            pytest.exit(f"{tool} is missing: install iproute2, iptables and nftables", returncode=2)
     if not (BIN / "vif-route-qubes").exists():
         pytest.exit(f"vif-route-qubes is not installed beside {sys.executable}", returncode=2)
 
@@ -42,3 +43,11 @@ def xen(tmp_path):
 @pytest.fixture
 def vifcmd():
     return str(BIN / "vif-route-qubes")
+
+
+@pytest.fixture(scope="session", params=BACKENDS)
+def backend(request):
+    """The firewall backend under test: a test that takes it runs once per
+    backend and gives it to the commands it runs as QUBES_NET_BACKEND (session
+    scope, so that a module's shared topology can be built once per backend)."""
+    return request.param

@@ -82,13 +82,15 @@ def no_rp_filter(ns):
     ns.sh("for f in /proc/sys/net/ipv4/conf/*/rp_filter; do echo 0 > $f; done")
 
 
-def hotplug_online(proxy, xen, vifcmd, vif, path):
-    result = run_cmd(proxy, [vifcmd, "online", "type_if=vif"], xen.env(vif=vif, XENBUS_PATH=path))
+def hotplug_online(proxy, xen, vifcmd, vif, path, backend):
+    env = xen.env(vif=vif, XENBUS_PATH=path, QUBES_NET_BACKEND=backend)
+    result = run_cmd(proxy, [vifcmd, "online", "type_if=vif"], env)
     assert result.returncode == 0, result.stderr
 
 
-def build(netns, xen, vifcmd, vm_ips=(VM_IP,), online=True):
-    """The topology above; `online` for both vifs, or the same routes by hand with no rules."""
+def build(netns, xen, vifcmd, backend=None, vm_ips=(VM_IP,)):
+    """The topology above; `online` with `backend` for both vifs, or (no backend)
+    the same routes by hand with no rules."""
     proxy, app, sib, up = (netns.make(role) for role in ("proxy", "app", "sib", "upstream"))
     netns.vif(proxy, app, "vif37.0", vm_mac=VM_MAC, vm_addrs=vm_ips, gateway=GW)
     netns.vif(proxy, sib, "vif38.0", vm_mac=SIB_MAC, vm_addrs=(SIB_IP,), gateway=GW)
@@ -100,8 +102,8 @@ def build(netns, xen, vifcmd, vm_ips=(VM_IP,), online=True):
     xen.qdb_write("/qubes-netvm-gateway", GW)
     vifs = (("vif37.0", 37, vm_ips, VM_MAC), ("vif38.0", 38, (SIB_IP,), SIB_MAC))
     for vif, domid, ips, mac in vifs:
-        if online:
-            hotplug_online(proxy, xen, vifcmd, vif, xen.backend(domid, ip=" ".join(ips), mac=mac))
+        if backend:
+            hotplug_online(proxy, xen, vifcmd, vif, xen.backend(domid, ip=" ".join(ips), mac=mac), backend)
         else:
             proxy.sh(f"echo 1 > /proc/sys/net/ipv4/conf/{vif}/proxy_arp && ip link set {vif} up"
                      f" && ip addr add {GW}/32 dev {vif}")
@@ -110,47 +112,47 @@ def build(netns, xen, vifcmd, vm_ips=(VM_IP,), online=True):
     return proxy, app, sib, up
 
 
-def test_own_address_gets_through(netns, xen, vifcmd):
-    _, app, sib, up = build(netns, xen, vifcmd)
+def test_own_address_gets_through(netns, xen, vifcmd, backend):
+    _, app, sib, up = build(netns, xen, vifcmd, backend)
     got = exchange(up, [(app, VM_IP, "192.0.2.1", "own"), (sib, SIB_IP, "192.0.2.1", "sibling-own")],
                    end=(app, VM_IP, "192.0.2.1"))
     assert {(VM_IP, "own"), (SIB_IP, "sibling-own")} <= got
 
 
 @pytest.mark.parametrize("spoof", [SIB_IP, "10.137.7.99"], ids=["sibling-address", "unassigned-address"])
-def test_spoofed_source_from_vm_is_dropped(netns, xen, vifcmd, spoof):
-    _, app, _, up = build(netns, xen, vifcmd)
+def test_spoofed_source_from_vm_is_dropped(netns, xen, vifcmd, backend, spoof):
+    _, app, _, up = build(netns, xen, vifcmd, backend)
     app.sh(f"ip addr add {spoof}/32 dev eth0")  # the VM claims an address it does not own
     got = exchange(up, [(app, spoof, "192.0.2.1", "spoof")], end=(app, VM_IP, "192.0.2.1"))
     assert (spoof, "spoof") not in got
 
 
-def test_vm_address_from_upstream_is_dropped(netns, xen, vifcmd):
+def test_vm_address_from_upstream_is_dropped(netns, xen, vifcmd, backend):
     """An upstream host forging the VM's address must not reach a sibling through the proxy."""
-    _, _, sib, up = build(netns, xen, vifcmd)
+    _, _, sib, up = build(netns, xen, vifcmd, backend)
     up.sh(f"ip addr add {VM_IP}/32 dev lo")
     got = exchange(sib, [(up, VM_IP, SIB_IP, "forged")], end=(up, "192.0.2.1", SIB_IP))
     assert (VM_IP, "forged") not in got
 
 
-def test_vm_address_from_upstream_to_gateway_is_dropped(netns, xen, vifcmd):
+def test_vm_address_from_upstream_to_gateway_is_dropped(netns, xen, vifcmd, backend):
     """The same forgery aimed at the proxy itself (its gateway address)."""
-    proxy, _, _, up = build(netns, xen, vifcmd)
+    proxy, _, _, up = build(netns, xen, vifcmd, backend)
     up.sh(f"ip addr add {VM_IP}/32 dev lo")
     got = exchange(proxy, [(up, VM_IP, GW, "forged")], end=(up, "192.0.2.1", GW))
     assert (VM_IP, "forged") not in got
 
 
-def test_vm_with_two_addresses_uses_both(netns, xen, vifcmd):
-    _, app, _, up = build(netns, xen, vifcmd, vm_ips=(VM_IP, "10.137.7.30"))
+def test_vm_with_two_addresses_uses_both(netns, xen, vifcmd, backend):
+    _, app, _, up = build(netns, xen, vifcmd, backend, vm_ips=(VM_IP, "10.137.7.30"))
     got = exchange(up, [(app, "10.137.7.30", "192.0.2.1", "second")], end=(app, VM_IP, "192.0.2.1"))
     assert ("10.137.7.30", "second") in got
 
 
 def test_control_without_rules_kernel_delivers_spoofs(netns, xen, vifcmd):
     """Same wiring, no `online`: every spoof above arrives, so the tests above can fail."""
-    proxy, app, sib, up = build(netns, xen, vifcmd, online=False)
-    assert "QBS" not in proxy.out("iptables-save -t raw")
+    proxy, app, sib, up = build(netns, xen, vifcmd)
+    assert "QBS" not in proxy.out("iptables-save -t raw") and not proxy.out("nft list tables").strip()
     app.sh(f"ip addr add {SIB_IP}/32 dev eth0 && ip addr add 10.137.7.99/32 dev eth0")
     got = exchange(up, [(app, SIB_IP, "192.0.2.1", "spoof"), (app, "10.137.7.99", "192.0.2.1", "spoof")],
                    end=(app, VM_IP, "192.0.2.1"))

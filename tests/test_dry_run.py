@@ -5,6 +5,7 @@ real run."""
 import re
 import time
 
+from firewall import antispoof_sources
 from netns import XenEnv, run_cmd, state_of
 
 VM_MAC = "00:16:3e:5e:6c:19"
@@ -36,8 +37,13 @@ def twins(netns, xen, tmp_path):
     return (proxy_a, xen), (proxy_b, xen_b), path
 
 
-def vifcall(proxy, xen, vifcmd, command, path, *options):
-    result = run_cmd(proxy, [vifcmd, command, *options, "type_if=vif"], xen.env(vif="vif37.0", XENBUS_PATH=path))
+# What applies the anti-spoofing rules, in the printed script.
+RULES_TOOLS = {"iptables": ("iptables-restore", "ip6tables-restore"), "nft": ("nft -f -",)}
+
+
+def vifcall(proxy, xen, vifcmd, backend, command, path, *options):
+    env = xen.env(vif="vif37.0", XENBUS_PATH=path, QUBES_NET_BACKEND=backend)
+    result = run_cmd(proxy, [vifcmd, command, *options, "type_if=vif"], env)
     assert result.returncode == 0, result.stderr
     return result
 
@@ -69,11 +75,11 @@ def sysctls(ns):
     return ns.sh(f"grep -rs . {' '.join(CONF)}", check=False).stdout
 
 
-def dry_run(proxy, xen, vifcmd, command, path):
+def dry_run(proxy, xen, vifcmd, backend, command, path):
     """Run --dry-run, check it changed nothing, return the script it printed."""
     before, conf_before = settled(proxy), sysctls(proxy)
     status_before = xen.xs_read(f"{path}/hotplug-status")
-    script = vifcall(proxy, xen, vifcmd, command, path, "--dry-run").stdout
+    script = vifcall(proxy, xen, vifcmd, backend, command, path, "--dry-run").stdout
     assert script.startswith("#!/bin/sh\n")
     assert state_of(proxy) == before
     assert sysctls(proxy) == conf_before
@@ -93,21 +99,25 @@ def assert_twins_equal(proxy_a, proxy_b):
     assert sysctls(proxy_b) == sysctls(proxy_a)
 
 
-def test_dry_run_online_script_makes_the_same_state(netns, xen, vifcmd, tmp_path):
+def test_dry_run_online_script_makes_the_same_state(netns, xen, vifcmd, backend, tmp_path):
     (proxy_a, xen_a), (proxy_b, xen_b), path = twins(netns, xen, tmp_path)
-    script = dry_run(proxy_b, xen_b, vifcmd, "online", path)
+    script = dry_run(proxy_b, xen_b, vifcmd, backend, "online", path)
     # The script says, in shell, what online does (not only comments).
-    assert "iptables-restore" in script and "ip6tables-restore" in script
+    assert all(tool in script for tool in RULES_TOOLS[backend])
     assert "ip route replace 10.137.7.28/32 dev vif37.0 metric 32715" in script
+    # Anti-spoofing before the link is up (nft: the elements, then the vif's group).
+    up = script.index("ip link set dev vif37.0 up")
+    assert all(script.index(tool) < up for tool in RULES_TOOLS[backend])
+    if backend == "nft":
+        assert script.index("nft -f -") < script.index("ip link set dev vif37.0 group 2\n") < up
 
-    vifcall(proxy_a, xen_a, vifcmd, "online", path)
+    vifcall(proxy_a, xen_a, vifcmd, backend, "online", path)
     run_script(proxy_b, xen_b, script)
 
     assert_twins_equal(proxy_a, proxy_b)
     # The comparison covers what online is for, in both twins.
     state = settled(proxy_b)
-    assert "-A QBS-AS-vif37.0 -s 10.137.7.28/32 -j RETURN" in state
-    assert "-A QBS-AS-vif37.0 -s fd09:24ef:4179::a89:71b/128 -j RETURN" in state
+    assert antispoof_sources(proxy_b, backend, "vif37.0") == set(ADDRS)
     assert "fd09:24ef:4179::a89:71b dev vif37.0 metric 32715" in state
     assert f"inet6 {GW6}/128 scope global" in state
     assert "10.137.7.28 dev vif37.0 lladdr 00:16:3e:5e:6c:19 PERMANENT" in state
@@ -118,15 +128,15 @@ def test_dry_run_online_script_makes_the_same_state(netns, xen, vifcmd, tmp_path
     assert xen_b.xs_read(f"{path}/hotplug-status") == xen_a.xs_read(f"{path}/hotplug-status") == "connected"
 
 
-def test_dry_run_offline_script_makes_the_same_state(netns, xen, vifcmd, tmp_path):
+def test_dry_run_offline_script_makes_the_same_state(netns, xen, vifcmd, backend, tmp_path):
     (proxy_a, xen_a), (proxy_b, xen_b), path = twins(netns, xen, tmp_path)
     before = comparable(settled(proxy_a))
-    vifcall(proxy_a, xen_a, vifcmd, "online", path)
-    vifcall(proxy_b, xen_b, vifcmd, "online", path)
-    script = dry_run(proxy_b, xen_b, vifcmd, "offline", path)
-    assert "vif37.0" in script
+    vifcall(proxy_a, xen_a, vifcmd, backend, "online", path)
+    vifcall(proxy_b, xen_b, vifcmd, backend, "online", path)
+    script = dry_run(proxy_b, xen_b, vifcmd, backend, "offline", path)
+    assert "vif37.0" in script and all(tool in script for tool in RULES_TOOLS[backend])
 
-    vifcall(proxy_a, xen_a, vifcmd, "offline", path)
+    vifcall(proxy_a, xen_a, vifcmd, backend, "offline", path)
     run_script(proxy_b, xen_b, script)
 
     assert_twins_equal(proxy_a, proxy_b)
@@ -134,13 +144,13 @@ def test_dry_run_offline_script_makes_the_same_state(netns, xen, vifcmd, tmp_pat
     assert "/proc/sys/net/ipv4/conf/vif37.0/proxy_arp:0\n" in sysctls(proxy_b)
 
 
-def test_dry_run_of_online_twice_is_a_no_op_script(netns, xen, vifcmd):
+def test_dry_run_of_online_twice_is_a_no_op_script(netns, xen, vifcmd, backend):
     """Once online, a dry run shows nothing left to change in the rules: its
     script, run again, leaves the state as it is."""
     proxy, path = build_pair(netns, xen)
-    vifcall(proxy, xen, vifcmd, "online", path)
+    vifcall(proxy, xen, vifcmd, backend, "online", path)
     before = settled(proxy)
-    script = dry_run(proxy, xen, vifcmd, "online", path)
-    assert "iptables-restore" not in script
+    script = dry_run(proxy, xen, vifcmd, backend, "online", path)
+    assert not any(tool in script for tool in RULES_TOOLS[backend])
     run_script(proxy, xen, script)
     assert settled(proxy) == before

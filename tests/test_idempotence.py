@@ -5,6 +5,7 @@ import time
 
 import pytest
 
+from firewall import antispoof_sources, antispoof_text, has_shared_objects
 from netns import run_cmd, state_of
 
 VM_MAC = "00:16:3e:5e:6c:19"
@@ -42,17 +43,14 @@ def add_vm(netns, xen, proxy, domid, addrs=("10.137.7.27",), gateway6=None):
     return vif, path
 
 
-def hotplug(proxy, xen, vifcmd, command, vif, path):
-    return run_cmd(proxy, [vifcmd, command, "type_if=vif"], xen.env(vif=vif, XENBUS_PATH=path))
+def hotplug(proxy, xen, vifcmd, command, vif, path, backend):
+    env = xen.env(vif=vif, XENBUS_PATH=path, QUBES_NET_BACKEND=backend)
+    return run_cmd(proxy, [vifcmd, command, "type_if=vif"], env)
 
 
 def ok(result):
     assert result.returncode == 0, result.stderr
     return result
-
-
-def raw_rules(ns):
-    return ns.out("iptables-save -t raw") + ns.out("ip6tables-save -t raw")
 
 
 VM_SHAPES = {
@@ -63,91 +61,90 @@ VM_SHAPES = {
 
 
 @pytest.mark.parametrize("shape", VM_SHAPES.values(), ids=VM_SHAPES.keys())
-def test_online_twice_is_online_once(netns, xen, vifcmd, shape):
+def test_online_twice_is_online_once(netns, xen, vifcmd, backend, shape):
     proxy = make_provider(netns)
     vif, path = add_vm(netns, xen, proxy, 37, **shape)
-    ok(hotplug(proxy, xen, vifcmd, "online", vif, path))
+    ok(hotplug(proxy, xen, vifcmd, "online", vif, path, backend))
     once = settled(proxy)
     # The run did something (otherwise the comparison below proves nothing).
-    assert "QBS-AS-vif37.0" in once and f"{shape['addrs'][0]} dev vif37.0" in once
-    ok(hotplug(proxy, xen, vifcmd, "online", vif, path))
+    assert antispoof_sources(proxy, backend, vif) == set(shape["addrs"])
+    assert f"{shape['addrs'][0]} dev vif37.0" in once
+    ok(hotplug(proxy, xen, vifcmd, "online", vif, path, backend))
     assert settled(proxy) == once
 
 
 @pytest.mark.parametrize("shape", VM_SHAPES.values(), ids=VM_SHAPES.keys())
-def test_online_then_offline_restores_state(netns, xen, vifcmd, shape):
+def test_online_then_offline_restores_state(netns, xen, vifcmd, backend, shape):
     proxy = make_provider(netns)
     vif, path = add_vm(netns, xen, proxy, 37, **shape)
     before = settled(proxy)
-    ok(hotplug(proxy, xen, vifcmd, "online", vif, path))
+    ok(hotplug(proxy, xen, vifcmd, "online", vif, path, backend))
     assert state_of(proxy) != before
-    ok(hotplug(proxy, xen, vifcmd, "offline", vif, path))
+    ok(hotplug(proxy, xen, vifcmd, "offline", vif, path, backend))
     assert settled(proxy) == before
 
 
-def test_offline_keeps_the_other_vifs_rules(netns, xen, vifcmd):
+def test_offline_keeps_the_other_vifs_rules(netns, xen, vifcmd, backend):
     proxy = make_provider(netns)
     other, other_path = add_vm(netns, xen, proxy, 38, addrs=("10.137.7.38",))
     vif, path = add_vm(netns, xen, proxy, 37, addrs=("10.137.7.27", "10.137.7.28"))
-    ok(hotplug(proxy, xen, vifcmd, "online", other, other_path))
+    ok(hotplug(proxy, xen, vifcmd, "online", other, other_path, backend))
     before = settled(proxy)
-    ok(hotplug(proxy, xen, vifcmd, "online", vif, path))
-    ok(hotplug(proxy, xen, vifcmd, "offline", vif, path))
+    ok(hotplug(proxy, xen, vifcmd, "online", vif, path, backend))
+    ok(hotplug(proxy, xen, vifcmd, "offline", vif, path, backend))
     assert settled(proxy) == before
-    rules = raw_rules(proxy)
-    assert "-A QBS-AS-vif38.0 -s 10.137.7.38/32 -j RETURN" in rules
-    assert "vif37.0" not in rules
+    assert antispoof_sources(proxy, backend, "vif38.0") == {"10.137.7.38"}
+    assert "vif37.0" not in antispoof_text(proxy, backend)
     assert proxy.out("ip route show dev vif38.0").strip() == "10.137.7.38 scope link metric 32714"
 
 
-def test_offline_twice_exits_0(netns, xen, vifcmd):
+def test_offline_twice_exits_0(netns, xen, vifcmd, backend):
     proxy = make_provider(netns)
     vif, path = add_vm(netns, xen, proxy, 37)
     before = settled(proxy)
-    ok(hotplug(proxy, xen, vifcmd, "online", vif, path))
-    ok(hotplug(proxy, xen, vifcmd, "offline", vif, path))
-    second = hotplug(proxy, xen, vifcmd, "offline", vif, path)
+    ok(hotplug(proxy, xen, vifcmd, "online", vif, path, backend))
+    ok(hotplug(proxy, xen, vifcmd, "offline", vif, path, backend))
+    second = hotplug(proxy, xen, vifcmd, "offline", vif, path, backend)
     assert second.returncode == 0, second.stderr
     assert settled(proxy) == before
 
 
-def test_offline_of_a_vanished_interface(netns, xen, vifcmd):
+def test_offline_of_a_vanished_interface(netns, xen, vifcmd, backend):
     proxy = make_provider(netns)
     vif, path = add_vm(netns, xen, proxy, 37, addrs=("10.137.7.27", "fd09:24ef:4179::a89:71b"),
                        gateway6=GW6)
     before = settled(proxy)
-    ok(hotplug(proxy, xen, vifcmd, "online", vif, path))
+    ok(hotplug(proxy, xen, vifcmd, "online", vif, path, backend))
     # Xen removes the backend device before (or while) udev runs offline.
     proxy.sh("ip link del vif37.0")
-    assert "vif37.0" in raw_rules(proxy)
-    result = hotplug(proxy, xen, vifcmd, "offline", vif, path)
+    assert "vif37.0" in antispoof_text(proxy, backend)
+    result = hotplug(proxy, xen, vifcmd, "offline", vif, path, backend)
     assert result.returncode == 0, result.stderr
-    assert "vif37.0" not in raw_rules(proxy)
-    assert "QBS-" not in raw_rules(proxy)  # the last vif took the shared chain with it
+    assert "vif37.0" not in antispoof_text(proxy, backend)
+    assert not has_shared_objects(proxy, backend)  # the last vif took the shared chain (table) with it
     assert "vif37.0" not in settled(proxy)
     # The link itself is gone, so "before" differs only by it: compare the rules.
     assert state_of(proxy).split("$ ip")[0] == before.split("$ ip")[0]
 
 
-def test_xenstore_vifname_renames_the_interface(netns, xen, vifcmd):
+def test_xenstore_vifname_renames_the_interface(netns, xen, vifcmd, backend):
     proxy = make_provider(netns)
     vif, path = add_vm(netns, xen, proxy, 37)
     xen.xs_write(f"{path}/vifname", "vif37.5")
     before = settled(proxy)
-    ok(hotplug(proxy, xen, vifcmd, "online", vif, path))
+    ok(hotplug(proxy, xen, vifcmd, "online", vif, path, backend))
 
     assert proxy.sh("ip link show vif37.0", check=False).returncode != 0
     assert "state UP" in proxy.out("ip link show vif37.5")
     assert proxy.out("ip route show dev vif37.5").strip() == "10.137.7.27 scope link metric 32715"
     assert f"inet {GW}/32 scope global vif37.5" in proxy.out("ip -4 addr show dev vif37.5")
     assert proxy.out("cat /proc/sys/net/ipv4/conf/vif37.5/proxy_arp").strip() == "1"
-    rules = raw_rules(proxy)
-    assert "-A QBS-ANTISPOOF -i vif37.5 -m comment --comment \"vif37.5\" -j QBS-AS-vif37.5" in rules
-    assert "vif37.0" not in rules
+    assert antispoof_sources(proxy, backend, "vif37.5") == {"10.137.7.27"}
+    assert "vif37.0" not in antispoof_text(proxy, backend)
     assert xen.xs_read(f"{path}/hotplug-status") == "connected"
 
     # Online again finds the renamed interface; offline with Xen's env cleans it.
-    ok(hotplug(proxy, xen, vifcmd, "online", vif, path))
-    ok(hotplug(proxy, xen, vifcmd, "offline", vif, path))
-    assert "vif37.5" not in raw_rules(proxy)
+    ok(hotplug(proxy, xen, vifcmd, "online", vif, path, backend))
+    ok(hotplug(proxy, xen, vifcmd, "offline", vif, path, backend))
+    assert "vif37.5" not in antispoof_text(proxy, backend)
     assert settled(proxy) == before

@@ -7,6 +7,7 @@ builds the same wiring by hand without rules and shows every spoof arrives.
 
 import time
 
+from firewall import antispoof_sources
 from netns import VIF_MAC, run_cmd
 from test_antispoof import VM_MAC, exchange, no_rp_filter
 
@@ -48,37 +49,39 @@ def build(netns, xen, vm_ips=("10.137.7.27", V6), disable_ipv6=False):
     return proxy, app, up, xen.backend(37, ip=" ".join(vm_ips), mac=VM_MAC)
 
 
-def online(proxy, xen, vifcmd, path):
-    return run_cmd(proxy, [vifcmd, "online", "type_if=vif"], xen.env(vif="vif37.0", XENBUS_PATH=path))
+def online(proxy, xen, vifcmd, path, backend):
+    env = xen.env(vif="vif37.0", XENBUS_PATH=path, QUBES_NET_BACKEND=backend)
+    return run_cmd(proxy, [vifcmd, "online", "type_if=vif"], env)
 
 
-def test_online_ipv6_state_and_ping6(netns, xen, vifcmd):
+def test_online_ipv6_state_and_ping6(netns, xen, vifcmd, backend):
     proxy, app, _, path = build(netns, xen)
-    result = online(proxy, xen, vifcmd, path)
+    result = online(proxy, xen, vifcmd, path, backend)
     assert result.returncode == 0, result.stderr
 
     assert proxy.out(f"ip -6 route show {V6}/128").split() == [V6, "dev", "vif37.0", "metric", "32715",
                                                               "pref", "medium"]
     assert f"inet6 {GW6}/128 scope global" in proxy.out("ip -6 addr show dev vif37.0")
     assert proxy.out("cat /proc/sys/net/ipv6/conf/vif37.0/proxy_ndp").strip() == "1"
+    assert antispoof_sources(proxy, backend, "vif37.0") == {"10.137.7.27", V6}
     wait_dad(proxy, "vif37.0")
     app.sh(f"ping -6 -c 1 -W 3 {GW6}")
     assert f"lladdr {VIF_MAC}" in app.out(f"ip -6 neigh show {GW6}")
     app.sh(f"ping -c 1 -W 2 {GW}")  # dual stack: IPv4 still works
 
 
-def test_spoofed_ipv6_source_is_dropped(netns, xen, vifcmd):
+def test_spoofed_ipv6_source_is_dropped(netns, xen, vifcmd, backend):
     proxy, app, up, path = build(netns, xen)
-    assert online(proxy, xen, vifcmd, path).returncode == 0
+    assert online(proxy, xen, vifcmd, path, backend).returncode == 0
     wait_dad(proxy, "vif37.0")
     app.sh(f"ip -6 addr add {SPOOF6}/128 dev eth0 nodad")
     got = exchange(up, [(app, SPOOF6, UP6, "spoof")], end=(app, V6, UP6))
     assert (SPOOF6, "spoof") not in got
 
 
-def test_vm_without_ipv6_has_all_ipv6_dropped(netns, xen, vifcmd):
+def test_vm_without_ipv6_has_all_ipv6_dropped(netns, xen, vifcmd, backend):
     proxy, app, up, path = build(netns, xen, vm_ips=("10.137.7.27",))
-    assert online(proxy, xen, vifcmd, path).returncode == 0
+    assert online(proxy, xen, vifcmd, path, backend).returncode == 0
     wait_dad(proxy, "vif37.0")
     own6 = "fd09:24ef:4179::5"
     # The VM gives itself an address; a fixed neighbour entry sends its packets
@@ -98,7 +101,7 @@ def test_control_without_rules_ipv6_spoofs_arrive(netns, xen, vifcmd):
              f" && ip -6 addr add {GW6}/128 dev vif37.0 nodad && ip route add 10.137.7.27 dev vif37.0"
              f" && ip -6 route add {V6} dev vif37.0 && ip -6 route add fd09:24ef:4179::5 dev vif37.0"
              " && sysctl -qw net.ipv6.conf.vif37/0.proxy_ndp=1")
-    assert "QBS" not in proxy.out("ip6tables-save -t raw")
+    assert "QBS" not in proxy.out("ip6tables-save -t raw") and not proxy.out("nft list tables").strip()
     wait_dad(proxy, "vif37.0")
     app.sh(f"ip -6 addr add {SPOOF6}/128 dev eth0 nodad && ip -6 addr add fd09:24ef:4179::5/128 dev eth0 nodad"
            f" && ip -6 neigh replace {GW6} lladdr {VIF_MAC} dev eth0 nud permanent")
@@ -107,9 +110,9 @@ def test_control_without_rules_ipv6_spoofs_arrive(netns, xen, vifcmd):
     assert {(SPOOF6, "spoof"), ("fd09:24ef:4179::5", "v6")} <= got
 
 
-def test_ipv6_disabled_on_vif_ipv4_still_works(netns, xen, vifcmd):
+def test_ipv6_disabled_on_vif_ipv4_still_works(netns, xen, vifcmd, backend):
     proxy, app, _, path = build(netns, xen, disable_ipv6=True)
-    result = online(proxy, xen, vifcmd, path)
+    result = online(proxy, xen, vifcmd, path, backend)
     assert result.returncode == 0, result.stderr
     errors = [line for line in result.stderr.splitlines() if "IPv6" in line and "vif37.0" in line]
     assert errors, f"no error about IPv6 on stderr: {result.stderr!r}"

@@ -10,8 +10,9 @@ hotplug-status last; offline removes the rules only after the link is down.
 """
 
 from ipaddress import ip_address
+from pathlib import Path
 
-from vif_route_qubes import antispoof_ipt, plan_vif
+from vif_route_qubes import antispoof_ipt, nft, plan_vif
 from vif_route_qubes.antispoof_ipt import BASE_JUMP, JUMP
 from vif_route_qubes.model import VifFacts, VifInputs
 
@@ -300,3 +301,126 @@ def test_offline_of_a_vanished_interface_only_removes_rules():
 
 def test_offline_with_nothing_left_to_remove_has_no_restore():
     assert "restore" not in offline(inputs("offline"), facts())
+
+
+# -- the nft backend ---------------------------------------------------------
+# The facts are nft.parse_ruleset() of `nft -j list ruleset` captured in a test
+# namespace where iptables-nft had made its (empty) raw tables, as on a ProxyVM:
+#   missing        nothing of ours
+#   missing-vif37  then `online` of vif37.0 (10.137.7.27) with no `init`
+#   base           after `init --backend nft` (no IPv6 gateway)
+#   base-vif37     then `online` of vif37.0
+# Checked before freezing, besides the above: the elements (and, without the
+# table, the table, its sets and chains) go in one `nft -f -` before the vif
+# joins group 2, and that before the link is up; offline resets the group once
+# the link is down and removes the elements last; a table that only per-vif
+# events made goes with its last vif, a base table stays.
+
+RULESETS = Path(__file__).parent / "data"
+
+
+def nft_facts(ruleset, exists=True):
+    state = nft.parse_ruleset((RULESETS / f"nft-ruleset-{ruleset}.json").read_text())
+    return VifFacts(exists=exists, rename_pending=False, ipv6_enabled=True, backend="nft", nft=state)
+
+
+NFT_ONLINE_TAIL = CONNTRACK_27 + """\
+sysctl -q -w net.ipv4.conf.vif37/0.proxy_arp=1
+ip link set dev vif37.0 group 2
+ip link set dev vif37.0 up
+ip addr replace 10.137.7.1/32 dev vif37.0
+ip route replace 10.137.7.27/32 dev vif37.0 metric 32715
+ip neigh replace 10.137.7.27 lladdr 00:16:3e:5e:6c:19 dev vif37.0 nud permanent
+xenstore-write /local/domain/0/backend/vif/37/0/hotplug-status connected
+"""
+
+NFT_OFFLINE_HEAD = """\
+#!/bin/sh
+# vif-route-qubes offline vif37.0
+ip route del 10.137.7.27/32 dev vif37.0 metric 32715 2>/dev/null || true
+ip neigh del 10.137.7.27 dev vif37.0 2>/dev/null || true
+ip addr del 10.137.7.1/32 dev vif37.0 2>/dev/null || true
+ip link set dev vif37.0 down 2>/dev/null || true
+ip link set dev vif37.0 group 0 2>/dev/null || true
+sysctl -q -w net.ipv4.conf.vif37/0.proxy_arp=0 2>/dev/null || true
+"""
+
+NFT_DELETE_ELEMENTS = """\
+nft -f - <<'EOF'
+delete element ip qubes allowed { "vif37.0" . 10.137.7.27 }
+delete element ip qubes downstream { 10.137.7.27 }
+EOF
+"""
+
+
+def test_nft_rulesets_parse_to_our_tables_only():
+    assert nft_facts("missing").nft.tables == {}  # iptables-nft's `ip raw` is not ours
+    state = nft_facts("base-vif37").nft
+    assert state.table(4).allowed == {("vif37.0", "10.137.7.27")} and state.table(4).downstream == {"10.137.7.27"}
+    assert state.table(6).allowed == frozenset() and state.table(6).has_sets
+    assert "dnat-dns" in state.table(4).chains and "dnat-dns" not in state.table(6).chains
+    assert nft.is_base(state.table(4)) and not nft.is_base(nft_facts("missing-vif37").nft.table(4))
+
+
+def test_nft_online_in_a_base_table_adds_only_the_elements():
+    assert online(inputs(), nft_facts("base")) == """\
+#!/bin/sh
+# vif-route-qubes online vif37.0
+nft -f - <<'EOF'
+add element ip qubes allowed { "vif37.0" . 10.137.7.27 }
+add element ip qubes downstream { 10.137.7.27 }
+EOF
+""" + NFT_ONLINE_TAIL
+
+
+def test_nft_online_again_changes_no_element():
+    assert online(inputs(), nft_facts("base-vif37")) == "#!/bin/sh\n# vif-route-qubes online vif37.0\n" + NFT_ONLINE_TAIL
+
+
+def test_nft_online_without_the_table_creates_the_anti_spoofing_objects():
+    """The ip6 table is made although the VM has no IPv6 address: the vif's
+    IPv6 (group 2, no element) is dropped."""
+    assert online(inputs(), nft_facts("missing")) == """\
+#!/bin/sh
+# vif-route-qubes online vif37.0
+nft -f - <<'EOF'
+add table ip qubes
+add set ip qubes downstream { type ipv4_addr; }
+add set ip qubes allowed { type ifname . ipv4_addr; }
+add chain ip qubes antispoof
+add rule ip qubes antispoof iifname . ip saddr @allowed accept
+add rule ip qubes antispoof counter drop
+add chain ip qubes prerouting { type filter hook prerouting priority raw; policy accept; }
+add rule ip qubes prerouting iifgroup 2 goto antispoof
+add rule ip qubes prerouting ip saddr @downstream counter drop
+add element ip qubes allowed { "vif37.0" . 10.137.7.27 }
+add element ip qubes downstream { 10.137.7.27 }
+add table ip6 qubes
+add set ip6 qubes downstream { type ipv6_addr; }
+add set ip6 qubes allowed { type ifname . ipv6_addr; }
+add chain ip6 qubes antispoof
+add rule ip6 qubes antispoof iifname . ip6 saddr @allowed accept
+add rule ip6 qubes antispoof counter drop
+add chain ip6 qubes prerouting { type filter hook prerouting priority raw; policy accept; }
+add rule ip6 qubes prerouting iifgroup 2 goto antispoof
+add rule ip6 qubes prerouting ip6 saddr @downstream counter drop
+EOF
+""" + NFT_ONLINE_TAIL
+
+
+def test_nft_offline_of_the_last_vif_deletes_a_table_no_init_made():
+    assert offline(inputs("offline"), nft_facts("missing-vif37")) == NFT_OFFLINE_HEAD + """\
+nft -f - <<'EOF'
+delete table ip qubes
+delete table ip6 qubes
+EOF
+""" + CONNTRACK_27
+
+
+def test_nft_offline_in_a_base_table_keeps_it():
+    assert offline(inputs("offline"), nft_facts("base-vif37")) == NFT_OFFLINE_HEAD + NFT_DELETE_ELEMENTS + CONNTRACK_27
+
+
+def test_nft_offline_of_a_vanished_interface_only_removes_elements():
+    script = offline(inputs("offline"), nft_facts("base-vif37", exists=False))
+    assert script == "#!/bin/sh\n# vif-route-qubes offline vif37.0\n" + NFT_DELETE_ELEMENTS + CONNTRACK_27

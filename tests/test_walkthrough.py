@@ -1,7 +1,8 @@
 """The seed's three-hop walk-through, end to end: AppVM -> ProxyVM -> NetVM -> upstream.
 
-The topology (tests/walkthrough.py) is built once for the module; a test that
-changes it (a second AppVM, another resolver) puts it back before it ends.
+The topology (tests/walkthrough.py) is built once for the module per firewall
+backend; a test that changes it (a second AppVM, another resolver) puts it
+back before it ends.
 """
 
 import re
@@ -10,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from firewall import antispoof_sources
 from walkthrough import (ANSWER, APP2_DOMID, APP2_IP, APP2_MAC, APP_IP, DNS_A, DNS_B, ECHO_PORT, HOST,
                          NET_DNS2, NET_GW, NET_UPLINK, PROXY_DNS2, PROXY_GW, PROXY_IP, Walkthrough)
 
@@ -17,8 +19,8 @@ UPDATES_PROXY = "--no-block try-restart qubes-updates-proxy.service"
 
 
 @pytest.fixture(scope="module")
-def walk(tmp_path_factory):
-    topo = Walkthrough(tmp_path_factory.mktemp("walkthrough"))
+def walk(tmp_path_factory, backend):
+    topo = Walkthrough(tmp_path_factory.mktemp(f"walkthrough-{backend}"), firewall=backend)
     try:
         topo.build()  # raises when a bring-up step (init, online, first DNS run) fails
         yield topo
@@ -75,6 +77,7 @@ def test_second_appvm_has_network_and_siblings_are_isolated(walk):
     app2, vif, xb = walk.add_app(APP2_DOMID, APP2_IP, APP2_MAC)
     try:
         assert walk.proxy.xen.xs_read(f"{xb}/hotplug-status") == "connected"
+        assert antispoof_sources(walk.proxy.ns, walk.firewall, vif) == {APP2_IP}
         ping = walk.ping(app2, HOST)
         assert ping.returncode == 0, ping.stdout + ping.stderr
 
@@ -160,13 +163,18 @@ def test_two_simultaneous_runs_leave_one_rule_set(walk, resolver):
     assert codes == [0, 100], f"exit statuses {codes}: {[err for _, err in outputs]}"
 
     ns = walk.net.ns
-    expected = [f"-A PR-QBS -d {virtual}/32 -p {proto} -m {proto} --dport 53 -j DNAT --to-destination {resolver}"
-                for virtual in (NET_GW, NET_DNS2) for proto in ("udp", "tcp")]
-    assert _rules(ns, "nat", "PR-QBS") == expected
-    guard = _rules(ns, "mangle", "QBS-DNS-GUARD")
-    assert len(guard) == 4 and all(rule.endswith("--dport 53 -j DROP") for rule in guard), guard
-    assert _rules(ns, "nat", "PREROUTING").count("-A PREROUTING -j PR-QBS") == 1
-    assert _rules(ns, "mangle", "FORWARD").count("-A FORWARD -j QBS-DNS-GUARD") == 1
+    if walk.firewall == "nft":  # one chain by name: the rules are what can be doubled
+        expected = [f"ip daddr {virtual} {proto} dport 53 dnat to {resolver}"
+                    for virtual in (NET_GW, NET_DNS2) for proto in ("udp", "tcp")]
+        assert _nft_rules(ns, "dnat-dns") == expected
+    else:
+        expected = [f"-A PR-QBS -d {virtual}/32 -p {proto} -m {proto} --dport 53 -j DNAT --to-destination {resolver}"
+                    for virtual in (NET_GW, NET_DNS2) for proto in ("udp", "tcp")]
+        assert _rules(ns, "nat", "PR-QBS") == expected
+        guard = _rules(ns, "mangle", "QBS-DNS-GUARD")
+        assert len(guard) == 4 and all(rule.endswith("--dport 53 -j DROP") for rule in guard), guard
+        assert _rules(ns, "nat", "PREROUTING").count("-A PREROUTING -j PR-QBS") == 1
+        assert _rules(ns, "mangle", "FORWARD").count("-A FORWARD -j QBS-DNS-GUARD") == 1
     assert walk.dns(walk.app, PROXY_DNS2)[0] == ANSWER[resolver]
 
 
@@ -183,6 +191,12 @@ def _systemctl_calls(vm) -> list[str]:
 
 def _rules(ns, table: str, chain: str) -> list[str]:
     return [line for line in ns.out(f"iptables -t {table} -S {chain}").splitlines() if line.startswith("-A ")]
+
+
+def _nft_rules(ns, chain: str) -> list[str]:
+    """The rules of chain `ip qubes CHAIN`, as nft prints them (no counters)."""
+    lines = [line.strip() for line in ns.out(f"nft -s list chain ip qubes {chain}").splitlines()]
+    return [line for line in lines if line and not line.startswith(("table ", "chain ", "type ", "}"))]
 
 
 def _dns_packets_seen_upstream(walk) -> dict[str, int]:

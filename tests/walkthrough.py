@@ -9,8 +9,10 @@
 Each VM has its own qubesdb, resolv.conf, lock file, hooks folder and
 systemctl log; xenstore is shared, as on a real host.  The VMs are brought up
 the way the system does it: `init`, the Xen hotplug form of `online` per vif,
-then `qubes-setup-dnat-to-ns`.  close() kills what was started and deletes
-every namespace; callers call it from `finally`.
+then `qubes-setup-dnat-to-ns`, all with one firewall backend (`firewall`:
+`init --backend F`, and QUBES_NET_BACKEND=F for every command).  close()
+kills what was started and deletes every namespace; callers call it from
+`finally`.
 """
 
 import os
@@ -21,6 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from firewall import nft_tables
 from netns import BIN, FAKEBIN, Namespace, Namespaces, XenEnv
 
 HERE = Path(__file__).resolve().parent
@@ -51,6 +54,7 @@ class VM:
     ns: Namespace
     xen: XenEnv  # .xenstore points at the host's shared folder
     domid: int
+    firewall: str = "iptables"  # the backend its commands use
 
     @property
     def resolv(self) -> Path:
@@ -65,7 +69,8 @@ class VM:
         return self.xen.env(PATH=f"{FAKEBIN}:{PROG_BIN}:{base}", QUBES_RESOLV_CONF=str(self.resolv),
                             FAKE_SYSTEMCTL_LOG=str(self.systemctl_log),
                             # no firewall daemon here: only the dispatcher's restart is expected
-                            QUBES_FIREWALL_FLAG=str(self.xen.root / "no-qubes-firewall"), **extra)
+                            QUBES_FIREWALL_FLAG=str(self.xen.root / "no-qubes-firewall"),
+                            QUBES_NET_BACKEND=self.firewall, **extra)
 
     def argv(self, *args: str) -> list[str]:
         return ["ip", "netns", "exec", self.ns.name, *args]
@@ -79,7 +84,7 @@ class VM:
                                 stderr=subprocess.PIPE, text=True)
 
     def init(self) -> subprocess.CompletedProcess:
-        return self.run("vif-route-qubes", "init")
+        return self.run("vif-route-qubes", "init", "--backend", self.firewall)
 
     def hotplug(self, command: str, vif: str, xenbus: str) -> subprocess.CompletedProcess:
         """As udev runs it on a Xen vif event."""
@@ -92,10 +97,12 @@ class VM:
         self.resolv.write_text("\n".join(lines) + "\n")
 
     def rules(self) -> str:
-        """iptables-save without comments and counters, to compare states."""
+        """iptables-save without comments and counters, and the nft qubes tables
+        without counters, to compare states."""
         text = self.ns.out("iptables-save")
-        return "\n".join(re.sub(r" \[\d+:\d+\]$", "", line) for line in text.splitlines()
-                         if not line.startswith("#"))
+        saved = "\n".join(re.sub(r" \[\d+:\d+\]$", "", line) for line in text.splitlines()
+                          if not line.startswith("#"))
+        return saved + "\n" + nft_tables(self.ns)
 
 
 @dataclass(frozen=True)
@@ -124,9 +131,10 @@ class Flow:
 
 
 class Walkthrough:
-    def __init__(self, root: Path, say=None) -> None:
+    def __init__(self, root: Path, say=None, firewall: str = "iptables") -> None:
         self.root = Path(root)
         self.say = say or (lambda text: None)
+        self.firewall = firewall  # the backend every VM's commands use
         self.spaces = Namespaces()
         self.procs: list[tuple[str, subprocess.Popen]] = []  # (namespace, process) we started
         self.xenstore = self.root / "xenstore"
@@ -143,7 +151,7 @@ class Walkthrough:
     def _vm(self, label: str, domid: int, gateway: str, dns2: str, *resolvers: str) -> VM:
         xen = XenEnv(self.root / label)
         xen.xenstore = self.xenstore  # one xenstore per host, one qubesdb per VM
-        vm = VM(label, self.spaces.make(label), xen, domid)
+        vm = VM(label, self.spaces.make(label), xen, domid, self.firewall)
         for key, value in (("/qubes-netvm-gateway", gateway), ("/qubes-netvm-primary-dns", gateway),
                            ("/qubes-netvm-secondary-dns", dns2)):
             xen.qdb_write(key, value)
@@ -183,7 +191,7 @@ class Walkthrough:
         self._start_upstream()
 
         for vm in (self.net, self.proxy):
-            self.step(vm, "vif-route-qubes init", vm.init())
+            self.step(vm, f"vif-route-qubes init --backend {self.firewall}", vm.init())
         for vm, vif, xb in ((self.net, "vif5.0", self.xb_net), (self.proxy, "vif37.0", self.xb_proxy)):
             self.step(vm, f"vif={vif} vif-route-qubes online type_if=vif", vm.hotplug("online", vif, xb))
             status = vm.xen.xs_read(f"{xb}/hotplug-status")

@@ -19,7 +19,7 @@ NLM_F_REPLACE, NLM_F_EXCL, NLM_F_CREATE = 0x100, 0x200, 0x400
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 NLA_F_NESTED = 0x8000
 
-RTM_NEWLINK, RTM_NEWADDR, RTM_DELADDR = 16, 20, 21
+RTM_NEWLINK, RTM_GETLINK, RTM_NEWADDR, RTM_DELADDR = 16, 18, 20, 21
 RTM_NEWROUTE, RTM_DELROUTE, RTM_NEWNEIGH, RTM_DELNEIGH = 24, 25, 28, 29
 IFF_UP = 0x1
 IFLA_IFNAME, IFLA_GROUP = 3, 27
@@ -98,6 +98,15 @@ class Netlink:
                 answers.append(payload)
 
     # -- rtnetlink ----------------------------------------------------------
+
+    def links_in_group(self, group: int) -> list[str]:
+        """Names of the interfaces in an interface group (one dump)."""
+        names = []
+        for payload in self.request(RTM_GETLINK, NLM_F_DUMP, struct.pack("=BxHiII", socket.AF_UNSPEC, 0, 0, 0, 0)):
+            attrs = dict(_attrs(payload[16:]))
+            if IFLA_GROUP in attrs and struct.unpack("=I", attrs[IFLA_GROUP][:4])[0] == group:
+                names.append(attrs.get(IFLA_IFNAME, b"").rstrip(b"\0").decode(errors="replace"))
+        return names
 
     def link_set(self, index: int, *, up: bool | None = None, name: str | None = None,
                  group: int | None = None) -> None:

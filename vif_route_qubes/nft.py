@@ -37,6 +37,7 @@ class NftTable(NamedTuple):
 
 class NftState(NamedTuple):
     tables: dict  # family (4/6) -> NftTable, only for tables that exist
+    vif_links: frozenset[str] = frozenset()  # interfaces in the vif group (2)
 
     def table(self, family: int) -> NftTable | None:
         return self.tables.get(family)
@@ -85,7 +86,14 @@ def parse_ruleset(text: str) -> NftState:
 
 
 def read_state() -> NftState:
-    return parse_ruleset(run_nft(["-j", "list", "ruleset"]))
+    from vif_route_qubes import netlink
+
+    nl = netlink.Netlink(netlink.NETLINK_ROUTE)
+    try:
+        links = frozenset(nl.links_in_group(VIF_GROUP))
+    finally:
+        nl.close()
+    return parse_ruleset(run_nft(["-j", "list", "ruleset"]))._replace(vif_links=links)
 
 
 # -- the objects of the base ---------------------------------------------
@@ -176,19 +184,20 @@ def plan_vif(state: NftState, vif: str, addrs: tuple, enable: bool) -> str | Non
     anti-spoofing objects that are missing); offline also removes a table that
     only a per-vif event made once its sets are empty."""
     out = []
+    # Another vif still relies on both tables, whatever its address families
+    # (with no IPv6 address, the ip6 table is what drops its IPv6).
+    others = (any(name != vif for table in state.tables.values() for name, _ in table.allowed)
+              or bool(state.vif_links - {vif}))
     for version in (4, 6):
         table = state.table(version)
         if enable:
             out += antispoof_objects(version, table)
         elif table is None:
             continue
-        changes = vif_elements(version, table, vif, addrs, enable)
-        out += changes
-        if not enable and not is_base(table):
-            left = {pair for pair in table.allowed if pair[0] != vif}
-            if not left:
-                out = [line for line in out if not line.startswith(f"delete element {FAMILIES[version]} ")]
-                out.append(f"delete table {FAMILIES[version]} {TABLE}")
+        out += vif_elements(version, table, vif, addrs, enable)
+        if not enable and not is_base(table) and not others:
+            out = [line for line in out if not line.startswith(f"delete element {FAMILIES[version]} ")]
+            out.append(f"delete table {FAMILIES[version]} {TABLE}")
     return "\n".join(out) + "\n" if out else None
 
 
