@@ -34,11 +34,11 @@ with --dry-run), 1 failure, 2 usage error."""
               envvar="QUBES_FIREWALL_FLAG", show_envvar=True,
               help="When this file exists, qubes-firewall.service is reloaded after a change.")
 @click.option("--check", is_flag=True, help="Change nothing: list how the DNS rules differ from what they "
-                                             "should be; exit 0 when they are right, 1 when not, 3 when unreadable.")
+                                             "should be; exit 0 when they are right, 1 when not (or unreadable).")
 @click.option("--json", "as_json", is_flag=True, help="With --check: print the differences as JSON.")
 @common_options
 def cli(iface, action, dns1, dns2, resolv_conf, firewall_flag, check, as_json, dry_run, verbose, backend,
-        lock_file, lock_timeout):
+        lock_file, lock_timeout, tool_timeout):
     """DNAT the VMs' virtual DNS addresses to the resolvers this VM uses.
 
     \b
@@ -46,10 +46,11 @@ def cli(iface, action, dns1, dns2, resolv_conf, firewall_flag, check, as_json, d
     NetworkManager hook:    qubes-setup-dnat-to-ns IFACE ACTION
     (acts on up, vpn-up, vpn-down, dhcp4-change; any other action is a no-op)
     """
-    from vif_route_qubes import logsetup
+    from vif_route_qubes import logsetup, sources
     from vif_route_qubes.errors import VifError
 
     log = logsetup.setup(verbose, "qubes-setup-dnat-to-ns")
+    sources.set_timeout(tool_timeout)
     if iface is not None and action is None:
         raise click.UsageError("give both IFACE and ACTION, or neither")
     if check:
@@ -103,7 +104,7 @@ def _run(*, dispatcher, dns1, dns2, resolv_conf, firewall_flag, dry_run, backend
         return 0  # this VM provides no network: nothing to do
     inp = DnsInputs(virtual=virtual, upstream=upstream_servers(resolv_conf), dispatcher=dispatcher,
                     firewall_running=os.path.exists(firewall_flag))
-    with nullcontext() if dry_run else locked(lock_file, lock_timeout, "DNS rules"):
+    with nullcontext() if dry_run else locked(lock_file, lock_timeout, "DNS rules") as lock_fd:
         if firewall == "nft":
             from vif_route_qubes import netlink, nft
 
@@ -119,7 +120,7 @@ def _run(*, dispatcher, dns1, dns2, resolv_conf, firewall_flag, dry_run, backend
             return 0
         from vif_route_qubes.apply import Applier
 
-        with Applier() as applier:
+        with Applier(lock_fd) as applier:
             applier.run(batch)
     return 0
 

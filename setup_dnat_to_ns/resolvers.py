@@ -13,6 +13,7 @@ import subprocess
 log = logging.getLogger("qubes-setup-dnat-to-ns")
 RESOLVED_STUB = ipaddress.IPv4Address("127.0.0.53")
 MAX_SERVERS = 16
+MAX_REPLY = 64 * 1024  # bytes of busctl JSON; far more than any real server list
 
 
 def _ipv4(text: str) -> ipaddress.IPv4Address | None:
@@ -53,9 +54,12 @@ def parse_resolved_dns(reply: str) -> tuple[ipaddress.IPv4Address, ...]:
     """The `DNS` property of org.freedesktop.resolve1.Manager, as busctl --json=short
     prints it (a(iiay): ifindex, family, address bytes).  Global servers
     (ifindex 0) when there are any, else the per-link ones."""
+    if len(reply) > MAX_REPLY:
+        log.error("systemd-resolved: DNS property reply too large (%d bytes)", len(reply))
+        return ()
     try:
         data = json.loads(reply)["data"]
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         log.error("systemd-resolved: unreadable DNS property")
         return ()
     global_servers: dict = {}

@@ -25,8 +25,10 @@ RESTORE_TIMEOUT = 30.0
 
 
 class Applier:
-    def __init__(self) -> None:
+    def __init__(self, lock_fd: int | None = None) -> None:
         self._rtnl = None
+        # Children that change the system keep the lock alive if we are killed.
+        self._fds = (lock_fd,) if lock_fd is not None else ()
         self.timings: list[tuple[str, float]] = []  # (step kind, seconds), for the benchmark
 
     def __enter__(self) -> "Applier":
@@ -63,7 +65,7 @@ class Applier:
         tool = "ip6tables-restore" if step.family == 6 else "iptables-restore"
         try:
             result = subprocess.run([tool, "-w", "10", "--noflush"], input=step.text, text=True,
-                                    capture_output=True, timeout=RESTORE_TIMEOUT)
+                                    capture_output=True, timeout=RESTORE_TIMEOUT, pass_fds=self._fds)
         except FileNotFoundError:
             raise VifError(f"{tool} is not installed") from None
         except subprocess.TimeoutExpired:
@@ -75,7 +77,7 @@ class Applier:
     def _exec(self, step: Exec) -> None:
         try:
             result = subprocess.run(step.argv, input=step.stdin, capture_output=True, text=True,
-                                    errors="replace", timeout=RESTORE_TIMEOUT)
+                                    errors="replace", timeout=RESTORE_TIMEOUT, pass_fds=self._fds)
         except FileNotFoundError:
             raise VifError(f"{step.argv[0]} is not installed") from None
         except subprocess.TimeoutExpired:
@@ -89,7 +91,7 @@ class Applier:
     def _nft(self, step: Nft) -> None:
         from vif_route_qubes.nft import run_nft
 
-        run_nft(["-f", "-"], stdin=step.text)
+        run_nft(["-f", "-"], stdin=step.text, pass_fds=self._fds)
 
     def _group(self, step: Group) -> None:
         index = self._index(step.ifname, not step.tolerant)

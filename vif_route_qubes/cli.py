@@ -13,7 +13,7 @@ import sys
 import click
 
 from vif_route_qubes import __version__
-from vif_route_qubes.options import common_options, run_main
+from vif_route_qubes.options import Seconds, common_options, run_main
 
 _ASSIGNMENT = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)=(.*)", re.S)
 EXIT_CODES = """Exit status: 0 success (also for add/remove of a vif and offline of a
@@ -52,7 +52,7 @@ def _event_options(func):
         click.option("--hooks-dir", default="/rw/config/network-hooks.d", show_default=True,
                      envvar="VIF_ROUTE_HOOKS_DIR", show_envvar=True,
                      help="Every executable file here runs as HOOK online|offline VIF TYPE [ADDR]."),
-        click.option("--hook-timeout", type=click.FloatRange(0.1), default=10.0, show_default=True,
+        click.option("--hook-timeout", type=Seconds(0.1), default=10.0, show_default=True,
                      envvar="VIF_ROUTE_HOOK_TIMEOUT", show_envvar=True,
                      help="Seconds before a hook is killed (it is logged, never fatal)."),
         click.option("--visible-ip", envvar="VIF_ROUTE_VISIBLE_IP", show_envvar=True,
@@ -60,7 +60,7 @@ def _event_options(func):
                           "/mapped-ip/IP4/visible-ip]."),
         click.option("--visible-gateway", envvar="VIF_ROUTE_VISIBLE_GATEWAY", show_envvar=True,
                      help="Gateway the mapped VM sees [default: qubesdb /mapped-ip/IP4/visible-gateway]."),
-        click.option("--mapped-wait", type=click.FloatRange(0), default=5.0, show_default=True,
+        click.option("--mapped-wait", type=Seconds(), default=5.0, show_default=True,
                      envvar="VIF_ROUTE_MAPPED_WAIT", show_envvar=True,
                      help="Seconds to wait for mapped entries qubesdb announced but does not hold yet."),
         click.option("--netns-prefix", default="", envvar="VIF_ROUTE_NETNS_PREFIX", show_envvar=True,
@@ -76,7 +76,8 @@ def _event_options(func):
     return func
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES)
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES,
+             no_args_is_help=False, invoke_without_command=False)
 @click.version_option(__version__, prog_name="vif-route-qubes")
 def cli():
     """Configure routed networking for a Xen vif in a network-providing VM.
@@ -88,12 +89,13 @@ def cli():
 
 
 def _run_event(command: str, params: dict) -> None:
-    from vif_route_qubes import logsetup
+    from vif_route_qubes import logsetup, sources
     from vif_route_qubes.errors import VifError
     from vif_route_qubes.inputs import VifArgs
     from vif_route_qubes.vif import RunOptions, effective_command, report_error, run_vif
 
     log = logsetup.setup(params["verbose"])
+    sources.set_timeout(params["tool_timeout"])
     action = effective_command(command, params["type_if"])
     if action is None:
         log.debug("%s for type_if=%s: nothing to do", command, params["type_if"])
@@ -112,8 +114,10 @@ def _run_event(command: str, params: dict) -> None:
     try:
         run_vif(args, opts, sys.stdout)
     except VifError as exc:
-        where = f"{action} {params['vif']}" if params["vif"] else action
-        message = str(exc) if params["vif"] and str(exc).startswith(params["vif"]) else f"{where}: {exc}"
+        from vif_route_qubes.parse import shown
+
+        vif = shown(params["vif"]) if params["vif"] else ""
+        message = str(exc) if vif and str(exc).startswith(vif) else f"{action} {vif}".rstrip() + f": {exc}"
         log.error("%s", message)
         if not opts.dry_run:
             from vif_route_qubes.parse import xenbus_path_ok
@@ -142,7 +146,7 @@ _event_command("remove", "Xen's remove event: unconfigures a tap device (type_if
 @click.option("--gateway6", envvar="VIF_ROUTE_GATEWAY6", show_envvar=True,
               help="Route IPv6 for the VMs [default: when qubesdb has /qubes-netvm-gateway6].")
 @common_options
-def init_command(gateway6, dry_run, verbose, backend, lock_file, lock_timeout):
+def init_command(gateway6, dry_run, verbose, backend, lock_file, lock_timeout, tool_timeout):
     """Install the base ruleset of a network-providing VM and turn on forwarding.
 
     Idempotent: a second run changes nothing, and the rules of vifs already
@@ -153,6 +157,9 @@ def init_command(gateway6, dry_run, verbose, backend, lock_file, lock_timeout):
     from vif_route_qubes.init import read_init_inputs, run_init
 
     log = logsetup.setup(verbose)
+    from vif_route_qubes import sources
+
+    sources.set_timeout(tool_timeout)
     try:
         from vif_route_qubes import backend as backends
 
@@ -163,8 +170,9 @@ def init_command(gateway6, dry_run, verbose, backend, lock_file, lock_timeout):
         sys.exit(exc.exit_code)
 
 
-@cli.command("check", epilog="""Exit status: 0 all as it should be, 1 differences (one line each),
-2 usage error, refused input or nft backend, 3 could not read the system.""")
+@cli.command("check", epilog="""Exit status: 0 all as it should be, 1 differences (one line each on
+stdout) or the system could not be read (one line on stderr), 2 usage error,
+refused input or nft backend.""")
 @click.option("--all", "every", is_flag=True,
               help="Every vif: interfaces vifD.N and every vif with rules of ours (stale ones too).")
 @click.option("--json", "as_json", is_flag=True, help='Print a list of {"vif"|"scope", "kind", "detail"}.')

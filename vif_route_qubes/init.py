@@ -55,7 +55,7 @@ def forwarding(inp: InitInputs) -> list:
 
 
 def run_init(inp: InitInputs, firewall: str, dry_run: bool, lock_file: str, lock_timeout: float, out) -> int:
-    with nullcontext() if dry_run else locked(lock_file, lock_timeout, "init"):
+    with nullcontext() if dry_run else locked(lock_file, lock_timeout, "init") as lock_fd:
         if firewall == "nft":
             from vif_route_qubes import nft
 
@@ -67,6 +67,6 @@ def run_init(inp: InitInputs, firewall: str, dry_run: bool, lock_file: str, lock
             return 0
         from vif_route_qubes.apply import Applier
 
-        with Applier() as applier:
+        with Applier(lock_fd) as applier:
             applier.run(batch)
     return 0

@@ -1,7 +1,10 @@
 """One lock around each read-plan-apply cycle, so concurrent events cannot interleave.
 
 flock() locks belong to the open file, so a killed holder releases the lock
-with its last descriptor: a stale lock file never blocks anyone.  Waiting is a
+with its last descriptor: a stale lock file never blocks anyone.  The
+descriptor is yielded so that the programs that change the system
+(iptables-restore, nft, ip) can inherit it: killed in the middle, we leave
+them holding the lock until they are done, and the next event waits.  Waiting is a
 blocking flock() cut short by a timer, so the next waiter wakes at once.
 """
 
@@ -41,6 +44,6 @@ def locked(path: str, timeout: float, what: str):
             finally:
                 signal.setitimer(signal.ITIMER_REAL, 0)
                 signal.signal(signal.SIGALRM, previous)
-        yield
+        yield fd
     finally:
         os.close(fd)

@@ -43,9 +43,10 @@ class NftState(NamedTuple):
         return self.tables.get(family)
 
 
-def run_nft(args: list[str], stdin: str | None = None) -> str:
+def run_nft(args: list[str], stdin: str | None = None, pass_fds: tuple = ()) -> str:
     try:
-        result = subprocess.run(["nft", *args], input=stdin, capture_output=True, text=True, timeout=30)
+        result = subprocess.run(["nft", *args], input=stdin, capture_output=True, text=True, timeout=30,
+                                pass_fds=pass_fds)
     except FileNotFoundError:
         raise VifError("nft is not installed") from None
     except subprocess.TimeoutExpired:

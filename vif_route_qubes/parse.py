@@ -25,6 +25,14 @@ def _show(text: str) -> str:
     return repr(text if len(text) <= 80 else text[:77] + "...")
 
 
+_PLAIN = re.compile(r"[A-Za-z0-9_.:/-]{1,80}")
+
+
+def shown(text: str) -> str:
+    """Untrusted text as it may appear in a message: as is when plain, quoted otherwise."""
+    return text if _PLAIN.fullmatch(text) else _show(text)
+
+
 def vif_name(text: str, *, tap: bool = False, source: str = "interface") -> tuple[str, int]:
     """Return (name, domid) of `vifD.N` (`vifD.N-emu` for a tap), D <= 32752."""
     match = _VIF_RE.fullmatch(text)

@@ -4,22 +4,36 @@ Both tools are called once for several keys.  What they print is untrusted
 text: it is returned raw here and parsed strictly by the callers.
 """
 
+import os
 import re
+import signal
 import subprocess
 
 from vif_route_qubes.errors import VifError
 
-TOOL_TIMEOUT = 10.0  # seconds; a hung xenstore or qubesdb must not hang udev
+TOOL_TIMEOUT = 10.0  # seconds (--tool-timeout); a hung xenstore or qubesdb must not hang udev
 _XS_MISSING = re.compile(r"couldn't read path (\S+)")
 
 
-def _run(argv: list[str], timeout: float = TOOL_TIMEOUT) -> subprocess.CompletedProcess:
+def set_timeout(seconds: float) -> None:
+    global TOOL_TIMEOUT
+    TOOL_TIMEOUT = seconds
+
+
+def _run(argv: list[str]) -> subprocess.CompletedProcess:
+    """Run a tool; on a timeout its whole session is killed (children too)."""
     try:
-        return subprocess.run(argv, capture_output=True, text=True, errors="replace", timeout=timeout)
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, errors="replace", start_new_session=True)
     except FileNotFoundError:
         raise VifError(f"{argv[0]} is not installed") from None
+    try:
+        out, err = proc.communicate(timeout=TOOL_TIMEOUT)
     except subprocess.TimeoutExpired:
-        raise VifError(f"{argv[0]} did not answer within {timeout:g} s") from None
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise VifError(f"{argv[0]} did not answer within {TOOL_TIMEOUT:g} s") from None
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
 
 def xenstore_read(paths: list[str]) -> dict[str, str]:
@@ -58,21 +72,36 @@ def xenstore_write(pairs: dict[str, str]) -> None:
 
 
 def qubesdb_read(paths: list[str]) -> dict[str, str]:
-    """Values of the qubesdb keys that exist, in one `qubesdb-read -f -q` call.
+    """Values of the qubesdb keys that exist, from `qubesdb-read -f -q`.
 
     With -f every value comes as `PATH = value` in the order asked, so a key
     that is missing (no line) cannot shift the others.  A line that is not the
-    next expected `PATH = ` is refused rather than guessed at.
+    next expected `PATH = ` is refused rather than guessed at.  One thing the
+    output cannot show is a value holding a newline followed by `PATH = `:
+    when every key exists, the line count gives it away; when some are missing
+    (exit 2), the keys found are read once more on their own, where all of
+    them must exist and give exactly one line each.
     """
     if not paths:
         return {}
+    values, complete = _qubesdb_once(paths)
+    if not complete and values and _qubesdb_once(list(values)) != (values, True):
+        raise VifError("qubesdb-read gave a value with a line break in it")
+    return values
+
+
+def _qubesdb_once(paths: list[str]) -> tuple[dict[str, str], bool]:
+    """(values found, whether every key existed)."""
     result = _run(["qubesdb-read", "-f", "-q", *paths])
     if result.returncode not in (0, 2):
         raise VifError(f"qubesdb-read failed: {result.stderr.strip() or 'exit ' + str(result.returncode)}")
     values: dict[str, str] = {}
     remaining = list(paths)
     text = result.stdout[:-1] if result.stdout.endswith("\n") else result.stdout
-    for line in text.split("\n") if text else []:
+    lines = text.split("\n") if text else []
+    if result.returncode == 0 and len(lines) != len(paths):
+        raise VifError(f"qubesdb-read printed {len(lines)} lines for {len(paths)} keys")
+    for line in lines:
         for index, path in enumerate(remaining):
             if line.startswith(path + " = "):
                 values[path] = line[len(path) + 3 :]
@@ -80,4 +109,4 @@ def qubesdb_read(paths: list[str]) -> dict[str, str]:
                 break
         else:
             raise VifError(f"qubesdb-read printed an unexpected line {line[:60]!r}")
-    return values
+    return values, result.returncode == 0

@@ -75,7 +75,8 @@ def report_error(xenbus_path: str | None, message: str) -> None:
         sources.xenstore_write({f"{xenbus_path}/hotplug-error": message,
                                 f"{xenbus_path}/hotplug-status": "error"})
     except VifError as exc:
-        log.error("%s", exc)
+        # The failure itself is already on stderr: one line, not two.
+        log.debug("could not report the failure to xenstore: %s", exc)
 
 
 def run_vif(args: VifArgs, opts: RunOptions, out) -> int:
@@ -84,7 +85,7 @@ def run_vif(args: VifArgs, opts: RunOptions, out) -> int:
     clock.mark("inputs")
     firewall = backend.resolve(opts.backend)
     # A dry run only reads, so it takes no lock (and needs no write access to /run).
-    with nullcontext() if opts.dry_run else locked(opts.lock_file, opts.lock_timeout, inp.vif):
+    with nullcontext() if opts.dry_run else locked(opts.lock_file, opts.lock_timeout, inp.vif) as lock_fd:
         clock.mark("lock")
         facts = read_facts(inp, firewall)
         clock.mark("facts")
@@ -95,7 +96,7 @@ def run_vif(args: VifArgs, opts: RunOptions, out) -> int:
             return 0
         from vif_route_qubes.apply import Applier
 
-        with Applier() as applier:
+        with Applier(lock_fd) as applier:
             applier.run(batch)
         clock.mark("apply")
     clock.report(applier.timings)
