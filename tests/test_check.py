@@ -148,19 +148,15 @@ DRIFTS = {
         "ip link set vif37.0 down",
         ["vif37.0: link down", "vif37.0: route 10.137.7.27 metric 32715 missing",
          f"vif37.0: neighbour 10.137.7.27 lladdr {VM_MAC} missing"]),
+    "stray-route-to-vm": (
+        "ip route add 10.137.7.27 dev vif37.0 metric 100",
+        ["vif37.0: unexpected route 10.137.7.27 dev vif37.0 metric 100 (not the VM's route)"]),
     "antispoof-jump-duplicated": (
         "iptables -t raw -A PREROUTING -j QBS-ANTISPOOF",
         ["QBS-ANTISPOOF: jump duplicated 2 times in iptables raw PREROUTING: -A PREROUTING -j QBS-ANTISPOOF"]),
     "antispoof-jump-deleted": (
         "iptables -t raw -D PREROUTING -j QBS-ANTISPOOF",
         ["QBS-ANTISPOOF: jump missing from iptables raw PREROUTING: -A PREROUTING -j QBS-ANTISPOOF"]),
-}
-# Drift that `online` leaves in place (product gaps, see the report): the test
-# proves check reports it; xfail(strict) flags the day online repairs it.
-NOT_REPAIRED = {
-    "stray-route-to-vm": (
-        "ip route add 10.137.7.27 dev vif37.0 metric 100",
-        ["vif37.0: unexpected route 10.137.7.27 dev vif37.0 metric 100 (not the VM's route)"]),
 }
 
 
@@ -180,16 +176,8 @@ def test_drift_reported_and_repaired_by_online(online, breaker, expected):
     _drift_then_repair(online, breaker, expected)
 
 
-@pytest.mark.parametrize("breaker, expected", [
-    pytest.param(*case, id=name, marks=pytest.mark.xfail(strict=True, reason="online does not repair it"))
-    for name, case in NOT_REPAIRED.items()])
-def test_drift_reported_not_repaired_by_online(online, breaker, expected):
-    _drift_then_repair(online, breaker, expected)
-
-
-@pytest.mark.xfail(strict=True, reason="online replaces routes and neighbours, never removes old ones")
 def test_address_dropped_from_xenstore_repaired_by_online(online):
-    """The VM lost an address between two onlines: its route and neighbour stay behind."""
+    """The VM lost an address between two onlines: online removes its route and neighbour."""
     xen, path = online.xenv, "/local/domain/0/backend/vif/37/0"
     xen.xs_write(f"{path}/ip", "10.137.7.27 10.137.7.28")
     online.online()
@@ -202,14 +190,7 @@ def test_address_dropped_from_xenstore_repaired_by_online(online):
         "vif37.0: unexpected route 10.137.7.28 dev vif37.0 metric 32715 (not an address of the VM)",
         "vif37.0: unexpected permanent neighbour 10.137.7.28 (not an address of the VM)"]
     online.online()
-    clean(online.check())  # fails today: the rules are right again, the route and neighbour are left
-
-
-def test_not_repaired_drifts_are_reported(online):
-    """The report half of the xfail cases above, which must pass today."""
-    for breaker, expected in NOT_REPAIRED.values():
-        online.ns.sh(breaker)
-        assert set(expected) <= set(drifts(online.check()))
+    clean(online.check())  # rules, route and neighbour of the old address: all gone
 
 
 # -- a VM that is gone without offline ----------------------------------------

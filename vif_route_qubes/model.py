@@ -43,3 +43,5 @@ class VifFacts(NamedTuple):
     backend: str = "iptables"          # or "nft"
     nft: object = None                  # nft backend: nft.NftState of the qubes tables
     mapped: object = None               # mapped.MappedFacts: the vif's own namespace, if any
+    host_routes: tuple = ()             # (version, address, metric) of host routes out of the vif
+    neighbours: tuple = ()              # (version, address) of its permanent neighbour entries

@@ -20,12 +20,12 @@ NLMSG_ERROR, NLMSG_DONE = 2, 3
 NLA_F_NESTED = 0x8000
 
 RTM_NEWLINK, RTM_GETLINK, RTM_NEWADDR, RTM_DELADDR = 16, 18, 20, 21
-RTM_NEWROUTE, RTM_DELROUTE, RTM_NEWNEIGH, RTM_DELNEIGH = 24, 25, 28, 29
+RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE, RTM_NEWNEIGH, RTM_DELNEIGH, RTM_GETNEIGH = 24, 25, 26, 28, 29, 30
 IFF_UP = 0x1
 IFLA_IFNAME, IFLA_GROUP = 3, 27
 IFA_ADDRESS, IFA_LOCAL = 1, 2
-RTA_DST, RTA_OIF, RTA_PRIORITY = 1, 4, 6
-RT_TABLE_MAIN, RTPROT_BOOT, RTN_UNICAST = 254, 3, 1
+RTA_DST, RTA_OIF, RTA_PRIORITY, RTA_TABLE = 1, 4, 6, 15
+RT_TABLE_MAIN, RTPROT_KERNEL, RTPROT_BOOT, RTN_UNICAST = 254, 2, 3, 1
 RT_SCOPE_UNIVERSE, RT_SCOPE_LINK, RT_SCOPE_NOWHERE = 0, 253, 255
 NDA_DST, NDA_LLADDR = 1, 2
 NUD_PERMANENT = 0x80
@@ -107,6 +107,36 @@ class Netlink:
             if IFLA_GROUP in attrs and struct.unpack("=I", attrs[IFLA_GROUP][:4])[0] == group:
                 names.append(attrs.get(IFLA_IFNAME, b"").rstrip(b"\0").decode(errors="replace"))
         return names
+
+    def host_routes(self, index: int) -> list[tuple[int, str, int]]:
+        """(IP version, address, metric) of the main table's host routes out of one
+        interface, but for those the kernel made for the interface's own addresses."""
+        found = []
+        for payload in self.request(RTM_GETROUTE, NLM_F_DUMP, struct.pack("=BBBBBBBBI", socket.AF_UNSPEC,
+                                                                         0, 0, 0, 0, 0, 0, 0, 0)):
+            family, dst_len, _, _, table, proto, _, kind, _ = struct.unpack_from("=BBBBBBBBI", payload)
+            attrs = dict(_attrs(payload[12:]))
+            table = struct.unpack("=I", attrs[RTA_TABLE][:4])[0] if RTA_TABLE in attrs else table
+            full = {socket.AF_INET: 32, socket.AF_INET6: 128}.get(family)
+            if (dst_len != full or table != RT_TABLE_MAIN or kind != RTN_UNICAST or RTA_DST not in attrs
+                    or proto == RTPROT_KERNEL
+                    or struct.unpack("=i", attrs.get(RTA_OIF, b"\0\0\0\0")[:4])[0] != index):
+                continue
+            metric = struct.unpack("=I", attrs[RTA_PRIORITY][:4])[0] if RTA_PRIORITY in attrs else 0
+            found.append((6 if family == socket.AF_INET6 else 4, socket.inet_ntop(family, attrs[RTA_DST]), metric))
+        return found
+
+    def permanent_neighbours(self, index: int) -> list[tuple[int, str]]:
+        """(IP version, address) of the permanent neighbour entries of one interface."""
+        found = []
+        for payload in self.request(RTM_GETNEIGH, NLM_F_DUMP, struct.pack("=BxxxiHBB", socket.AF_UNSPEC,
+                                                                          0, 0, 0, 0)):
+            family, ifindex, state = struct.unpack_from("=BxxxiH", payload)
+            attrs = dict(_attrs(payload[12:]))
+            if ifindex == index and state & NUD_PERMANENT and NDA_DST in attrs and family in (socket.AF_INET,
+                                                                                             socket.AF_INET6):
+                found.append((6 if family == socket.AF_INET6 else 4, socket.inet_ntop(family, attrs[NDA_DST])))
+        return found
 
     def link_set(self, index: int, *, up: bool | None = None, name: str | None = None,
                  group: int | None = None) -> None:

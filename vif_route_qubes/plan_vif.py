@@ -84,14 +84,24 @@ def routes(inp: VifInputs, facts: VifFacts, enable: bool) -> list:
             steps += _v6_usable(inp, facts, f"route to {addr}")[1]
             continue
         steps.append(Route(inp.vif, str(addr), addr.version, inp.metric, enable))
+    ours = {str(a) for a in inp.addresses}
+    for version, addr, metric in facts.host_routes:
+        # Left over (online and offline alike): a route at our metric to an
+        # address the VM no longer has, or to one of its addresses at another.
+        if (metric == inp.metric) != (addr in ours):
+            steps.append(Route(inp.vif, addr, version, metric, False))
     return steps
 
 
 def neighbours(inp: VifInputs, facts: VifFacts, enable: bool) -> list:
-    if inp.mac is None:
-        return []
-    return [Neigh(inp.vif, str(a), a.version, inp.mac, enable)
-            for a in inp.addresses if a.version == 4 or facts.ipv6_enabled or not enable]
+    steps = []
+    if inp.mac is not None:
+        steps += [Neigh(inp.vif, str(a), a.version, inp.mac, enable)
+                  for a in inp.addresses if a.version == 4 or facts.ipv6_enabled or not enable]
+    ours = {str(a) for a in inp.addresses}
+    # Permanent entries of addresses the VM no longer has.
+    steps += [Neigh(inp.vif, addr, version, "", False) for version, addr in facts.neighbours if addr not in ours]
+    return steps
 
 
 def hooks(inp: VifInputs) -> list:

@@ -36,6 +36,24 @@ def _read_proc(path: str) -> str | None:
         return None
 
 
+def _routes_and_neighbours(vif: str) -> dict:
+    """What the vif routes and knows now: old entries of addresses the VM no
+    longer has (or stray metrics) are removed by online, all by offline."""
+    import socket
+
+    from vif_route_qubes import netlink
+
+    try:
+        index = socket.if_nametoindex(vif)
+    except OSError:
+        return {}
+    nl = netlink.Netlink(netlink.NETLINK_ROUTE)
+    try:
+        return {"host_routes": tuple(nl.host_routes(index)), "neighbours": tuple(nl.permanent_neighbours(index))}
+    finally:
+        nl.close()
+
+
 def read_facts(inp: VifInputs, backend: str = "iptables") -> VifFacts:
     exists = os.path.isdir(f"/proc/sys/net/ipv4/conf/{inp.vif}")
     rename_pending = bool(inp.rename_from and not exists
@@ -46,6 +64,8 @@ def read_facts(inp: VifInputs, backend: str = "iptables") -> VifFacts:
 
     # A vif's own namespace exists only for a mapped VM: one stat tells.
     extra = {"mapped": mapped.read_facts(inp)}
+    if exists:
+        extra.update(_routes_and_neighbours(inp.vif))
     if backend == "nft":
         from vif_route_qubes import nft
 
