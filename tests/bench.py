@@ -32,7 +32,7 @@ from netns import BIN, Namespaces, XenEnv  # noqa: E402
 VIF = str(BIN / "vif-route-qubes")
 DNS = str(BIN / "qubes-setup-dnat-to-ns")
 MANUAL = ["--mac", "00:16:3e:5e:6c:19", "--gateway", "10.137.7.1", "--dns1", "10.139.1.1",
-          "--dns2", "10.139.1.2", "--gateway6", "", "--no-harden"]
+          "--dns2", "10.139.1.2", "--gateway6", "", "--visible-ip", "", "--no-harden"]
 
 
 def stats(samples: list[float]) -> dict:

@@ -110,7 +110,7 @@ def read_vif_inputs(args: VifArgs) -> VifInputs:
     dns = tuple(d for d in (pick(args.dns1, QDB_DNS[0], 4, "DNS 1"), pick(args.dns2, QDB_DNS[1], 4, "DNS 2")) if d)
     gateway = pick(args.gateway, QDB_GATEWAY, 4, "gateway")
     mapped = None
-    if args.visible_ip is not None:
+    if args.visible_ip:  # an empty --visible-ip says "not mapped" without asking qubesdb
         mapped = _mapped(vif, real, args.visible_ip, args.visible_gateway)
     elif mapped_keys:
         mapped = _mapped_from_qubesdb(vif, real, qdb, mapped_keys, args.mapped_wait)

@@ -1,9 +1,16 @@
-"""Logging to stderr and, when there is one, to syslog (facility daemon)."""
+"""Logging to stderr and, when there is one, to syslog (facility daemon).
+
+The syslog handler is a few lines of our own: logging.handlers costs ~8 ms
+of start-up, a tenth of an event's budget, for one datagram to /dev/log.
+"""
 
 import logging
 import os
+import socket
 
 NAME = "vif-route-qubes"
+LOG_DAEMON = 3
+_SEVERITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
 
 
 class _Printable(logging.Filter):
@@ -19,6 +26,31 @@ class _Printable(logging.Filter):
         return True
 
 
+class _Syslog(logging.Handler):
+    """RFC 3164 datagrams to /dev/log: `<PRI>IDENT[PID]: message`."""
+
+    def __init__(self, ident: str, path: str) -> None:
+        super().__init__()
+        self.prefix = f"{ident}[{os.getpid()}]: "
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        try:
+            self.sock.connect(path)
+        except OSError:
+            self.sock.close()
+            raise
+
+    def emit(self, record: logging.LogRecord) -> None:
+        priority = LOG_DAEMON * 8 + _SEVERITY.get(record.levelno, 6)
+        try:
+            self.sock.send(f"<{priority}>{self.prefix}{record.getMessage()}".encode("utf-8", "replace"))
+        except OSError:
+            pass  # syslog gone or full: stderr still has the message
+
+    def close(self) -> None:
+        self.sock.close()
+        super().close()
+
+
 def setup(verbose: bool, ident: str = NAME) -> logging.Logger:
     root = logging.getLogger()
     root.handlers.clear()
@@ -28,15 +60,12 @@ def setup(verbose: bool, ident: str = NAME) -> logging.Logger:
     stderr.setLevel(logging.DEBUG if verbose else logging.WARNING)
     stderr.addFilter(_Printable())
     root.addHandler(stderr)
-    if os.path.exists("/dev/log"):
-        from logging.handlers import SysLogHandler
-
-        try:
-            handler = SysLogHandler("/dev/log", facility=SysLogHandler.LOG_DAEMON)
-        except OSError:
-            pass
-        else:
-            handler.setFormatter(logging.Formatter(f"{ident}[{os.getpid()}]: %(message)s"))
-            handler.addFilter(_Printable())
-            root.addHandler(handler)
+    try:
+        # VIF_ROUTE_SYSLOG names another syslog socket (tests, containers).
+        handler = _Syslog(ident, os.environ.get("VIF_ROUTE_SYSLOG") or "/dev/log")
+    except OSError:
+        pass  # no syslog here
+    else:
+        handler.addFilter(_Printable())
+        root.addHandler(handler)
     return logging.getLogger(ident)
