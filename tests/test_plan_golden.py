@@ -144,9 +144,6 @@ ip6tables-restore -w 10 --noflush <<'EOF'
 :QBS-ANTISPOOF - [0:0]
 :QBS-AS-vif37.0 - [0:0]
 -I PREROUTING 1 -j QBS-ANTISPOOF
--A QBS-AS-vif37.0 -s fe80::/10 -p ipv6-icmp -m icmp6 --icmpv6-type 133 -j RETURN
--A QBS-AS-vif37.0 -s fe80::/10 -p ipv6-icmp -m icmp6 --icmpv6-type 135 -j RETURN
--A QBS-AS-vif37.0 -s fe80::/10 -p ipv6-icmp -m icmp6 --icmpv6-type 136 -j RETURN
 -A QBS-AS-vif37.0 -s fd09:24ef:4179::a89:71b/128 -j RETURN
 -A QBS-AS-vif37.0 -j DROP
 -A QBS-ANTISPOOF -i vif37.0 -m comment --comment "vif37.0" -j QBS-AS-vif37.0

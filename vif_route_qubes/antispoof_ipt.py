@@ -20,8 +20,6 @@ JUMP = f"-A PREROUTING -j {DISPATCH}"
 # The same jump made by `init`: it marks the chain as part of the base ruleset,
 # which the offline of the last vif leaves in place.
 BASE_JUMP = f'-A PREROUTING -m comment --comment "qubes base" -j {DISPATCH}'
-# Neighbour discovery from link-local addresses (RS, NS, NA) stays on the link.
-_NDP_TYPES = (133, 135, 136)
 
 
 def vif_chain(vif: str) -> str:
@@ -71,10 +69,9 @@ def desired_rules(vif: str, family: int, addrs: tuple) -> tuple[tuple[str, ...],
     own = [a for a in addrs if a.version == family]
     dispatch = [f'-A {DISPATCH} -i {vif} -m comment --comment "{vif}" -j {chain}']
     dispatch += [f'-A {DISPATCH} -s {_host(a)} ! -i vif+ -m comment --comment "{vif}" -j DROP' for a in own]
-    body = []
-    if family == 6 and own:
-        body += [f"-A {chain} -s fe80::/10 -p ipv6-icmp -m icmp6 --icmpv6-type {t} -j RETURN" for t in _NDP_TYPES]
-    body += [f"-A {chain} -s {_host(a)} -j RETURN" for a in own]
+    # Only the VM's own addresses, as with nft: not even link-local neighbour
+    # discovery (the VM solicits its global gateway from its global address).
+    body = [f"-A {chain} -s {_host(a)} -j RETURN" for a in own]
     body.append(f"-A {chain} -j DROP")
     return tuple(dispatch), tuple(body)
 
