@@ -6,7 +6,6 @@ import io
 import ipaddress
 import json
 import logging
-import logging.handlers
 import os
 import re
 import subprocess
@@ -189,16 +188,16 @@ def fake_tool(store):
 
 
 class StrictSyslog(logging.Handler):
-    """Encodes each record as SysLogHandler does (UTF-8, strict), sends it nowhere: a
-    message holding a raw non-UTF-8 byte then prints a logging traceback, as on a host."""
-    LOG_DAEMON = logging.handlers.SysLogHandler.LOG_DAEMON
+    """Stands in for the product's syslog handler: encodes each record strictly
+    as UTF-8 and sends it nowhere, so a message that got past the product's
+    filter with a raw non-UTF-8 byte prints a logging traceback."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, ident, path):
         super().__init__()
 
     def emit(self, record):
         try:
-            self.format(record).encode("utf-8")
+            record.getMessage().encode("utf-8")
         except Exception:  # noqa: BLE001  (what logging.Handler.emit does)
             self.handleError(record)
 
@@ -246,9 +245,7 @@ class Sandbox:
         monkeypatch.setattr(ipt_state, "save", lambda jobs: ["" for _ in jobs])
         monkeypatch.setattr(init, "run_init", lambda *a, **k: 0)
         # As if /dev/log were there: records go through StrictSyslog.
-        monkeypatch.setattr(logging.handlers, "SysLogHandler", StrictSyslog)
-        monkeypatch.setattr(logsetup, "os", types.SimpleNamespace(
-            getpid=os.getpid, path=types.SimpleNamespace(exists=lambda path: path == "/dev/log")))
+        monkeypatch.setattr(logsetup, "_Syslog", StrictSyslog)
         monkeypatch.setattr(resolvers, "subprocess", types.SimpleNamespace(
             TimeoutExpired=subprocess.TimeoutExpired,
             run=lambda argv, **k: subprocess.CompletedProcess(argv, 0, self.reply, "")))
