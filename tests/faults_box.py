@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+from firewall import CHANGE_TOOL, guard_problems, nft_stand_in, nft_tables
 from netns import VIF_MAC, run_cmd, state_of
 
 PY = sys.executable
@@ -67,10 +68,11 @@ class Probe:
 
 
 class Box:
-    """The topology above, with helpers to run the command and judge the state."""
+    """The topology above, with helpers to run the command (under firewall backend
+    `backend`) and judge the state."""
 
-    def __init__(self, netns, xen, vifcmd):
-        self.netns, self.xen, self.vifcmd = netns, xen, vifcmd
+    def __init__(self, netns, xen, vifcmd, backend="iptables"):
+        self.netns, self.xen, self.vifcmd, self.backend = netns, xen, vifcmd, backend
         self.proxy, self.app, self.up = (netns.make(role) for role in ("proxy", "app", "upstream"))
         # iptables-nft makes a table on first use and keeps it: make the raw tables
         # now, so that "before online" compares with "after offline".
@@ -99,7 +101,7 @@ class Box:
                     " && for f in /proc/sys/net/ipv4/conf/*/rp_filter; do echo 0 > $f; done")
 
     def env(self, **extra):
-        return self.xen.env(vif=VIF, XENBUS_PATH=PATH, QUBES_NET_BACKEND="iptables", **extra)
+        return self.xen.env(vif=VIF, XENBUS_PATH=PATH, QUBES_NET_BACKEND=self.backend, **extra)
 
     def argv(self, command, *words):
         return [self.vifcmd, command, "type_if=vif", *words]
@@ -112,8 +114,10 @@ class Box:
                                 stderr=subprocess.PIPE, text=True)
 
     def rules(self):
+        """iptables-save without comments, and the nft backend's tables (none under iptables)."""
         return "\n".join(line for tool in ("iptables-save", "ip6tables-save")
-                         for line in self.proxy.out(tool).splitlines() if not line.startswith("#"))
+                         for line in self.proxy.out(tool).splitlines() if not line.startswith("#")
+                         ) + "\n" + nft_tables(self.proxy)
 
     def state(self):
         return re.sub(r"\[\d+:\d+\]", "[0:0]", state_of(self.proxy))  # packet counters move
@@ -131,22 +135,7 @@ class Box:
 
     def guard_problems(self):
         """What is missing of the vif's anti-spoofing (README layout), per family."""
-        problems = []
-        for tool, own in (("iptables-save", {VM_IP}), ("ip6tables-save", set())):
-            raw = self.proxy.out(f"{tool} -t raw").splitlines()
-            chain = f"QBS-AS-{VIF}"
-            body = [line for line in raw if line.startswith(f"-A {chain} ")]
-            if not any(re.fullmatch(r"-A PREROUTING (.* )?-j QBS-ANTISPOOF", line) for line in raw):
-                problems.append(f"{tool}: no jump to QBS-ANTISPOOF")
-            if not any(line.startswith(f"-A QBS-ANTISPOOF -i {VIF} ") and line.endswith(f"-j {chain}")
-                       for line in raw):
-                problems.append(f"{tool}: no dispatch to {chain}")
-            if not body or body[-1] != f"-A {chain} -j DROP":
-                problems.append(f"{tool}: {chain} does not end in DROP: {body}")
-            allowed = {m.group(1) for line in body if (m := re.match(rf"-A {chain} -s (\S+)/\d+ -j RETURN$", line))}
-            if allowed != own:
-                problems.append(f"{tool}: {chain} lets {allowed} through instead of {own}")
-        return problems
+        return guard_problems(self.proxy, self.backend, VIF, {VM_IP}, set())
 
     def assert_guarded(self, tag):
         """The invariant: up implies anti-spoofing (rules, and a real spoof dropped)."""
@@ -158,7 +147,10 @@ class Box:
 
     def leftovers(self):
         """Anything of the vif after offline: rules, chains, routes, neighbours, gateway."""
-        found = [f"rule: {line}" for line in self.rules().splitlines() if VIF in line or "QBS-AS-" in line]
+        found = [f"rule: {line}" for line in self.rules().splitlines()
+                 if VIF in line or "QBS-AS-" in line or VM_IP in line]
+        shown = self.proxy.sh(f"ip -o link show {VIF}", check=False).stdout
+        found += [f"link: {shown.strip()}"] if shown and " group default " not in shown else []  # nft's group 2
         found += [f"route: {line}" for line in self.proxy.out("ip route show table all").splitlines() if VM_IP in line]
         found += [f"neigh: {line}" for line in self.proxy.out("ip neigh show").splitlines() if VM_IP in line]
         found += [f"addr: {line}" for line in self.proxy.out("ip -4 addr").splitlines() if f"{GW}/32" in line]
@@ -222,15 +214,19 @@ def one_line(result):
     return lines[0]
 
 
-def announcer(folder):
-    """An iptables-restore first on PATH that creates $FAULTS_SIGNAL, then runs the
-    real one: the product's first fork that changes anything (online: before the
-    link comes up; offline: after it went down), a reference point for the kill
-    that start-up jitter and a loaded machine do not blur."""
-    stand_in = folder / "announce" / "iptables-restore"
+def announcer(folder, backend="iptables"):
+    """An iptables-restore (nft backend: an nft, on its transaction `nft -f`) first on
+    PATH that creates $FAULTS_SIGNAL, then runs the real one: the product's first
+    fork that changes anything (online: before the link comes up; offline: after
+    it went down), a reference point for the kill that start-up jitter and a
+    loaded machine do not blur."""
+    stand_in = folder / "announce" / CHANGE_TOOL[backend]
     if not stand_in.exists():
         stand_in.parent.mkdir()
-        stand_in.write_text(f'#!/bin/sh\n: > "$FAULTS_SIGNAL"\nexec {shutil.which("iptables-restore")} "$@"\n')
+        signal = ': > "$FAULTS_SIGNAL"'
+        body = (nft_stand_in(signal) if backend == "nft"
+                else f'{signal}\nexec {shutil.which("iptables-restore")} "$@"')
+        stand_in.write_text(f"#!/bin/sh\n{body}\n")
         stand_in.chmod(0o755)
     return stand_in.parent
 

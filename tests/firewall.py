@@ -11,8 +11,13 @@ it is read differs.
 
 import json
 import re
+import shutil
+from pathlib import Path
 
 BACKENDS = ("iptables", "nft")
+NFT = shutil.which("nft") or "/usr/sbin/nft"
+# The program through which each backend changes the firewall (what a fault is injected into).
+CHANGE_TOOL = {"iptables": "iptables-restore", "nft": "nft"}
 
 
 def nft_tables(ns) -> str:
@@ -65,3 +70,86 @@ def antispoof_sources(ns, backend: str, vif: str) -> set[str]:
             assert f'-A QBS-ANTISPOOF -i {vif} -m comment --comment "{vif}" -j QBS-AS-{vif}\n' in save, save
     assert rules.count(f"-A QBS-AS-{vif} -j DROP") == 2, rules  # IPv4 and IPv6
     return set(re.findall(rf"^-A {chain} -s (\S+)/\d+ -j RETURN$", rules, re.M))
+
+
+def nft_stand_in(on_change: str) -> str:
+    """The body of a stand-in `nft` that runs the shell code `on_change` when called
+    for a transaction (`nft -f`, the nft backend's only change) and otherwise is
+    the real nft: its reads (`nft -j list ruleset`) work, so whatever `on_change`
+    does happens where iptables-restore runs for the iptables backend, once the
+    state has been read."""
+    return f'for arg; do\n  case $arg in -f|--file)\n{on_change}\n  ;; esac\ndone\nexec {NFT} "$@"'
+
+
+def failing_change_tool(folder: Path, backend: str) -> str:
+    """Write into `folder` (to go first on PATH) a stand-in of the backend's change
+    tool that fails: iptables-restore always, nft on its transaction; returns the
+    tool's name (what the failure message must name)."""
+    fail = "echo 'injected restore failure' >&2; exit 1"
+    tool = CHANGE_TOOL[backend]
+    body = nft_stand_in(fail) if backend == "nft" else fail
+    (folder / tool).write_text(f"#!/bin/sh\n{body}\n")
+    (folder / tool).chmod(0o755)
+    return tool
+
+
+def nft_chain_rules(listing: str, chain: str) -> list[str] | None:
+    """The rules of `chain` in an `nft -s list table` listing (its `type ...` line
+    apart), or None when the chain is missing."""
+    found = re.search(rf"^\tchain {re.escape(chain)} {{\n(.*?)^\t}}", listing, re.M | re.S)
+    if not found:
+        return None
+    rules = [line.strip() for line in found.group(1).splitlines()]
+    return [rule for rule in rules if rule and not rule.startswith("type ")]
+
+
+def guard_problems(ns, backend: str, vif: str, own4: set[str], own6: set[str]) -> list[str]:
+    """What is missing of `vif`'s anti-spoofing (README layout), per family; own4 and
+    own6 are the sources it must let through, everything else from it is dropped.
+      iptables  PREROUTING jumps to QBS-ANTISPOOF, which dispatches `vif` to
+                QBS-AS-<vif>: RETURNs of exactly the own addresses, then DROP
+      nft       `vif` in group 2; prerouting (raw) sends group 2 to antispoof
+                first; antispoof accepts @allowed, accepts nothing else, ends in
+                drop; allowed holds exactly `vif` . own, downstream holds own"""
+    problems = []
+    if backend == "nft":
+        shown = ns.sh(f"ip -o link show dev {vif}", check=False).stdout
+        group = re.search(r" group (\S+)", shown)
+        if not group or group.group(1) != "2":
+            problems.append(f"{vif} is not in interface group 2: {shown.strip()}")
+        for family, saddr, own in (("ip", "ip saddr", own4), ("ip6", "ip6 saddr", own6)):
+            listing = ns.sh(f"nft -s list table {family} qubes", check=False).stdout
+            if not listing.strip():
+                problems.append(f"{family}: no table {family} qubes")
+                continue
+            head = re.search(r"^\tchain prerouting {\n\t\t(type [^\n]*)", listing, re.M)
+            if not head or not head.group(1).startswith("type filter hook prerouting priority raw;"):
+                problems.append(f"{family}: prerouting is not a raw-priority prerouting hook: {head}")
+            pre = nft_chain_rules(listing, "prerouting") or []
+            if pre[:1] != ["iifgroup 2 goto antispoof"]:
+                problems.append(f"{family}: prerouting does not send group 2 to antispoof first: {pre}")
+            body = nft_chain_rules(listing, "antispoof") or []
+            if (body[:1] != [f"iifname . {saddr} @allowed accept"] or body[-1] not in ("drop", "counter drop")
+                    or any("accept" in rule for rule in body[1:])):
+                problems.append(f"{family}: antispoof does not accept @allowed only, then drop: {body}")
+            allowed = {e["concat"][1] for e in nft_set(ns, family, "allowed") if e["concat"][0] == vif}
+            if allowed != own:
+                problems.append(f"{family}: allowed lets {allowed} through instead of {own}")
+            if missing := own - set(nft_set(ns, family, "downstream")):
+                problems.append(f"{family}: downstream lacks {missing}")
+        return problems
+    for tool, own in (("iptables-save", own4), ("ip6tables-save", own6)):
+        raw = ns.out(f"{tool} -t raw").splitlines()
+        chain = f"QBS-AS-{vif}"
+        body = [line for line in raw if line.startswith(f"-A {chain} ")]
+        if not any(re.fullmatch(r"-A PREROUTING (.* )?-j QBS-ANTISPOOF", line) for line in raw):
+            problems.append(f"{tool}: no jump to QBS-ANTISPOOF")
+        if not any(line.startswith(f"-A QBS-ANTISPOOF -i {vif} ") and line.endswith(f"-j {chain}")
+                   for line in raw):
+            problems.append(f"{tool}: no dispatch to {chain}")
+        if not body or body[-1] != f"-A {chain} -j DROP":
+            problems.append(f"{tool}: {chain} does not end in DROP: {body}")
+        allowed = {m.group(1) for line in body if (m := re.match(rf"-A {chain} -s (\S+)/\d+ -j RETURN$", line))}
+        if allowed != own:
+            problems.append(f"{tool}: {chain} lets {allowed} through instead of {own}")
+    return problems

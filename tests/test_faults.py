@@ -10,6 +10,9 @@ reaches upstream while one from 10.137.7.27 does.  Then the same command with th
 real tools must converge to the state of an uninterrupted run, and `offline` must
 leave nothing of the vif.  Helpers: faults_box.py (topology, probe, judges),
 faults_udp.py (the datagrams).
+
+The faults in online and the kills run under both firewall backends (a test that
+takes `backend` gets a box under it); the other tests under iptables.
 """
 
 import os
@@ -23,15 +26,18 @@ from typing import NamedTuple
 import pytest
 
 from faults_box import HERE, PATH, PY, VIF, Box, alive, announcer, hold_lock, one_line, timed
+from firewall import CHANGE_TOOL, nft_stand_in
 from netns import run_cmd
 
 SEED = 20240613  # fixed: a failing kill point can be replayed
-KILLS = 50
+KILLS = 50  # per backend (test_faults.py stays well under 2 minutes with both)
 
 
 @pytest.fixture
-def box(netns, xen, vifcmd):
-    made = Box(netns, xen, vifcmd)
+def box(netns, xen, vifcmd, request):
+    """The topology, under the test's `backend` when it takes one, else iptables."""
+    made = Box(netns, xen, vifcmd, request.getfixturevalue("backend") if "backend" in request.fixturenames
+               else "iptables")
     yield made
     made.close()
 
@@ -47,14 +53,19 @@ class Fault(NamedTuple):
     after: str | None      # state right after: "base", "online" or None (in between)
     status: str | None     # hotplug-status in xenstore (None: xenstore-write itself fails)
     says: str              # the stderr line names it
+    backends: tuple = ("iptables", "nft")  # the backends that have this fault
 
 
 FAULTS = [
     Fault("iptables-restore", "iptables-restore", "echo 'injected failure' >&2; exit 1", {}, 1, "base", "error",
-          "iptables-restore"),
+          "iptables-restore", ("iptables",)),
     # The IPv4 restore has succeeded by then: the link must still stay down.
     Fault("ip6tables-restore", "ip6tables-restore", "echo 'injected failure' >&2; exit 1", {}, 1, None, "error",
-          "ip6tables-restore"),
+          "ip6tables-restore", ("iptables",)),
+    # The nft backend's one transaction (both families) fails; its reads still work.
+    # (No counterpart of the ip6tables-restore case: nothing applies halfway.)
+    Fault("nft", "nft", nft_stand_in("echo 'injected failure' >&2; exit 1"), {}, 1, "base", "error", "nft",
+          ("nft",)),
     Fault("xenstore-write", None, None, {"FAKE_XENSTORE_WRITE_FAIL": "1"}, 1, "online", None, "xenstore-write"),
     # The tool bound (default 10 s) shortened with VIF_ROUTE_TOOL_TIMEOUT; the
     # stand-in forks so that killing only the direct child would not be enough.
@@ -64,8 +75,10 @@ FAULTS = [
 ]
 
 
-@pytest.mark.parametrize("fault", FAULTS, ids=[f.name for f in FAULTS])
-def test_fault_in_online_then_real_tools_converge(box, tmp_path, fault):
+# `backend` given directly (it overrides the session fixture): each fault only under its backends.
+@pytest.mark.parametrize("backend,fault", [(b, f) for f in FAULTS for b in f.backends],
+                         ids=[f"{b}-{f.name}" for f in FAULTS for b in f.backends])
+def test_fault_in_online_then_real_tools_converge(box, tmp_path, backend, fault):
     online, _ = box.reference()
     env = dict(fault.env)
     if fault.stand_in:
@@ -117,7 +130,7 @@ def test_fault_in_online_then_real_tools_converge(box, tmp_path, fault):
 
 # -- 2. SIGKILL at random points of online and offline -----------------------
 
-def test_sigkill_at_random_points_never_unguards_and_reruns_converge(box, tmp_path):
+def test_sigkill_at_random_points_never_unguards_and_reruns_converge(box, tmp_path, backend):
     online, windows = box.reference()
     signal_file = tmp_path / "rules-read"
     rng = random.Random(SEED)
@@ -130,13 +143,14 @@ def test_sigkill_at_random_points_never_unguards_and_reruns_converge(box, tmp_pa
         if i % 4 < 2:  # anywhere in the run, start-up included (0..150 ms and more)
             delay = rng.uniform(0, max(0.15, 1.2 * run_time))
             proc = box.popen(command)
-        else:  # aimed at the changes: counted from the first iptables-restore
+        else:  # aimed at the changes: counted from the first iptables-restore (nft -f)
             delay = rng.uniform(0, 0.02)
-            proc = box.popen(command, PATH=f"{announcer(tmp_path)}:{box.env()['PATH']}",
+            proc = box.popen(command, PATH=f"{announcer(tmp_path, backend)}:{box.env()['PATH']}",
                              FAULTS_SIGNAL=str(signal_file))
             deadline = time.monotonic() + 5
             while not signal_file.exists() and time.monotonic() < deadline:
                 time.sleep(0.001)
+            assert signal_file.exists(), f"kill {i}: {command} never ran {CHANGE_TOOL[backend]}: the kill is not aimed"
         time.sleep(delay)
         figures["finished before the kill" if proc.poll() is not None else "killed while running"] += 1
         proc.kill()  # SIGKILL: no handler, no cleanup
@@ -151,7 +165,8 @@ def test_sigkill_at_random_points_never_unguards_and_reruns_converge(box, tmp_pa
         assert result.returncode == 0, f"{what}; the rerun failed: {result.stderr}"
         box.assert_state(expect_after, f"{what}; the rerun did not converge")
     assert box.probe.count >= 10, f"too few kills left the link up to prove anything: {figures}"
-    print(f"\n{KILLS} kills, windows {windows}: {dict(figures)}, {len(states_seen)} distinct half-done states")
+    print(f"\n{backend}: {KILLS} kills, windows {windows}: {dict(figures)}, "
+          f"{len(states_seen)} distinct half-done states")
 
 
 # -- 3. the interface disappears ---------------------------------------------

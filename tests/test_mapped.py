@@ -10,6 +10,10 @@ exec` that bind mount would vanish with the command's private mount namespace,
 so the program runs under `nsenter --net=` (our own mount namespace).  Every
 test has its own VIF_ROUTE_NETNS_PREFIX, and the `prefixes` fixture deletes
 every namespace carrying it, even when the test fails.
+
+Every test runs once per firewall backend (`backend`): `init --backend B` and
+QUBES_NET_BACKEND=B for every command in the ProxyVM.  The mapped namespace's
+own translation is nftables under both.
 """
 
 import itertools
@@ -26,6 +30,7 @@ from urllib.parse import quote
 
 import pytest
 
+from firewall import antispoof_sources
 from netns import RUN_PREFIX, Namespace, XenEnv, state_of
 from walkthrough import ANSWER, DNS_A, NAME, PROXY_DNS2, PROXY_GW, Walkthrough
 
@@ -88,13 +93,15 @@ class Topo:
     prefix: str
     path: str
     vifcmd: str
+    backend: str
 
     @property
     def vifns(self) -> Namespace:
         return Namespace(self.prefix + VIF)
 
     def env(self, **extra: str) -> dict[str, str]:
-        return self.xen.env(vif=VIF, XENBUS_PATH=self.path, VIF_ROUTE_NETNS_PREFIX=self.prefix, **extra)
+        return self.xen.env(vif=VIF, XENBUS_PATH=self.path, VIF_ROUTE_NETNS_PREFIX=self.prefix,
+                            QUBES_NET_BACKEND=self.backend, **extra)
 
     def run(self, *args: str, timeout: float = 30, **extra: str) -> subprocess.CompletedProcess:
         return nsenter(self.proxy, [self.vifcmd, *args], self.env(**extra), timeout)
@@ -119,7 +126,7 @@ def write_entries(xen: XenEnv, real: str = REAL, visible: str = VISIBLE) -> None
         os.replace(f"{path}.tmp", path)
 
 
-def build(netns, xen, vifcmd, prefix, entries=True, backend="iptables") -> Topo:
+def build(netns, xen, vifcmd, prefix, backend, entries=True) -> Topo:
     proxy, vm, up = (netns.make(role) for role in ("proxy", "mapd", "upstream"))
     # No duplicate address detection on the ProxyVM's links (set before they arrive): a
     # link-local address still "tentative" would make two states differ by timing.
@@ -132,7 +139,7 @@ def build(netns, xen, vifcmd, prefix, entries=True, backend="iptables") -> Topo:
     xen.qdb_write("/qubes-netvm-gateway", GW)
     if entries:
         write_entries(xen)
-    topo = Topo(proxy, vm, up, xen, prefix, path, vifcmd)
+    topo = Topo(proxy, vm, up, xen, prefix, path, vifcmd, backend)
     topo.ok("init", "--backend", backend)
     return topo
 
@@ -191,23 +198,24 @@ def exchange(topo: Topo, sends: list[tuple[str, str]]) -> set[str]:
 
 # ---- 1. the VM sees the visible address, the ProxyVM only the real one ---------
 
-@pytest.mark.parametrize("backend", ["iptables", "nft"])
 def test_mapped_vm_pings_upstream_as_real_address(netns, xen, vifcmd, prefixes, backend):
-    topo = build(netns, xen, vifcmd, prefixes(), backend=backend)
+    topo = build(netns, xen, vifcmd, prefixes(), backend)
     topo.ok("online", "type_if=vif")
     assert xen.xs_read(f"{topo.path}/hotplug-status") == "connected"
     assert our_namespaces(topo.prefix) == [topo.vifns.name]
     assert f"inet {VISIBLE_GW}/32" in topo.vifns.out(f"ip -4 addr show dev {VIF}")
     assert f"inet {REAL}/32" in topo.vifns.out("ip -4 addr show dev uplink")
+    # The ProxyVM's anti-spoofing, on the veth end named after the vif, knows only the real address.
+    assert antispoof_sources(topo.proxy, backend, VIF) == {REAL}
     assert_mapped_ping(topo)
 
 
 # ---- 2. DNS through the ProxyVM's virtual addresses ----------------------------
 
-def test_dns_through_virtual_address(tmp_path, vifcmd, prefixes):
+def test_dns_through_virtual_address(tmp_path, vifcmd, prefixes, backend):
     """A mapped VM (vif38.0, real 10.137.7.31, visible 10.137.99.31) joins the walk-through's ProxyVM."""
     prefix = prefixes()
-    with Walkthrough(tmp_path / "walk") as walk:
+    with Walkthrough(tmp_path / "walk", firewall=backend) as walk:
         walk.build()
         proxy = walk.proxy
         vm = walk.spaces.make("mapd")
@@ -226,8 +234,8 @@ def test_dns_through_virtual_address(tmp_path, vifcmd, prefixes):
 
 # ---- 3. no other source, no IPv6 -----------------------------------------------
 
-def test_mapped_vm_cannot_spoof(netns, xen, vifcmd, prefixes):
-    topo = build(netns, xen, vifcmd, prefixes())
+def test_mapped_vm_cannot_spoof(netns, xen, vifcmd, prefixes, backend):
+    topo = build(netns, xen, vifcmd, prefixes(), backend)
     topo.ok("online", "type_if=vif")
     # Reverse-path filtering off everywhere, so that only the rules can drop.
     for ns in (topo.proxy, topo.vm, topo.up, topo.vifns):
@@ -240,8 +248,8 @@ def test_mapped_vm_cannot_spoof(netns, xen, vifcmd, prefixes):
     assert not {"spoof-other", "spoof-real"} & got, got
 
 
-def test_mapped_vm_ipv6_is_dropped_inside(netns, xen, vifcmd, prefixes):
-    topo = build(netns, xen, vifcmd, prefixes())
+def test_mapped_vm_ipv6_is_dropped_inside(netns, xen, vifcmd, prefixes, backend):
+    topo = build(netns, xen, vifcmd, prefixes(), backend)
     topo.ok("online", "type_if=vif")
     # A permanent neighbour for the gateway, so the VM really sends (no neighbour discovery needed).
     topo.vm.sh("ip -6 addr add fd09:24ef:4179::30/128 dev eth0 nodad"
@@ -270,8 +278,8 @@ def test_mapped_vm_ipv6_is_dropped_inside(netns, xen, vifcmd, prefixes):
 
 # ---- 4. idempotence and a clean offline ----------------------------------------
 
-def test_online_twice_changes_nothing(netns, xen, vifcmd, prefixes):
-    topo = build(netns, xen, vifcmd, prefixes())
+def test_online_twice_changes_nothing(netns, xen, vifcmd, prefixes, backend):
+    topo = build(netns, xen, vifcmd, prefixes(), backend)
     topo.ok("online", "type_if=vif")
     before = (state_of(topo.proxy), inside(topo))
     topo.ok("online", "type_if=vif")
@@ -279,8 +287,8 @@ def test_online_twice_changes_nothing(netns, xen, vifcmd, prefixes):
     assert_mapped_ping(topo)
 
 
-def test_offline_undoes_online(netns, xen, vifcmd, prefixes):
-    topo = build(netns, xen, vifcmd, prefixes())
+def test_offline_undoes_online(netns, xen, vifcmd, prefixes, backend):
+    topo = build(netns, xen, vifcmd, prefixes(), backend)
     before, links = state_of(topo.proxy), topo.proxy.out("ip -o link | cut -d' ' -f2")
     topo.ok("online", "type_if=vif")
     topo.ok("offline", "type_if=vif")
@@ -297,8 +305,8 @@ def test_offline_undoes_online(netns, xen, vifcmd, prefixes):
 
 # ---- 5. entries that come late, or never ---------------------------------------
 
-def test_late_entries_are_waited_for(netns, xen, vifcmd, prefixes):
-    topo = build(netns, xen, vifcmd, prefixes(), entries=False)
+def test_late_entries_are_waited_for(netns, xen, vifcmd, prefixes, backend):
+    topo = build(netns, xen, vifcmd, prefixes(), backend, entries=False)
     xen.qdb_write(ANNOUNCE, "1")
     late = threading.Timer(1.0, write_entries, (xen,))
     late.start()
@@ -313,8 +321,8 @@ def test_late_entries_are_waited_for(netns, xen, vifcmd, prefixes):
     assert_mapped_ping(topo)
 
 
-def test_entries_that_never_come_fail_cleanly(netns, xen, vifcmd, prefixes):
-    topo = build(netns, xen, vifcmd, prefixes(), entries=False)
+def test_entries_that_never_come_fail_cleanly(netns, xen, vifcmd, prefixes, backend):
+    topo = build(netns, xen, vifcmd, prefixes(), backend, entries=False)
     xen.qdb_write(ANNOUNCE, "1")
     before = state_of(topo.proxy)
     started = time.monotonic()
@@ -329,21 +337,26 @@ def test_entries_that_never_come_fail_cleanly(netns, xen, vifcmd, prefixes):
 
 # ---- 6. --dry-run ---------------------------------------------------------------
 
-def test_dry_run_prints_everything_and_the_script_makes_the_same_state(netns, xen, vifcmd, prefixes, tmp_path):
-    real = build(netns, xen, vifcmd, prefixes())
+def test_dry_run_prints_everything_and_the_script_makes_the_same_state(netns, xen, vifcmd, prefixes, tmp_path,
+                                                                     backend):
+    real = build(netns, xen, vifcmd, prefixes(), backend)
     # The twin has its own prefix; the script names its namespace, so it is made in the twin's environment.
-    twin = build(netns, XenEnv(tmp_path / "twin"), vifcmd, prefixes())
+    twin = build(netns, XenEnv(tmp_path / "twin"), vifcmd, prefixes(), backend)
     before = state_of(twin.proxy)
     script = twin.ok("online", "--dry-run", "type_if=vif").stdout
     assert_not_configured(twin, before)
     assert twin.xen.xs_read(f"{twin.path}/hotplug-status") is None
 
     name = twin.vifns.name
+    # The ProxyVM's anti-spoofing of the veth end: a restore, or the nft transaction (its
+    # here-document is EOF; the mapped namespace's is NFT), then the vif's group 2 before it is up.
+    firewall = (["iptables-restore"] if backend == "iptables"
+                else ["nft -f - <<'EOF'\n", f"ip link set dev {VIF} group 2\nip link set dev {VIF} up\n"])
     in_order = [f"ip netns add {name}\n", f"ip link set dev {VIF} netns {name}\n",
                 f"ip link add {VIF} address fe:ff:ff:ff:ff:ff type veth peer name uplink address {VM_MAC} netns {name}\n",
                 f"ip netns exec {name} sh -e <<'EOS'\n", "table ip qubes-mapped {", "table ip6 qubes-mapped {",
                 "table arp qubes-mapped {", f"ip route replace default via {GW} dev uplink\nEOS\n",
-                "iptables-restore", f"ip route replace {REAL}/32 dev {VIF} metric 32715",
+                *firewall, f"ip route replace {REAL}/32 dev {VIF} metric 32715",
                 f"ip neigh replace {REAL} lladdr {VM_MAC} dev {VIF} nud permanent", "xenstore-write"]
     found = [script.find(piece) for piece in in_order]
     assert -1 not in found and found == sorted(found), dict(zip(in_order, found))

@@ -1,6 +1,11 @@
 """Behaviours of `vif-route-qubes` seen by a user: conntrack purge, hooks, failure
 reporting, tap and add/remove, the manual form and input precedence, hardening,
---help and the lock (CONTRACT section 1)."""
+--help and the lock (CONTRACT section 1).
+
+Where the firewall takes part (failure of its tool, tap add/remove and the
+no-op events, the manual form, hardening, the lock) a test takes `backend` and
+runs under both backends; the others run under the default (iptables here).
+"""
 
 import os
 import re
@@ -10,6 +15,7 @@ import time
 
 import pytest
 
+from firewall import antispoof_sources, failing_change_tool
 from netns import BIN, FAKEBIN, run_cmd, state_of
 
 VM4, VM4B, VM6 = "10.137.7.27", "10.137.7.40", "fd09:24ef:4179::a89:71b"
@@ -31,9 +37,12 @@ def setup(netns, xen, addrs=(VM4,), vif="vif37.0", xs_ip=None, veth=True):
     return proxy, path
 
 
-def vrq(proxy, xen, vifcmd, *argv, vif="vif37.0", path=PATH37, **env):
-    """Run vif-route-qubes in the provider, the hotplug way (env vif and XENBUS_PATH) by default."""
+def vrq(proxy, xen, vifcmd, *argv, vif="vif37.0", path=PATH37, backend=None, **env):
+    """Run vif-route-qubes in the provider, the hotplug way (env vif and XENBUS_PATH) by
+    default, under firewall `backend` (QUBES_NET_BACKEND) when given."""
     base = {"vif": vif, "XENBUS_PATH": path} if vif else {}
+    if backend:
+        base["QUBES_NET_BACKEND"] = backend
     return run_cmd(proxy, [vifcmd, *argv], xen.env(**base, **env), timeout=30)
 
 
@@ -171,22 +180,24 @@ def assert_reported(result, xen, path, *words):
     assert xen.xs_read(f"{path}/hotplug-error") and xen.xs_read(f"{path}/hotplug-error") in lines[0]
 
 
-def test_missing_interface_fails_and_is_reported_to_xen(netns, xen, vifcmd):
+def test_missing_interface_fails_and_is_reported_to_xen(netns, xen, vifcmd, backend):
     proxy, path = setup(netns, xen, veth=False)
     before = state_of(proxy)
-    assert_reported(vrq(proxy, xen, vifcmd, "online"), xen, path)
+    assert_reported(vrq(proxy, xen, vifcmd, "online", backend=backend), xen, path)
     assert state_of(proxy) == before
 
 
-def test_failed_iptables_restore_leaves_the_link_down(netns, xen, vifcmd):
+def test_failed_firewall_tool_leaves_the_link_down(netns, xen, vifcmd, backend):
+    """iptables-restore fails, or nft's transaction (`nft -f`; its reads still work)."""
     proxy, path = setup(netns, xen)
+    before = state_of(proxy)
     fake = xen.root / "bin"
     fake.mkdir()
-    (fake / "iptables-restore").write_text("#!/bin/sh\necho 'injected restore failure' >&2\nexit 1\n")
-    (fake / "iptables-restore").chmod(0o755)
+    tool = failing_change_tool(fake, backend)
     env_path = f"{fake}:{xen.env()['PATH']}"
-    result = vrq(proxy, xen, vifcmd, "online", PATH=env_path)
-    assert_reported(result, xen, path, "iptables-restore")
+    result = vrq(proxy, xen, vifcmd, "online", PATH=env_path, backend=backend)
+    assert_reported(result, xen, path, tool, "injected restore failure")
+    assert state_of(proxy) == before  # the first change failed: nothing was changed
     assert not is_up(proxy, "vif37.0")  # never up without anti-spoofing
     assert proxy.out("ip route show dev vif37.0").strip() == ""
     assert proxy.out("ip -6 route show dev vif37.0 proto boot").strip() == ""
@@ -197,25 +208,25 @@ def test_failed_iptables_restore_leaves_the_link_down(netns, xen, vifcmd):
 @pytest.mark.parametrize("command,type_if,vif", [
     ("add", "vif", "vif37.0"), ("remove", "vif", "vif37.0"),
     ("online", "tap", "vif37.0-emu"), ("offline", "tap", "vif37.0-emu")])
-def test_events_that_are_no_ops(netns, xen, vifcmd, command, type_if, vif):
+def test_events_that_are_no_ops(netns, xen, vifcmd, backend, command, type_if, vif):
     proxy, path = setup(netns, xen, vif=vif)
     before = state_of(proxy)
-    result = vrq(proxy, xen, vifcmd, command, f"type_if={type_if}", vif=vif)
+    result = vrq(proxy, xen, vifcmd, command, f"type_if={type_if}", vif=vif, backend=backend)
     assert result.returncode == 0, result.stderr
     assert state_of(proxy) == before
     assert not is_up(proxy, vif)
     assert xen.xs_read(f"{path}/hotplug-status") is None
 
 
-def test_tap_is_configured_by_add_and_unconfigured_by_remove(netns, xen, vifcmd):
+def test_tap_is_configured_by_add_and_unconfigured_by_remove(netns, xen, vifcmd, backend):
     proxy, _ = setup(netns, xen, vif="vif37.0-emu")
     before = state_of(proxy)
-    result = vrq(proxy, xen, vifcmd, "add", "type_if=tap", vif="vif37.0-emu")
+    result = vrq(proxy, xen, vifcmd, "add", "type_if=tap", vif="vif37.0-emu", backend=backend)
     assert result.returncode == 0, result.stderr
     assert proxy.out("ip route show dev vif37.0-emu").strip() == f"{VM4} scope link metric 32715"
-    assert "vif37.0-emu" in proxy.out("iptables-save -t raw")
+    assert antispoof_sources(proxy, backend, "vif37.0-emu") == {VM4}
     assert is_up(proxy, "vif37.0-emu")
-    result = vrq(proxy, xen, vifcmd, "remove", "type_if=tap", vif="vif37.0-emu")
+    result = vrq(proxy, xen, vifcmd, "remove", "type_if=tap", vif="vif37.0-emu", backend=backend)
     assert result.returncode == 0, result.stderr
     assert state_of(proxy) == before
 
@@ -227,14 +238,15 @@ def routes(proxy):
                   if "metric 32715" in line)
 
 
-def test_manual_form_needs_no_xenstore_nor_qubesdb(netns, xen, vifcmd):
+def test_manual_form_needs_no_xenstore_nor_qubesdb(netns, xen, vifcmd, backend):
     proxy, _ = setup(netns, xen, addrs=(VM4, VM4B))
     # Neither xenstore-read nor qubesdb-read on PATH: everything comes from the command line.
     env_path = ":".join(p for p in xen.env()["PATH"].split(":") if p != str(FAKEBIN))
     result = vrq(proxy, xen, vifcmd, "online", "vif37.0", VM4, VM4B, "--gateway", "10.137.7.1",
-                 "--mac", MAC, vif=None, PATH=env_path)
+                 "--mac", MAC, vif=None, PATH=env_path, backend=backend)
     assert result.returncode == 0, result.stderr
     assert routes(proxy) == [VM4, VM4B]
+    assert antispoof_sources(proxy, backend, "vif37.0") == {VM4, VM4B}
     assert "inet 10.137.7.1/32 scope global vif37.0" in proxy.out("ip -4 addr show dev vif37.0")
     neigh = proxy.out("ip neigh show dev vif37.0 nud permanent")
     assert f"{VM4} lladdr {MAC} PERMANENT" in neigh and f"{VM4B} lladdr {MAC} PERMANENT" in neigh
@@ -280,14 +292,15 @@ def sysctls(proxy):
 
 
 @pytest.mark.parametrize("flag", ["1", "", None])
-def test_hardening_follows_qubesdb(netns, xen, vifcmd, flag):
+def test_hardening_follows_qubesdb(netns, xen, vifcmd, backend, flag):
     proxy, _ = setup(netns, xen)
     if flag is not None:
         xen.qdb_write("/qubes-service/harden-network-interfaces", flag)
     defaults = sysctls(proxy)
     hardened = {f"{fam}/{k}": v for fam, keys in HARDENED.items() for k, v in keys.items()}
     assert defaults != hardened  # otherwise this test could not tell
-    assert vrq(proxy, xen, vifcmd, "online").returncode == 0
+    result = vrq(proxy, xen, vifcmd, "online", backend=backend)
+    assert result.returncode == 0, result.stderr
     assert sysctls(proxy) == (hardened if flag else defaults)
 
 
@@ -313,14 +326,14 @@ HOLDER = ("import fcntl, sys, time\nf = open(sys.argv[1], 'a')\nfcntl.flock(f, f
           "print('held', flush=True)\ntime.sleep(30)\n")
 
 
-def test_held_lock_times_out_without_changes(netns, xen, vifcmd):
+def test_held_lock_times_out_without_changes(netns, xen, vifcmd, backend):
     proxy, path = setup(netns, xen)
     before = state_of(proxy)
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(xen.lock)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         started = time.monotonic()
-        result = vrq(proxy, xen, vifcmd, "online", VIF_ROUTE_LOCK_TIMEOUT="1")
+        result = vrq(proxy, xen, vifcmd, "online", VIF_ROUTE_LOCK_TIMEOUT="1", backend=backend)
         assert 0.9 < time.monotonic() - started < 8  # it waited, then gave up
     finally:
         holder.kill()
@@ -329,11 +342,11 @@ def test_held_lock_times_out_without_changes(netns, xen, vifcmd):
     assert state_of(proxy) == before and not is_up(proxy, "vif37.0")
 
 
-def test_lock_file_left_by_a_dead_process_does_not_block(netns, xen, vifcmd):
+def test_lock_file_left_by_a_dead_process_does_not_block(netns, xen, vifcmd, backend):
     proxy, path = setup(netns, xen)
     xen.lock.write_text("12345\n")  # left behind; nobody holds it
     started = time.monotonic()
-    result = vrq(proxy, xen, vifcmd, "online", VIF_ROUTE_LOCK_TIMEOUT="1")
+    result = vrq(proxy, xen, vifcmd, "online", VIF_ROUTE_LOCK_TIMEOUT="1", backend=backend)
     assert result.returncode == 0, result.stderr
     assert time.monotonic() - started < 8
     assert xen.xs_read(f"{path}/hotplug-status") == "connected"
