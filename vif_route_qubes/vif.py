@@ -54,7 +54,8 @@ def _routes_and_neighbours(vif: str) -> dict:
         nl.close()
 
 
-def read_facts(inp: VifInputs, backend: str = "iptables") -> VifFacts:
+def read_facts(inp: VifInputs, firewall: str = "iptables") -> VifFacts:
+    """What the system has now for this vif, read once under the lock."""
     exists = os.path.isdir(f"/proc/sys/net/ipv4/conf/{inp.vif}")
     rename_pending = bool(inp.rename_from and not exists
                           and os.path.isdir(f"/proc/sys/net/ipv4/conf/{inp.rename_from}"))
@@ -62,11 +63,11 @@ def read_facts(inp: VifInputs, backend: str = "iptables") -> VifFacts:
     ipv6_enabled = _read_proc(f"/proc/sys/net/ipv6/conf/{probe}/disable_ipv6") == "0"
     from vif_route_qubes import mapped
 
-    # A vif's own namespace exists only for a mapped VM: one stat tells.
+    # A vif's own namespace exists only for a mapped VM (a stat, and one `ip -n` if it does).
     extra = {"mapped": mapped.read_facts(inp)}
     if exists:
         extra.update(_routes_and_neighbours(inp.vif))
-    if backend == "nft":
+    if firewall == "nft":
         from vif_route_qubes import nft
 
         return VifFacts(exists=exists, rename_pending=rename_pending, ipv6_enabled=ipv6_enabled,
