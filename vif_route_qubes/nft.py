@@ -222,9 +222,9 @@ def current_dnat_rules() -> list[str] | None:
     if result.returncode != 0:
         return None
     lines = [line.strip() for line in result.stdout.splitlines()]
-    body = lines[lines.index(next(l for l in lines if l.startswith("type nat"))) + 1:] if any(
-        l.startswith("type nat") for l in lines) else []
-    return [line for line in body if line and line != "}"]
+    # The rules are the lines after the chain's `type nat hook ...` line.
+    start = next((i + 1 for i, line in enumerate(lines) if line.startswith("type nat")), len(lines))
+    return [line for line in lines[start:] if line and line != "}"]
 
 
 def plan_dns(current: list[str] | None, table_exists: bool, virtual: tuple, upstream: tuple) -> str | None:
