@@ -176,3 +176,32 @@ def state_of(ns: Namespace) -> str:
                 "ip neigh show nud permanent", "ip -6 neigh show nud permanent"):
         parts.append(f"$ {cmd}\n" + ns.out(cmd))
     return "\n".join(parts)
+
+
+def settled(ns: Namespace, timeout: float = 5.0) -> str:
+    """state_of once IPv6 duplicate address detection is over (kernel timing)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while "tentative" in ns.out("ip -6 addr") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return state_of(ns)
+
+
+def comparable(state: str, sort_ipv6_routes: bool = False) -> str:
+    """What two namespaces built alike can share: interface indexes and the
+    peer namespace's name necessarily differ between them, and neighbours are
+    listed in the order of a hash table that is seeded at random.  With
+    `sort_ipv6_routes`, IPv6 routes too (many vifs' identical link-local
+    routes come in the order their duplicate address detection ended)."""
+    import re
+
+    state = re.sub(r"^\d+: ", "N: ", state, flags=re.M)
+    state = re.sub(r"@if\d+", "@ifN", state)
+    state = re.sub(r" link-netns \S+", "", state)
+    sections = []
+    for section in state.split("\n$ "):
+        head, *lines = section.split("\n")
+        unordered = " neigh " in head or (sort_ipv6_routes and "-6 route" in head)
+        sections.append("\n".join([head, *(sorted(lines) if unordered else lines)]))
+    return "\n$ ".join(sections)

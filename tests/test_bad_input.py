@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from netns import VIF_MAC, run_cmd, state_of
+from netns import VIF_MAC, comparable, run_cmd, settled, state_of
 from vif_route_qubes import parse
 from vif_route_qubes.errors import InputError
 
@@ -223,26 +223,6 @@ def all_at_once(proxy, xen, vifcmd, backend, command):
     assert [(args, err) for (args, err), p in zip(errors, procs) if p.returncode != 0] == []
 
 
-def settled(ns, timeout=5.0):
-    """state_of once IPv6 duplicate address detection is over (kernel timing)."""
-    deadline = time.monotonic() + timeout
-    while "tentative" in ns.out("ip -6 addr") and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return state_of(ns)
-
-
-def comparable(state):
-    """Interface indexes and the peer namespace's name differ between twins;
-    neighbours are listed in the order of a randomly seeded hash table, and the
-    40 vifs' identical link-local routes in the order their DAD ended."""
-    state = re.sub(r"^\d+: ", "N: ", state, flags=re.M)
-    state = re.sub(r"@if\d+", "@ifN", state)
-    state = re.sub(r" link-netns \S+", "", state)
-    sections = []
-    for section in state.split("\n$ "):
-        head, *lines = section.split("\n")
-        sections.append("\n".join([head, *(sorted(lines) if " neigh " in head or "-6 route" in head else lines)]))
-    return "\n$ ".join(sections)
 
 
 def granted_order(state, backend):
@@ -256,7 +236,7 @@ def granted_order(state, backend):
 
 def test_forty_vifs_at_once_lose_and_duplicate_nothing(netns, xen, vifcmd, backend):
     proxy, twin = forty_vifs(netns, xen), forty_vifs(netns, xen)
-    before = comparable(settled(proxy))
+    before = comparable(settled(proxy), sort_ipv6_routes=True)
 
     all_at_once(proxy, xen, vifcmd, backend, "online")
     together = settled(proxy)
@@ -267,8 +247,8 @@ def test_forty_vifs_at_once_lose_and_duplicate_nothing(netns, xen, vifcmd, backe
     for domid in order:
         proc = hotplug(twin, xen, vifcmd, backend, "online", domid)
         assert proc.wait(timeout=60) == 0
-    assert comparable(together) == comparable(settled(twin))
+    assert comparable(together, sort_ipv6_routes=True) == comparable(settled(twin), sort_ipv6_routes=True)
     assert len(re.findall(r"dev vif\d+\.0 scope link metric", together)) == len(DOMIDS)
 
     all_at_once(proxy, xen, vifcmd, backend, "offline")
-    assert comparable(settled(proxy)) == before
+    assert comparable(settled(proxy), sort_ipv6_routes=True) == before

@@ -2,11 +2,9 @@
 run by `sh` in an identical twin namespace pair, leaves the same state as the
 real run."""
 
-import re
-import time
 
 from firewall import antispoof_sources
-from netns import XenEnv, run_cmd, state_of
+from netns import XenEnv, comparable, run_cmd, settled, state_of
 
 VM_MAC = "00:16:3e:5e:6c:19"
 ADDRS = ("10.137.7.27", "10.137.7.28", "fd09:24ef:4179::a89:71b")
@@ -48,26 +46,6 @@ def vifcall(proxy, xen, vifcmd, backend, command, path, *options):
     return result
 
 
-def settled(ns, timeout=5.0):
-    """state_of once duplicate address detection is over (kernel timing)."""
-    deadline = time.monotonic() + timeout
-    while "tentative" in ns.out("ip -6 addr") and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return state_of(ns)
-
-
-def comparable(state):
-    """What two namespaces built alike can share: interface indexes and the
-    peer namespace's name necessarily differ between them, and neighbours are
-    listed in the order of a hash table that is seeded at random."""
-    state = re.sub(r"^\d+: ", "N: ", state, flags=re.M)
-    state = re.sub(r"@if\d+", "@ifN", state)
-    state = re.sub(r" link-netns \S+", "", state)
-    sections = []
-    for section in state.split("\n$ "):
-        head, *lines = section.split("\n")
-        sections.append("\n".join([head, *(sorted(lines) if " neigh " in head else lines)]))
-    return "\n$ ".join(sections)
 
 
 def sysctls(ns):

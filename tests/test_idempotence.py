@@ -1,25 +1,16 @@
 """Idempotence of online/offline, seen through `state_of` (CONTRACT section 1,
 "Idempotence and concurrency" and "offline")."""
 
-import time
 
 import pytest
 
 from firewall import antispoof_sources, antispoof_text, has_shared_objects
-from netns import run_cmd, state_of
+from netns import run_cmd, settled, state_of
 
 VM_MAC = "00:16:3e:5e:6c:19"
 GW = "10.137.7.1"
 GW6 = "fd09:24ef:4179::a89:1"
 
-
-def settled(ns, timeout=5.0):
-    """state_of once IPv6 duplicate address detection is over: a "tentative"
-    flag is the kernel's timing, not something the command did."""
-    deadline = time.monotonic() + timeout
-    while "tentative" in ns.out("ip -6 addr") and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return state_of(ns)
 
 
 def make_provider(netns):
