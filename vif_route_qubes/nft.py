@@ -25,7 +25,6 @@ VIF_GROUP = 2
 FAMILIES = {4: "ip", 6: "ip6"}
 ADDR_TYPE = {4: "ipv4_addr", 6: "ipv6_addr"}
 SADDR = {4: "ip saddr", 6: "ip6 saddr"}
-ANTISPOOF_OBJECTS = ("sets", "antispoof", "prerouting")
 
 
 class NftTable(NamedTuple):
