@@ -1,9 +1,9 @@
-"""Option decorators shared by the commands of both programs."""
+"""click's side of the option table (optspec.py): option decorators shared by
+the commands of both programs, and how a click command is run."""
 
 import click
 
-BACKENDS = click.Choice(["auto", "iptables", "nft"])
-MAX_SECONDS = 86400.0
+from vif_route_qubes.optspec import MAX_SECONDS, Opt, seconds_ok
 
 
 class Seconds(click.ParamType):
@@ -19,37 +19,38 @@ class Seconds(click.ParamType):
             number = float(value)
         except (TypeError, ValueError):
             self.fail(f"{value!r} is not a number of seconds", param, ctx)
-        if not self.low <= number <= MAX_SECONDS:  # also false for nan
+        if not seconds_ok(number, self.low):
             self.fail(f"{value!r} is not between {self.low:g} and {MAX_SECONDS:g} seconds", param, ctx)
         return number
 
 
-def _stack(*decorators):
+def click_option(opt: Opt):
+    """The click.option for one row of the table."""
+    kwargs = {"envvar": opt.envvar, "show_envvar": bool(opt.envvar), "help": opt.help,
+              "show_default": opt.show_default}
+    if opt.default is not None:
+        kwargs["default"] = opt.default
+    if opt.kind == "flag":
+        return click.option(*opt.flags, opt.dest, is_flag=True, **kwargs)
+    if opt.kind == "switch":
+        return click.option("/".join(opt.flags), opt.dest, default=None,
+                            **{k: v for k, v in kwargs.items() if k != "default"})
+    if opt.kind == "choice":
+        kwargs["type"] = click.Choice(list(opt.choices))
+    elif opt.kind == "seconds":
+        kwargs["type"] = Seconds(opt.low)
+    return click.option(*opt.flags, opt.dest, **kwargs)
+
+
+def options_of(specs: tuple[Opt, ...]):
+    """A decorator adding every option of the table, in its order."""
+
     def apply(func):
-        for decorator in reversed(decorators):
-            func = decorator(func)
+        for opt in reversed(specs):
+            func = click_option(opt)(func)
         return func
 
     return apply
-
-
-common_options = _stack(
-    click.option("--dry-run", is_flag=True, envvar="VIF_ROUTE_DRY_RUN", show_envvar=True,
-                 help="Change nothing; print the shell script of what would be done."),
-    click.option("-v", "--verbose", is_flag=True, envvar="VIF_ROUTE_VERBOSE", show_envvar=True,
-                 help="Log every step to stderr as well."),
-    click.option("--backend", type=BACKENDS, default="auto", show_default=True, envvar="QUBES_NET_BACKEND",
-                 show_envvar=True, help="Firewall backend; auto picks nft when the table `ip qubes` exists, else iptables."),
-    click.option("--lock-file", default="/run/vif-route-qubes.lock", show_default=True,
-                 envvar="VIF_ROUTE_LOCK_FILE", show_envvar=True,
-                 help="Lock held around each read-plan-apply cycle."),
-    click.option("--lock-timeout", type=Seconds(), default=60.0, show_default=True,
-                 envvar="VIF_ROUTE_LOCK_TIMEOUT", show_envvar=True,
-                 help="Seconds to wait for the lock before failing."),
-    click.option("--tool-timeout", type=Seconds(0.1), default=10.0, show_default=True,
-                 envvar="VIF_ROUTE_TOOL_TIMEOUT", show_envvar=True,
-                 help="Seconds before a hung xenstore or qubesdb tool counts as failed."),
-)
 
 
 def one_line(text: str) -> str:

@@ -1,0 +1,91 @@
+"""The options of both programs, as data.
+
+click builds its parser and `--help` from these (options.py), and the fast
+path (fastargs.py) reads the usual hotplug and dispatcher invocations from
+the same table without importing click, whose import alone is about a third
+of an event's start-up.  One table, so the two cannot drift apart.
+"""
+
+from typing import NamedTuple
+
+
+class Opt(NamedTuple):
+    dest: str
+    flags: tuple[str, ...]  # ("--mac",), ("-v", "--verbose"), or ("--harden", "--no-harden") for a switch
+    envvar: str | None
+    help: str
+    kind: str = "str"  # str | seconds | choice | flag | switch
+    default: object = None
+    low: float = 0.0  # seconds: the smallest value accepted
+    choices: tuple[str, ...] = ()
+    show_default: bool = False
+
+
+COMMON = (
+    Opt("dry_run", ("--dry-run",), "VIF_ROUTE_DRY_RUN",
+        "Change nothing; print the shell script of what would be done.", kind="flag", default=False),
+    Opt("verbose", ("-v", "--verbose"), "VIF_ROUTE_VERBOSE", "Log every step to stderr as well.",
+        kind="flag", default=False),
+    Opt("backend", ("--backend",), "QUBES_NET_BACKEND",
+        "Firewall backend; auto picks nft when the table `ip qubes` exists, else iptables.",
+        kind="choice", choices=("auto", "iptables", "nft"), default="auto", show_default=True),
+    Opt("lock_file", ("--lock-file",), "VIF_ROUTE_LOCK_FILE", "Lock held around each read-plan-apply cycle.",
+        default="/run/vif-route-qubes.lock", show_default=True),
+    Opt("lock_timeout", ("--lock-timeout",), "VIF_ROUTE_LOCK_TIMEOUT",
+        "Seconds to wait for the lock before failing.", kind="seconds", default=60.0, show_default=True),
+    Opt("tool_timeout", ("--tool-timeout",), "VIF_ROUTE_TOOL_TIMEOUT",
+        "Seconds before a hung xenstore or qubesdb tool counts as failed.", kind="seconds", low=0.1,
+        default=10.0, show_default=True),
+)
+
+EVENT = (
+    Opt("mac", ("--mac",), "VIF_ROUTE_MAC", "Peer MAC for permanent neighbour entries [default: xenstore mac]."),
+    Opt("gateway", ("--gateway",), "VIF_ROUTE_GATEWAY",
+        "IPv4 gateway put on the vif as /32 [default: qubesdb /qubes-netvm-gateway]."),
+    Opt("gateway6", ("--gateway6",), "VIF_ROUTE_GATEWAY6",
+        "IPv6 gateway put on the vif as /128 [default: qubesdb /qubes-netvm-gateway6]."),
+    Opt("dns1", ("--dns1",), "VIF_ROUTE_DNS1", "Virtual DNS 1 [default: qubesdb /qubes-netvm-primary-dns]."),
+    Opt("dns2", ("--dns2",), "VIF_ROUTE_DNS2", "Virtual DNS 2 [default: qubesdb /qubes-netvm-secondary-dns]."),
+    Opt("harden", ("--harden", "--no-harden"), "VIF_ROUTE_HARDEN",
+        "Hardening sysctls on the vif [default: qubesdb /qubes-service/harden-network-interfaces non-empty].",
+        kind="switch"),
+    Opt("hooks_dir", ("--hooks-dir",), "VIF_ROUTE_HOOKS_DIR",
+        "Every executable file here runs as HOOK online|offline VIF TYPE [ADDR].",
+        default="/rw/config/network-hooks.d", show_default=True),
+    Opt("hook_timeout", ("--hook-timeout",), "VIF_ROUTE_HOOK_TIMEOUT",
+        "Seconds before a hook is killed (it is logged, never fatal).", kind="seconds", low=0.1, default=10.0,
+        show_default=True),
+    Opt("visible_ip", ("--visible-ip",), "VIF_ROUTE_VISIBLE_IP",
+        "Address the VM sees instead of its real one [default: qubesdb /mapped-ip/IP4/visible-ip]."),
+    Opt("visible_gateway", ("--visible-gateway",), "VIF_ROUTE_VISIBLE_GATEWAY",
+        "Gateway the mapped VM sees [default: qubesdb /mapped-ip/IP4/visible-gateway]."),
+    Opt("mapped_wait", ("--mapped-wait",), "VIF_ROUTE_MAPPED_WAIT",
+        "Seconds to wait for mapped entries qubesdb announced but does not hold yet.", kind="seconds",
+        default=5.0, show_default=True),
+    Opt("netns_prefix", ("--netns-prefix",), "VIF_ROUTE_NETNS_PREFIX",
+        "Prefix of the namespace a mapped vif gets (its name is PREFIX + VIF).", default=""),
+    Opt("type_if", ("--type-if",), "type_if", "Xen device kind (Xen passes type_if=...).", kind="choice",
+        choices=("vif", "tap"), default="vif", show_default=True),
+    Opt("xenbus_path", ("--xenbus-path",), "XENBUS_PATH",
+        "xenstore backend path of the vif; inputs are read and status written there."),
+    *COMMON,
+)
+
+DNS = (
+    Opt("dns1", ("--dns1",), "VIF_ROUTE_DNS1", "Virtual DNS 1 [default: qubesdb /qubes-netvm-primary-dns]."),
+    Opt("dns2", ("--dns2",), "VIF_ROUTE_DNS2", "Virtual DNS 2 [default: qubesdb /qubes-netvm-secondary-dns]."),
+    Opt("resolv_conf", ("--resolv-conf",), "QUBES_RESOLV_CONF",
+        "Where the upstream resolvers are read (nameserver lines); when it names 127.0.0.53, "
+        "systemd-resolved is asked over D-Bus.", default="/etc/resolv.conf", show_default=True),
+    Opt("firewall_flag", ("--firewall-flag",), "QUBES_FIREWALL_FLAG",
+        "When this file exists, qubes-firewall.service is reloaded after a change.",
+        default="/run/qubes-service/qubes-firewall", show_default=True),
+    *COMMON,
+)
+
+MAX_SECONDS = 86400.0
+
+
+def seconds_ok(number: float, low: float) -> bool:
+    """A finite number of seconds from `low` to a day (false for nan too)."""
+    return low <= number <= MAX_SECONDS
