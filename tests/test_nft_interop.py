@@ -421,3 +421,48 @@ def test_dns_without_any_table_makes_dnat_dns(netns, xen):
     assert chain_rules(proxy.ns, "dnat-dns") == dnat_rules((DNS1, f"dnat to {RESOLVER_A}"),
                                                           (DNS2, f"dnat to {RESOLVER_A}"))
     assert proxy.dnat(RESOLVER_A).returncode == 100
+
+
+# -- (e) the netlink reader against nft's own listing ---------------------------
+
+READER = """
+import json, sys
+from ipaddress import ip_address
+from vif_route_qubes import nft, nft_state
+vif, addrs = sys.argv[1], tuple(ip_address(a) for a in sys.argv[2:])
+mine = nft_state.read_state(vif, addrs)
+theirs = nft.parse_ruleset(nft.run_nft(["-j", "list", "ruleset"]))
+def shown(state):
+    return {v: {"chains": sorted(t.chains), "allowed": sorted(t.allowed), "downstream": sorted(t.downstream),
+                "has_sets": t.has_sets} for v, t in state.tables.items()}
+print(json.dumps({"mine": shown(mine), "theirs": shown(theirs)}))
+"""
+
+
+def test_netlink_reader_sees_what_nft_lists(qubes):
+    """nft_state.read_state (per-vif events, no nft fork) against `nft -j list
+    ruleset`: every element of `allowed` (long interface names, both families),
+    every chain, and `downstream` for the addresses the event may change."""
+    ns = qubes.ns
+    elements = [("vif32752.15", "10.137.255.254"), ("vif7.0", "10.137.0.7"), ("vif7.0", "10.137.0.8"),
+                ("vif8.1", "10.137.0.9"), ("vif7.0", "fd09:24ef:4179::a89:7"), ("vif9.0", "fd09::9")]
+    script = []
+    for vif, addr in elements:
+        family = "ip6" if ":" in addr else "ip"
+        script += [f'add element {family} qubes allowed {{ "{vif}" . {addr} }}',
+                   f"add element {family} qubes downstream {{ {addr} }}"]
+    script.append("add element ip qubes downstream { 10.137.0.99 }")  # an address no vif has
+    load(ns, "\n".join(script) + "\n")
+    for vif, asked in [("vif7.0", ["10.137.0.99", "fd09::77"]), ("vif32752.15", []), ("vif1.0", ["10.137.0.8"])]:
+        result = run_cmd(ns, [str(BIN / "python"), "-c", READER, vif, *asked], qubes.env())
+        assert result.returncode == 0, result.stderr
+        seen = json.loads(result.stdout)
+        mine, theirs = seen["mine"], seen["theirs"]
+        assert mine.keys() == theirs.keys() == {"4", "6"}
+        for family in mine:
+            candidates = {a for name, a in theirs[family]["allowed"] if name == vif} | set(asked)
+            assert mine[family]["allowed"] == theirs[family]["allowed"]
+            assert mine[family]["chains"] == theirs[family]["chains"]
+            assert mine[family]["has_sets"] == theirs[family]["has_sets"] is True
+            assert set(mine[family]["downstream"]) == set(theirs[family]["downstream"]) & candidates
+        assert ["vif32752.15", "10.137.255.254"] in mine["4"]["allowed"]

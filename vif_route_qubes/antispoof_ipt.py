@@ -99,24 +99,43 @@ def plan_online(state: TableState, vif: str, family: int, addrs: tuple) -> str |
     return "\n".join(out) + "\n"
 
 
-def plan_offline(state: TableState, vif: str) -> str | None:
-    """iptables-restore input that removes every rule of this vif, or None if none is left.
+def offline_ops(state: TableState, vif: str) -> list[tuple[str, str, str | None, int | None]]:
+    """What offline removes, in order, as (kind, chain, saved line, rule handle):
+    kind "rule" deletes one rule, "flush" every rule of the chain, "chain" the
+    chain.  The handle is known when the state was read over netlink.
 
     When no vif is left in the dispatch chain and `init` did not make it part
     of the base, it goes too, so that online+offline leaves the table exactly
     as it was.
     """
     chain = vif_chain(vif)
-    current = dispatch_rules_of(state, vif)
-    out = ["*raw"]
-    out += [delete(line) for line in current]
+    tag = f'--comment "{vif}" '
+    lines = state.rules_of(DISPATCH)
+    dispatch = list(zip(lines, state.handles_of(DISPATCH) or (None,) * len(lines)))
+    current = [(line, handle) for line, handle in dispatch if tag in line]
+    ops = [("rule", DISPATCH, line, handle) for line, handle in current]
     if chain in state.chains:
-        out += [f":{chain} - [0:0]", f"-X {chain}"]
-    left = len(state.rules_of(DISPATCH)) - len(current)
-    if not is_base(state) and left == 0 and DISPATCH in state.chains:
-        out += [delete(line) for line in state.rules_of("PREROUTING") if line == JUMP]
-        out += [f":{DISPATCH} - [0:0]", f"-X {DISPATCH}"]
-    if len(out) == 1:
+        ops += [("flush", chain, None, None), ("chain", chain, None, None)]
+    if not is_base(state) and len(dispatch) == len(current) and DISPATCH in state.chains:
+        prerouting = state.rules_of("PREROUTING")
+        numbers = state.handles_of("PREROUTING") or (None,) * len(prerouting)
+        ops += [("rule", "PREROUTING", line, handle) for line, handle in zip(prerouting, numbers) if line == JUMP]
+        ops += [("flush", DISPATCH, None, None), ("chain", DISPATCH, None, None)]
+    return ops
+
+
+def render_ops(ops: list) -> str | None:
+    """iptables-restore input doing `ops`, or None if there is nothing to do."""
+    if not ops:
         return None
+    out = ["*raw"]
+    for kind, chain, line, _ in ops:
+        # declaring a chain in --noflush mode flushes it
+        out.append(delete(line) if kind == "rule" else f":{chain} - [0:0]" if kind == "flush" else f"-X {chain}")
     out.append("COMMIT")
     return "\n".join(out) + "\n"
+
+
+def plan_offline(state: TableState, vif: str) -> str | None:
+    """iptables-restore input that removes every rule of this vif, or None if none is left."""
+    return render_ops(offline_ops(state, vif))

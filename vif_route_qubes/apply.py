@@ -15,7 +15,7 @@ import subprocess
 import time
 
 from vif_route_qubes import netlink, sources
-from vif_route_qubes.batch import (Addr, Batch, ConntrackPurge, Exec, Group, Hook, Link, Neigh, Note, Nft,
+from vif_route_qubes.batch import (Addr, Batch, ConntrackPurge, Exec, Group, Hook, Link, Neigh, Note, Nft, RawDelete,
                                    Rename, ReturnLink,
                                    Restore, Route, Run, Sysctl, XenstoreWrite)
 from vif_route_qubes.errors import VifError
@@ -73,6 +73,11 @@ class Applier:
         if result.returncode != 0:
             detail = " ".join(result.stderr.split())[:300] or f"exit {result.returncode}"
             raise VifError(f"{tool} failed: {detail}")
+
+    def _rawdelete(self, step: RawDelete) -> None:
+        from vif_route_qubes.ipt_netlink import raw_delete
+
+        raw_delete(step.ops)
 
     def _exec(self, step: Exec) -> None:
         try:

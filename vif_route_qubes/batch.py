@@ -24,6 +24,18 @@ class Restore(NamedTuple):
         return f"{tool} -w 10 --noflush <<'EOF'\n{self.text}EOF"
 
 
+class RawDelete(NamedTuple):
+    """Offline's deletions in the raw tables of both families, read over
+    netlink: rendered as the iptables-restore inputs that make them, carried
+    out by rule handle in one nftables transaction (ipt_netlink.raw_delete)."""
+
+    texts: tuple[tuple[int, str], ...]          # (family, iptables-restore input)
+    ops: tuple[tuple[int, str, str, int | None], ...]  # (family, kind, chain, handle)
+
+    def render(self) -> str:
+        return "\n".join(Restore(family, text).render() for family, text in self.texts)
+
+
 class Sysctl(NamedTuple):
     """Write a /proc/sys value when it differs; `path` is relative to /proc/sys."""
 

@@ -18,6 +18,7 @@ NLM_F_REQUEST, NLM_F_ACK, NLM_F_DUMP = 0x1, 0x4, 0x300
 NLM_F_REPLACE, NLM_F_EXCL, NLM_F_CREATE = 0x100, 0x200, 0x400
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 NLA_F_NESTED = 0x8000
+SOL_NETLINK, NETLINK_GET_STRICT_CHK = 270, 12
 
 RTM_NEWLINK, RTM_GETLINK, RTM_NEWADDR, RTM_DELADDR = 16, 18, 20, 21
 RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE, RTM_NEWNEIGH, RTM_DELNEIGH, RTM_GETNEIGH = 24, 25, 26, 28, 29, 30
@@ -27,7 +28,7 @@ IFA_ADDRESS, IFA_LOCAL = 1, 2
 RTA_DST, RTA_OIF, RTA_PRIORITY, RTA_TABLE = 1, 4, 6, 15
 RT_TABLE_MAIN, RTPROT_KERNEL, RTPROT_BOOT, RTN_UNICAST = 254, 2, 3, 1
 RT_SCOPE_UNIVERSE, RT_SCOPE_LINK, RT_SCOPE_NOWHERE = 0, 253, 255
-NDA_DST, NDA_LLADDR = 1, 2
+NDA_DST, NDA_LLADDR, NDA_IFINDEX = 1, 2, 8
 NUD_PERMANENT = 0x80
 
 NFNL_SUBSYS_CTNETLINK, NFNL_SUBSYS_NFTABLES = 1, 10
@@ -69,6 +70,15 @@ class Netlink:
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, protocol)
         self.sock.bind((0, 0))
         self.seq = 0
+        self.strict = False
+        if protocol == NETLINK_ROUTE:
+            # Dumps filtered by the kernel (one interface's routes and neighbours,
+            # not every VM's); kernels before 4.20 refuse it and we filter alone.
+            try:
+                self.sock.setsockopt(SOL_NETLINK, NETLINK_GET_STRICT_CHK, 1)
+                self.strict = True
+            except OSError:
+                pass
 
     def close(self) -> None:
         self.sock.close()
@@ -97,6 +107,31 @@ class Netlink:
                     return answers
                 answers.append(payload)
 
+    def batch(self, head: bytes, begin: int, end: int, messages: list[tuple[int, bytes]]) -> None:
+        """One nfnetlink batch (a transaction): every message is acknowledged;
+        the first error is raised (the kernel then applied none of them)."""
+        first = self.seq + 1
+        parts = []
+        for kind, body in [(begin, head), *messages, (end, head)]:
+            self.seq += 1
+            flags = NLM_F_REQUEST | (NLM_F_ACK if kind not in (begin, end) else 0)
+            parts.append(struct.pack("=IHHII", 16 + len(body), kind, flags, self.seq, 0) + body)
+        self.sock.send(b"".join(parts))
+        waiting = set(range(first + 1, self.seq))
+        self.sock.settimeout(10)
+        while waiting:
+            data = self.sock.recv(1 << 16)
+            offset = 0
+            while offset + 16 <= len(data):
+                size, kind, _, seq, _ = struct.unpack_from("=IHHII", data, offset)
+                payload = data[offset + 16 : offset + size]
+                offset += (size + 3) & ~3
+                if kind == NLMSG_ERROR:
+                    code = -struct.unpack_from("=i", payload)[0]
+                    if code:
+                        raise OSError(code, os.strerror(code))
+                    waiting.discard(seq)
+
     # -- rtnetlink ----------------------------------------------------------
 
     def links_in_group(self, group: int) -> list[str]:
@@ -112,8 +147,9 @@ class Netlink:
         """(IP version, address, metric) of the main table's host routes out of one
         interface, but for those the kernel made for the interface's own addresses."""
         found = []
+        only = _attr(RTA_OIF, struct.pack("=i", index)) if self.strict else b""
         for payload in self.request(RTM_GETROUTE, NLM_F_DUMP, struct.pack("=BBBBBBBBI", socket.AF_UNSPEC,
-                                                                         0, 0, 0, 0, 0, 0, 0, 0)):
+                                                                         0, 0, 0, 0, 0, 0, 0, 0) + only):
             family, dst_len, _, _, table, proto, _, kind, _ = struct.unpack_from("=BBBBBBBBI", payload)
             attrs = dict(_attrs(payload[12:]))
             table = struct.unpack("=I", attrs[RTA_TABLE][:4])[0] if RTA_TABLE in attrs else table
@@ -129,8 +165,9 @@ class Netlink:
     def permanent_neighbours(self, index: int) -> list[tuple[int, str]]:
         """(IP version, address) of the permanent neighbour entries of one interface."""
         found = []
+        only = _attr(NDA_IFINDEX, struct.pack("=I", index)) if self.strict else b""
         for payload in self.request(RTM_GETNEIGH, NLM_F_DUMP, struct.pack("=BxxxiHBB", socket.AF_UNSPEC,
-                                                                          0, 0, 0, 0)):
+                                                                          0, 0, 0, 0) + only):
             family, ifindex, state = struct.unpack_from("=BxxxiH", payload)
             attrs = dict(_attrs(payload[12:]))
             if ifindex == index and state & NUD_PERMANENT and NDA_DST in attrs and family in (socket.AF_INET,

@@ -56,7 +56,8 @@ def run_nft(args: list[str], stdin: str | None = None, pass_fds: tuple = ()) -> 
 
 
 def parse_ruleset(text: str) -> NftState:
-    """Our two tables out of `nft -j list ruleset`."""
+    """Our two tables out of `nft -j list ruleset` (the golden tests' facts,
+    and the reference the netlink reader is tested against)."""
     chains: dict[int, set] = {}
     sets: dict[int, dict] = {}
     families = {name: version for version, name in FAMILIES.items()}
@@ -85,15 +86,11 @@ def parse_ruleset(text: str) -> NftState:
     return NftState(tables)
 
 
-def read_state() -> NftState:
-    from vif_route_qubes import netlink
+def read_state(vif: str | None = None, addresses: tuple = ()) -> NftState:
+    """Our tables as they are now, as far as `vif`'s event needs them (over netlink: nft_state.py)."""
+    from vif_route_qubes.nft_state import read_state as read_over_netlink
 
-    nl = netlink.Netlink(netlink.NETLINK_ROUTE)
-    try:
-        links = frozenset(nl.links_in_group(VIF_GROUP))
-    finally:
-        nl.close()
-    return parse_ruleset(run_nft(["-j", "list", "ruleset"]))._replace(vif_links=links)
+    return read_over_netlink(vif, addresses)
 
 
 # -- the objects of the base ---------------------------------------------

@@ -71,10 +71,17 @@ def read_facts(inp: VifInputs, firewall: str = "iptables") -> VifFacts:
         from vif_route_qubes import nft
 
         return VifFacts(exists=exists, rename_pending=rename_pending, ipv6_enabled=ipv6_enabled,
-                        backend="nft", nft=nft.read_state(), **extra)
-    save4, save6 = ipt_state.save_both("raw")
+                        backend="nft", nft=nft.read_state(inp.vif, inp.addresses), **extra)
+    from vif_route_qubes import ipt_netlink
+
+    # Over netlink only this vif's rules are read; iptables-save (every rule of
+    # every vif) when iptables is not the nf_tables variant or a rule is odd.
+    raw = ipt_netlink.read_raw(inp.vif)
+    if raw is None:
+        save4, save6 = ipt_state.save_both("raw")
+        raw = ipt_state.table(save4, "raw"), ipt_state.table(save6, "raw")
     return VifFacts(exists=exists, rename_pending=rename_pending, ipv6_enabled=ipv6_enabled,
-                    raw4=ipt_state.table(save4, "raw"), raw6=ipt_state.table(save6, "raw"), **extra)
+                    raw4=raw[0], raw6=raw[1], **extra)
 
 
 def plan(inp: VifInputs, facts: VifFacts):
