@@ -9,7 +9,7 @@ runs after DNAT and depends only on the virtual addresses, so at no instant is
 a query neither translated nor dropped.
 """
 
-from typing import NamedTuple
+from vif_route_qubes.records import NamedTuple
 from ipaddress import IPv4Address
 
 from vif_route_qubes.batch import Batch, ConntrackPurge, Nft, Restore, Run

@@ -7,10 +7,11 @@ address is skipped, never passed on.
 
 import ipaddress
 import json
-import logging
 import subprocess
 
-log = logging.getLogger("qubes-setup-dnat-to-ns")
+from vif_route_qubes import logsetup
+
+log = logsetup.get_logger("qubes-setup-dnat-to-ns")
 RESOLVED_STUB = ipaddress.IPv4Address("127.0.0.53")
 MAX_SERVERS = 16
 MAX_REPLY = 64 * 1024  # bytes of busctl JSON; far more than any real server list

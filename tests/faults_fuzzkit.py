@@ -17,7 +17,7 @@ from pathlib import Path
 from hypothesis import strategies as st
 
 from setup_dnat_to_ns import resolvers
-from vif_route_qubes import apply, cli as vif_cli, init, ipt_state, lock, logsetup, quickexit, sources, vif
+from vif_route_qubes import apply, cli as vif_cli, init, ipt_state, lock, loghandlers, quickexit, sources, vif
 from vif_route_qubes.model import VifFacts
 
 PATH = "/local/domain/0/backend/vif/37/0"
@@ -249,7 +249,7 @@ class Sandbox:
         monkeypatch.setattr(ipt_state, "save", lambda jobs: ["" for _ in jobs])
         monkeypatch.setattr(init, "run_init", lambda *a, **k: 0)
         # As if /dev/log were there: records go through StrictSyslog.
-        monkeypatch.setattr(logsetup, "_Syslog", StrictSyslog)
+        monkeypatch.setattr(loghandlers, "_Syslog", StrictSyslog)
         monkeypatch.setattr(resolvers, "subprocess", types.SimpleNamespace(
             TimeoutExpired=subprocess.TimeoutExpired,
             run=lambda argv, **k: subprocess.CompletedProcess(argv, 0, self.reply, "")))

@@ -7,20 +7,19 @@ iptables-restore, hooks and xenstore-write are forked.
 """
 
 import errno
-import logging
 import os
 import signal
 import socket
 import subprocess
 import time
 
-from vif_route_qubes import netlink, sources
+from vif_route_qubes import logsetup, netlink, sources
 from vif_route_qubes.batch import (Addr, Batch, ConntrackPurge, Exec, Group, Hook, Link, Neigh, Note, Nft, RawDelete,
                                    Rename, ReturnLink,
                                    Restore, Route, Run, Sysctl, XenstoreWrite)
 from vif_route_qubes.errors import VifError
 
-log = logging.getLogger("vif-route-qubes")
+log = logsetup.get_logger("vif-route-qubes")
 RESTORE_TIMEOUT = 30.0
 
 
@@ -77,7 +76,12 @@ class Applier:
     def _rawdelete(self, step: RawDelete) -> None:
         from vif_route_qubes.ipt_netlink import raw_delete
 
-        raw_delete(step.ops)
+        try:
+            raw_delete(step.ops)
+        except OSError as exc:
+            chains = sorted({chain for _, _, chain, _ in step.ops})
+            raise VifError(f"deleting rules of {', '.join(chains)} (one nftables transaction, nothing applied) "
+                           f"failed: {exc.strerror or exc}") from None
 
     def _exec(self, step: Exec) -> None:
         try:

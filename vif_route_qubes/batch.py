@@ -5,7 +5,7 @@ The planner builds a Batch, the applier (apply.py) carries it out, and
 The rendered script, run by `sh` as root, makes the same changes.
 """
 
-from typing import NamedTuple
+from vif_route_qubes.records import NamedTuple
 from shlex import quote
 
 

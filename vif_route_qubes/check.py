@@ -15,7 +15,6 @@ Exit status: 0 as it should be, 1 differences (one line each, or --json),
 import fcntl
 import ipaddress
 import json
-import logging
 import os
 import re
 import subprocess
@@ -23,7 +22,7 @@ import sys
 import time
 from collections import Counter
 from contextlib import contextmanager
-from typing import NamedTuple
+from vif_route_qubes.records import NamedTuple
 
 from vif_route_qubes import antispoof_ipt, ipt_state, plan_vif, sources
 from vif_route_qubes.errors import InputError, VifError
@@ -357,7 +356,9 @@ def _report(logger: str, collect, as_json: bool, out) -> int:
     try:
         drifts = collect()
     except VifError as exc:
-        logging.getLogger(logger).error("check: %s", exc)
+        from vif_route_qubes import logsetup
+
+        logsetup.get_logger(logger).error("check: %s", exc)
         return EXIT_USAGE if isinstance(exc, InputError) else EXIT_UNKNOWN
     if as_json:
         out.write(json.dumps([d.record() for d in drifts], indent=1) + "\n")

@@ -6,7 +6,7 @@ xenstore, then qubesdb).  Every value is parsed strictly before it is kept.
 
 import os
 import re
-from typing import NamedTuple
+from vif_route_qubes.records import NamedTuple
 
 from vif_route_qubes import parse, sources
 from vif_route_qubes.errors import InputError, VifError

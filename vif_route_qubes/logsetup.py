@@ -1,71 +1,56 @@
-"""Logging to stderr and, when there is one, to syslog (facility daemon).
+"""Loggers that import logging only when a record is actually emitted.
 
-The syslog handler is a few lines of our own: logging.handlers costs ~8 ms
-of start-up, a tenth of an event's budget, for one datagram to /dev/log.
+A quiet event that succeeds logs nothing but debug records, which are
+dropped here unless -v; importing logging (with traceback, string and
+weakref) would cost ~5 ms of an event's ~45.  The first record that is
+emitted configures the handlers of loghandlers.py, as setup() asked.
 """
 
-import logging
-import os
-import socket
-
 NAME = "vif-route-qubes"
-LOG_DAEMON = 3
-_SEVERITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+DEBUG, INFO, WARNING, ERROR = 10, 20, 30, 40  # logging's levels
+
+_config: tuple[bool, str] | None = None  # (verbose, ident) of the last setup()
+_configured = False
 
 
-class _Printable(logging.Filter):
-    """Untrusted text in a message never reaches stderr or syslog raw: control
-    characters and undecodable bytes are escaped, so a record is one line."""
+class LazyLogger:
+    def __init__(self, name: str) -> None:
+        self.name = name
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        text = record.getMessage()
-        clean = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-        clean = clean.encode("utf-8", "backslashreplace").decode("utf-8")
-        if clean != text:
-            record.msg, record.args = clean, None
-        return True
+    def _log(self, level: int, msg: str, args: tuple) -> None:
+        global _configured
+        verbose = bool(_config and _config[0])
+        if level < (DEBUG if verbose else INFO):
+            return  # what the configured loggers would drop: no import
+        import logging
 
+        if not _configured and _config is not None:
+            from vif_route_qubes.loghandlers import configure
 
-class _Syslog(logging.Handler):
-    """RFC 3164 datagrams to /dev/log: `<PRI>IDENT[PID]: message`."""
+            configure(*_config)
+            _configured = True
+        logging.getLogger(self.name).log(level, msg, *args)
 
-    def __init__(self, ident: str, path: str) -> None:
-        super().__init__()
-        self.prefix = f"{ident}[{os.getpid()}]: "
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        try:
-            self.sock.connect(path)
-        except OSError:
-            self.sock.close()
-            raise
+    def debug(self, msg: str, *args) -> None:
+        self._log(DEBUG, msg, args)
 
-    def emit(self, record: logging.LogRecord) -> None:
-        priority = LOG_DAEMON * 8 + _SEVERITY.get(record.levelno, 6)
-        try:
-            self.sock.send(f"<{priority}>{self.prefix}{record.getMessage()}".encode("utf-8", "replace"))
-        except OSError:
-            pass  # syslog gone or full: stderr still has the message
+    def info(self, msg: str, *args) -> None:
+        self._log(INFO, msg, args)
 
-    def close(self) -> None:
-        self.sock.close()
-        super().close()
+    def warning(self, msg: str, *args) -> None:
+        self._log(WARNING, msg, args)
+
+    def error(self, msg: str, *args) -> None:
+        self._log(ERROR, msg, args)
 
 
-def setup(verbose: bool, ident: str = NAME) -> logging.Logger:
-    root = logging.getLogger()
-    root.handlers.clear()
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    stderr = logging.StreamHandler()
-    stderr.setFormatter(logging.Formatter(f"{ident}: %(message)s"))
-    stderr.setLevel(logging.DEBUG if verbose else logging.WARNING)
-    stderr.addFilter(_Printable())
-    root.addHandler(stderr)
-    try:
-        # VIF_ROUTE_SYSLOG names another syslog socket (tests, containers).
-        handler = _Syslog(ident, os.environ.get("VIF_ROUTE_SYSLOG") or "/dev/log")
-    except OSError:
-        pass  # no syslog here
-    else:
-        handler.addFilter(_Printable())
-        root.addHandler(handler)
-    return logging.getLogger(ident)
+def get_logger(name: str = NAME) -> LazyLogger:
+    return LazyLogger(name)
+
+
+def setup(verbose: bool, ident: str = NAME) -> LazyLogger:
+    """Log as `ident`, to stderr (everything with `verbose`, else warnings
+    and errors) and syslog; the handlers are made at the first record."""
+    global _config, _configured
+    _config, _configured = (verbose, ident), False
+    return LazyLogger(ident)

@@ -16,7 +16,7 @@ Every change is one `nft -f` transaction: all of it applies, or none.
 
 import json
 import subprocess
-from typing import NamedTuple
+from vif_route_qubes.records import NamedTuple
 
 from vif_route_qubes.errors import VifError
 

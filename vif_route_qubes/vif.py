@@ -1,17 +1,16 @@
 """One vif event: read inputs, lock, read the system's state, plan, apply, report."""
 
-import logging
 import os
 from contextlib import nullcontext
-from typing import NamedTuple
+from vif_route_qubes.records import NamedTuple
 
-from vif_route_qubes import backend, ipt_state, plan_vif, timing
+from vif_route_qubes import backend, ipt_state, logsetup, plan_vif, timing
 from vif_route_qubes.errors import VifError
 from vif_route_qubes.inputs import VifArgs, read_vif_inputs
 from vif_route_qubes.lock import DEFAULT_LOCK, locked
 from vif_route_qubes.model import VifFacts, VifInputs
 
-log = logging.getLogger("vif-route-qubes")
+log = logsetup.get_logger("vif-route-qubes")
 
 
 class RunOptions(NamedTuple):
