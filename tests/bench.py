@@ -155,6 +155,20 @@ def scale_bench(netns, env, runs):
             "increase_pct": round(100 * (statistics.median(with_400) / statistics.median(base) - 1), 1)}
 
 
+def protected(ns) -> tuple[int, int]:
+    """(how many vifs have their anti-spoofing in place: per-vif chains
+    (iptables) or distinct interfaces in the `allowed` set (nft), how many
+    rules are there twice)."""
+    rules = subprocess.run(in_ns(ns, ["iptables-save", "-t", "raw"]), capture_output=True, text=True).stdout
+    chains = sum(1 for line in rules.splitlines() if line.startswith(":QBS-AS-"))
+    dispatch = [line for line in rules.splitlines() if line.startswith("-A QBS-")]
+    twice = len(dispatch) - len(set(dispatch))
+    listing = subprocess.run(in_ns(ns, ["nft", "-j", "list", "set", "ip", "qubes", "allowed"]), capture_output=True,
+                             text=True).stdout
+    elements = json.loads(listing)["nftables"][1]["set"].get("elem", []) if listing else []
+    return chains or len({e["concat"][0] for e in elements if isinstance(e, dict) and "concat" in e}), twice
+
+
 def storm_bench(netns, env, count=100):
     results = {}
     for mode in ("serial", "parallel"):
@@ -174,9 +188,7 @@ def storm_bench(netns, env, count=100):
                 if failed:
                     raise SystemExit(f"bench: {len(failed)} of {count} parallel onlines failed")
             results[mode] = round(time.perf_counter() - start, 3)
-        rules = subprocess.run(in_ns(provider, ["iptables-save", "-t", "raw"]), capture_output=True,
-                               text=True).stdout
-        results[f"{mode}_vif_chains"] = sum(1 for line in rules.splitlines() if line.startswith(":QBS-AS-"))
+        results[f"{mode}_vifs_protected"], results[f"{mode}_duplicated_rules"] = protected(provider)
     results["parallel_faster"] = results["parallel"] < results["serial"]
     return results
 
