@@ -20,11 +20,11 @@ import socket
 import struct
 
 from vif_route_qubes.ipt_state import TableState
-from vif_route_qubes.netlink import NETLINK_NETFILTER, NFNL_SUBSYS_NFTABLES, NLM_F_DUMP, Netlink, _attr, _attrs
+from vif_route_qubes.netlink import (NETLINK_NETFILTER, NFNL_SUBSYS_NFTABLES, NLM_F_DUMP, Netlink, _attr, _attrs,
+                                     nfgen, nft_msg)
 
-NFT_MSG_GETTABLE, NFT_MSG_GETCHAIN, NFT_MSG_DELCHAIN, NFT_MSG_GETRULE, NFT_MSG_DELRULE = 1, 4, 5, 7, 8
+NFT_MSG_GETCHAIN, NFT_MSG_DELCHAIN, NFT_MSG_GETRULE, NFT_MSG_DELRULE = 4, 5, 7, 8
 NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 16, 17
-NFPROTO = {4: 2, 6: 10}
 TABLE = b"raw\0"
 # Attribute numbers of uapi linux/netfilter/nf_tables.h.
 RULE_TABLE, RULE_CHAIN, RULE_HANDLE, RULE_EXPRESSIONS = 1, 2, 3, 4
@@ -51,12 +51,9 @@ def nf_tables_variant() -> bool:
     return False
 
 
-def _msg(kind: int) -> int:
-    return (NFNL_SUBSYS_NFTABLES << 8) | kind
-
-
-def _be32(value: bytes) -> int:
-    return struct.unpack(">i", value[:4])[0]
+def _be32(attrs: dict, kind: int) -> int:
+    """A big-endian 32-bit attribute (0 when absent)."""
+    return struct.unpack(">i", attrs[kind][:4])[0] if kind in attrs else 0
 
 
 def _iface(data: bytes) -> str | None:
@@ -85,14 +82,14 @@ def decode(payload: bytes, version: int) -> tuple[int, str, str | None] | None:
         data = dict(_attrs(parts.get(EXPR_DATA, b"")))
         if name == b"counter":
             continue
-        if name == b"meta" and _be32(data.get(META_KEY, b"\0\0\0\0")) == META_IIFNAME and loaded is None:
+        if name == b"meta" and _be32(data, META_KEY) == META_IIFNAME and loaded is None:
             loaded = "iif"
-        elif (name == b"payload" and loaded is None and _be32(data.get(PAYLOAD_BASE, b"\0\0\0\0")) == NETWORK_HEADER
-              and (_be32(data.get(PAYLOAD_OFFSET, b"\0\0\0\0")), _be32(data.get(PAYLOAD_LEN, b"\0\0\0\0")))
+        elif (name == b"payload" and loaded is None and _be32(data, PAYLOAD_BASE) == NETWORK_HEADER
+              and (_be32(data, PAYLOAD_OFFSET), _be32(data, PAYLOAD_LEN))
               == SADDR[version]):
             loaded = "saddr"
         elif name == b"cmp" and loaded is not None:
-            op = _be32(data.get(CMP_OP, b"\0\0\0\0"))
+            op = _be32(data, CMP_OP)
             value = dict(_attrs(data.get(CMP_DATA, b""))).get(DATA_VALUE, b"")
             if loaded == "iif" and op in (CMP_EQ, CMP_NEQ) and iface is None:
                 iface, negate = _iface(value), op == CMP_NEQ
@@ -112,7 +109,7 @@ def decode(payload: bytes, version: int) -> tuple[int, str, str | None] | None:
                 return handle, chain, None
         elif name == b"immediate" and loaded is None and target is None:
             verdict = dict(_attrs(dict(_attrs(data.get(IMMEDIATE_DATA, b""))).get(DATA_VERDICT, b"")))
-            code = _be32(verdict.get(VERDICT_CODE, b"\0\0\0\0"))
+            code = _be32(verdict, VERDICT_CODE)
             jump_to = verdict.get(VERDICT_CHAIN, b"").split(b"\0", 1)[0].decode("ascii", "replace")
             if code in VERDICTS:
                 target = f"-j {VERDICTS[code]}"
@@ -138,17 +135,13 @@ def decode(payload: bytes, version: int) -> tuple[int, str, str | None] | None:
 def _read_family(nl: Netlink, version: int, vif: str) -> TableState | None:
     from vif_route_qubes.antispoof_ipt import DISPATCH, vif_chain
 
-    head = struct.pack("=BBH", NFPROTO[version], 0, 0)
-    try:
-        nl.request(_msg(NFT_MSG_GETTABLE), 0, head + _attr(1, TABLE))
-    except OSError as exc:
-        if exc.errno == errno.ENOENT:
-            return TableState(frozenset(), (), ())
-        raise
+    head = nfgen(version)
+    if not nl.has_table("raw", version):
+        return TableState(frozenset(), (), ())
     chains = []
     for chain in ("PREROUTING", DISPATCH, vif_chain(vif)):
         try:
-            nl.request(_msg(NFT_MSG_GETCHAIN), 0,
+            nl.request(nft_msg(NFT_MSG_GETCHAIN), 0,
                        head + _attr(CHAIN_TABLE, TABLE) + _attr(CHAIN_NAME, chain.encode() + b"\0"))
             chains.append(chain)
         except OSError as exc:
@@ -159,7 +152,7 @@ def _read_family(nl: Netlink, version: int, vif: str) -> TableState | None:
     for chain in chains:
         lines, numbers = [], []
         query = head + _attr(RULE_TABLE, TABLE) + _attr(RULE_CHAIN, chain.encode() + b"\0")
-        for payload in nl.request(_msg(NFT_MSG_GETRULE), NLM_F_DUMP, query):
+        for payload in nl.request(nft_msg(NFT_MSG_GETRULE), NLM_F_DUMP, query):
             if chain == DISPATCH and needle not in payload:
                 lines.append(f"-A {chain} ?")  # another vif's rule: counted, not read
                 numbers.append(None)
@@ -204,15 +197,15 @@ def raw_delete(ops: tuple) -> None:
     nftables transaction: all of them, or none and OSError."""
     body = []
     for version, kind, chain, handle in ops:
-        head = struct.pack("=BBH", NFPROTO[version], 0, 0)
+        head = nfgen(version)
         if kind == "chain":
-            body.append((_msg(NFT_MSG_DELCHAIN), head + _attr(CHAIN_TABLE, TABLE)
+            body.append((nft_msg(NFT_MSG_DELCHAIN), head + _attr(CHAIN_TABLE, TABLE)
                          + _attr(CHAIN_NAME, chain.encode() + b"\0")))
         else:
             attrs = _attr(RULE_TABLE, TABLE) + _attr(RULE_CHAIN, chain.encode() + b"\0")
             if kind == "rule":
                 attrs += _attr(RULE_HANDLE, struct.pack(">Q", handle))
-            body.append((_msg(NFT_MSG_DELRULE), head + attrs))
+            body.append((nft_msg(NFT_MSG_DELRULE), head + attrs))
     if not body:
         return
     nl = Netlink(NETLINK_NETFILTER)

@@ -33,6 +33,7 @@ NUD_PERMANENT = 0x80
 
 NFNL_SUBSYS_CTNETLINK, NFNL_SUBSYS_NFTABLES = 1, 10
 NFT_MSG_GETTABLE, NFTA_TABLE_NAME = 1, 1
+NFPROTO = {4: 2, 6: 10}  # NFPROTO_IPV4, NFPROTO_IPV6
 IPCTNL_MSG_CT_GET, IPCTNL_MSG_CT_DELETE = 1, 2
 CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, CTA_ID, CTA_ZONE = 1, 2, 12, 18
 CTA_TUPLE_IP = 1
@@ -59,6 +60,23 @@ def _attrs(data: bytes):
         offset += (size + 3) & ~3
 
 
+def _raise_error(payload: bytes) -> None:
+    """An NLMSG_ERROR answer: nothing for an acknowledgement, OSError for an error."""
+    code = -struct.unpack_from("=i", payload)[0]
+    if code:
+        raise OSError(code, os.strerror(code))
+
+
+def nft_msg(kind: int) -> int:
+    """The netlink message type of an nf_tables message."""
+    return (NFNL_SUBSYS_NFTABLES << 8) | kind
+
+
+def nfgen(version: int) -> bytes:
+    """The nfgenmsg header of an nf_tables request for IPv4 or IPv6."""
+    return struct.pack("=BBH", NFPROTO[version], 0, 0)
+
+
 def _family(version: int) -> int:
     return socket.AF_INET6 if version == 6 else socket.AF_INET
 
@@ -83,29 +101,31 @@ class Netlink:
     def close(self) -> None:
         self.sock.close()
 
+    def _replies(self):
+        """(type, sequence number, payload) of each message received, for as long as asked."""
+        while True:
+            data = self.sock.recv(1 << 16)
+            offset = 0
+            while offset + 16 <= len(data):
+                size, kind, _, seq, _ = struct.unpack_from("=IHHII", data, offset)
+                yield kind, seq, data[offset + 16 : offset + size]
+                offset += (size + 3) & ~3
+
     def request(self, msg_type: int, flags: int, body: bytes) -> list[bytes]:
         """Send one request; return the payloads of the answers (dumps), raise OSError on error."""
         self.seq += 1
         header = struct.pack("=IHHII", 16 + len(body), msg_type, flags | NLM_F_REQUEST | NLM_F_ACK, self.seq, 0)
         self.sock.send(header + body)
         answers = []
-        while True:
-            data = self.sock.recv(1 << 16)
-            offset = 0
-            while offset + 16 <= len(data):
-                size, kind, _, seq, _ = struct.unpack_from("=IHHII", data, offset)
-                payload = data[offset + 16 : offset + size]
-                offset += (size + 3) & ~3
-                if seq != self.seq:
-                    continue
-                if kind == NLMSG_ERROR:
-                    code = -struct.unpack_from("=i", payload)[0]
-                    if code:
-                        raise OSError(code, os.strerror(code))
-                    return answers
-                if kind == NLMSG_DONE:
-                    return answers
-                answers.append(payload)
+        for kind, seq, payload in self._replies():
+            if seq != self.seq:
+                continue
+            if kind == NLMSG_ERROR:
+                _raise_error(payload)
+                return answers
+            if kind == NLMSG_DONE:
+                return answers
+            answers.append(payload)
 
     def batch(self, head: bytes, begin: int, end: int, messages: list[tuple[int, bytes]]) -> None:
         """One nfnetlink batch (a transaction): every message is acknowledged;
@@ -119,18 +139,22 @@ class Netlink:
         self.sock.send(b"".join(parts))
         waiting = set(range(first + 1, self.seq))
         self.sock.settimeout(10)
+        replies = self._replies()
         while waiting:
-            data = self.sock.recv(1 << 16)
-            offset = 0
-            while offset + 16 <= len(data):
-                size, kind, _, seq, _ = struct.unpack_from("=IHHII", data, offset)
-                payload = data[offset + 16 : offset + size]
-                offset += (size + 3) & ~3
-                if kind == NLMSG_ERROR:
-                    code = -struct.unpack_from("=i", payload)[0]
-                    if code:
-                        raise OSError(code, os.strerror(code))
-                    waiting.discard(seq)
+            kind, seq, payload = next(replies)
+            if kind == NLMSG_ERROR:
+                _raise_error(payload)
+                waiting.discard(seq)
+
+    def has_table(self, name: str, version: int) -> bool:
+        """Whether the nftables table `ip NAME` (or `ip6 NAME`) exists."""
+        try:
+            self.request(nft_msg(NFT_MSG_GETTABLE), 0, nfgen(version) + _attr(NFTA_TABLE_NAME, name.encode() + b"\0"))
+            return True
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                return False
+            raise
 
     # -- rtnetlink ----------------------------------------------------------
 
@@ -224,15 +248,12 @@ class Netlink:
 
 def nft_table_exists(name: str, version: int) -> bool:
     """Whether the nftables table `ip NAME` (or `ip6 NAME`) exists, without forking nft."""
-    nfproto = 10 if version == 6 else 2  # NFPROTO_IPV6, NFPROTO_IPV4
-    msg_type = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETTABLE
     try:
         nl = Netlink(NETLINK_NETFILTER)
     except OSError:
         return False
     try:
-        nl.request(msg_type, 0, struct.pack("=BBH", nfproto, 0, 0) + _attr(NFTA_TABLE_NAME, name.encode() + b"\0"))
-        return True
+        return nl.has_table(name, version)
     except OSError:
         return False
     finally:

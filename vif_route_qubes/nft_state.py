@@ -12,26 +12,22 @@ import errno
 import socket
 import struct
 
-from vif_route_qubes.netlink import (NETLINK_NETFILTER, NETLINK_ROUTE, NFNL_SUBSYS_NFTABLES, NLA_F_NESTED, NLM_F_DUMP,
-                                     Netlink, _attr, _attrs)
+from vif_route_qubes.netlink import (NETLINK_NETFILTER, NETLINK_ROUTE, NLA_F_NESTED, NLM_F_DUMP, Netlink, _attr,
+                                     _attrs, nfgen, nft_msg)
 from vif_route_qubes.nft import FAMILIES, TABLE, VIF_GROUP, NftState, NftTable, is_base
 
-NFT_MSG_GETTABLE, NFT_MSG_GETCHAIN, NFT_MSG_GETSET, NFT_MSG_GETSETELEM = 1, 4, 10, 13
-NFTA_TABLE_NAME = 1
+NFT_MSG_GETCHAIN, NFT_MSG_GETSET, NFT_MSG_GETSETELEM = 4, 10, 13
 NFTA_CHAIN_TABLE, NFTA_CHAIN_NAME = 1, 3
 NFTA_SET_TABLE, NFTA_SET_NAME = 1, 2
 NFTA_SET_ELEM_LIST_TABLE, NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_ELEMENTS = 1, 2, 3
 NFTA_LIST_ELEM, NFTA_SET_ELEM_KEY, NFTA_DATA_VALUE = 1, 1, 1
-NFPROTO = {4: 2, 6: 10}  # NFPROTO_IPV4, NFPROTO_IPV6
 IFNAMSIZ = 16
 
 
-def _msg(kind: int) -> int:
-    return (NFNL_SUBSYS_NFTABLES << 8) | kind
-
-
-def _head(version: int) -> bytes:
-    return struct.pack("=BBH", NFPROTO[version], 0, 0)
+def _set_query(version: int, name: str) -> bytes:
+    """The head of a request about the elements of set `name` of our table."""
+    return (nfgen(version) + _attr(NFTA_SET_ELEM_LIST_TABLE, TABLE.encode() + b"\0")
+            + _attr(NFTA_SET_ELEM_LIST_SET, name.encode() + b"\0"))
 
 
 def _text(value: bytes) -> str:
@@ -77,11 +73,9 @@ def _named(payloads: list[bytes], table_attr: int, name_attr: int) -> set[str]:
 def _has_element(nl: Netlink, version: int, name: str, key: bytes) -> bool:
     """One element looked up by its key (no dump)."""
     elem = _attr(NFTA_LIST_ELEM | NLA_F_NESTED, _attr(NFTA_SET_ELEM_KEY | NLA_F_NESTED, _attr(NFTA_DATA_VALUE, key)))
-    body = (_head(version) + _attr(NFTA_SET_ELEM_LIST_TABLE, TABLE.encode() + b"\0")
-            + _attr(NFTA_SET_ELEM_LIST_SET, name.encode() + b"\0")
-            + _attr(NFTA_SET_ELEM_LIST_ELEMENTS | NLA_F_NESTED, elem))
+    body = _set_query(version, name) + _attr(NFTA_SET_ELEM_LIST_ELEMENTS | NLA_F_NESTED, elem)
     try:
-        nl.request(_msg(NFT_MSG_GETSETELEM), 0, body)
+        nl.request(nft_msg(NFT_MSG_GETSETELEM), 0, body)
         return True
     except OSError as exc:
         if exc.errno == errno.ENOENT:
@@ -90,24 +84,19 @@ def _has_element(nl: Netlink, version: int, name: str, key: bytes) -> bool:
 
 
 def _read_table(nl: Netlink, version: int, vif: str | None, addresses: tuple) -> NftTable | None:
-    try:
-        nl.request(_msg(NFT_MSG_GETTABLE), 0, _head(version) + _attr(NFTA_TABLE_NAME, TABLE.encode() + b"\0"))
-    except OSError as exc:
-        if exc.errno == errno.ENOENT:
-            return None
-        raise
-    chains = _named(nl.request(_msg(NFT_MSG_GETCHAIN), NLM_F_DUMP, _head(version)), NFTA_CHAIN_TABLE,
+    if not nl.has_table(TABLE, version):
+        return None
+    chains = _named(nl.request(nft_msg(NFT_MSG_GETCHAIN), NLM_F_DUMP, nfgen(version)), NFTA_CHAIN_TABLE,
                     NFTA_CHAIN_NAME)
-    sets = _named(nl.request(_msg(NFT_MSG_GETSET), NLM_F_DUMP, _head(version)), NFTA_SET_TABLE, NFTA_SET_NAME)
+    sets = _named(nl.request(nft_msg(NFT_MSG_GETSET), NLM_F_DUMP, nfgen(version)), NFTA_SET_TABLE, NFTA_SET_NAME)
     family = socket.AF_INET6 if version == 6 else socket.AF_INET
     size = 16 if version == 6 else 4
     allowed: frozenset = frozenset()
     if "allowed" in sets:
-        body = (_head(version) + _attr(NFTA_SET_ELEM_LIST_TABLE, TABLE.encode() + b"\0")
-                + _attr(NFTA_SET_ELEM_LIST_SET, b"allowed\0"))
         # Keys: the interface name in 16 bytes, then the address.
+        dump = nl.request(nft_msg(NFT_MSG_GETSETELEM), NLM_F_DUMP, _set_query(version, "allowed"))
         allowed = frozenset((_text(key[:IFNAMSIZ]), socket.inet_ntop(family, key[IFNAMSIZ:IFNAMSIZ + size]))
-                            for key in _keys(nl.request(_msg(NFT_MSG_GETSETELEM), NLM_F_DUMP, body))
+                            for key in _keys(dump)
                             if len(key) >= IFNAMSIZ + size)
     # `downstream` only matters for the addresses this vif's event may add
     # or delete: those are looked up one by one instead of dumping the set.
