@@ -9,11 +9,11 @@ runs after DNAT and depends only on the virtual addresses, so at no instant is
 a query neither translated nor dropped.
 """
 
-from vif_route_qubes.records import NamedTuple
 from ipaddress import IPv4Address
 
 from vif_route_qubes.batch import Batch, ConntrackPurge, Nft, Restore, Run
 from vif_route_qubes.ipt_state import EMPTY_TABLE, TableState, ensure_jump, sync_chain
+from vif_route_qubes.records import NamedTuple
 
 DNAT_CHAIN = "PR-QBS"
 GUARD_CHAIN = "QBS-DNS-GUARD"

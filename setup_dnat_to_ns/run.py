@@ -5,7 +5,6 @@ import sys
 
 EXIT_UNCHANGED = 100
 ACTIONS = ("up", "vpn-up", "vpn-down", "dhcp4-change")
-QDB_DNS = ("/qubes-netvm-primary-dns", "/qubes-netvm-secondary-dns")
 
 
 def run_dns(params: dict) -> int:
@@ -37,6 +36,7 @@ def run_dns(params: dict) -> int:
 def _virtual(dns1, dns2):
     from vif_route_qubes import parse, sources
     from vif_route_qubes.errors import VifError
+    from vif_route_qubes.inputs import QDB_DNS
 
     wanted = [key for key, given in zip(QDB_DNS, (dns1, dns2)) if given is None]
     qdb = {}
@@ -57,7 +57,6 @@ def _run(*, dispatcher, dns1, dns2, resolv_conf, firewall_flag, dry_run, backend
     from setup_dnat_to_ns.plan import DnsInputs, plan_dns, plan_dns_nft
     from setup_dnat_to_ns.resolvers import upstream_servers
     from vif_route_qubes import ipt_state
-    from vif_route_qubes.errors import VifError
     from vif_route_qubes.lock import locked
 
     from vif_route_qubes import backend as backends

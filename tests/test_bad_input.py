@@ -4,7 +4,6 @@ and 40 vifs brought online and offline at the same moment."""
 import ipaddress
 import re
 import subprocess
-import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings

@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 import pytest
 
-from faults_box import HERE, PATH, PY, VIF, Box, alive, announcer, hold_lock, one_line, timed
+from faults_box import PATH, VIF, Box, alive, announcer, hold_lock, one_line, timed
 from firewall import CHANGE_TOOL, nft_stand_in
 from netns import run_cmd
 

@@ -5,8 +5,9 @@ The planner builds a Batch, the applier (apply.py) carries it out, and
 The rendered script, run by `sh` as root, makes the same changes.
 """
 
-from vif_route_qubes.records import NamedTuple
 from shlex import quote
+
+from vif_route_qubes.records import NamedTuple
 
 
 def _ip(family: int) -> str:

@@ -1,12 +1,12 @@
 """`vif-route-qubes init`: install the base ruleset and turn on forwarding, idempotently."""
 
 from contextlib import nullcontext
-from vif_route_qubes.records import NamedTuple
 
 from vif_route_qubes import base_ipt, ipt_state, logsetup, parse, sources
 from vif_route_qubes.batch import Batch, Nft, Restore, Sysctl
 from vif_route_qubes.errors import VifError
 from vif_route_qubes.lock import locked
+from vif_route_qubes.records import NamedTuple
 
 log = logsetup.get_logger("vif-route-qubes")
 QDB_GATEWAY6 = "/qubes-netvm-gateway6"
@@ -56,9 +56,9 @@ def forwarding(inp: InitInputs) -> list:
 def run_init(inp: InitInputs, firewall: str, dry_run: bool, lock_file: str, lock_timeout: float, out) -> int:
     with nullcontext() if dry_run else locked(lock_file, lock_timeout, "init") as lock_fd:
         if firewall == "nft":
-            from vif_route_qubes import nft
+            from vif_route_qubes import nft_state
 
-            batch = plan_init_nft(inp, nft.read_state())
+            batch = plan_init_nft(inp, nft_state.read_state())
         else:
             batch = plan_init(inp, *ipt_state.save_both())
         if dry_run:

@@ -16,9 +16,9 @@ Every change is one `nft -f` transaction: all of it applies, or none.
 
 import json
 import subprocess
-from vif_route_qubes.records import NamedTuple
 
 from vif_route_qubes.errors import VifError
+from vif_route_qubes.records import NamedTuple
 
 TABLE = "qubes"
 VIF_GROUP = 2
@@ -84,13 +84,6 @@ def parse_ruleset(text: str) -> NftState:
         tables[version] = NftTable(frozenset(chains[version]), allowed, downstream,
                                    "allowed" in found and "downstream" in found)
     return NftState(tables)
-
-
-def read_state(vif: str | None = None, addresses: tuple = ()) -> NftState:
-    """Our tables as they are now, as far as `vif`'s event needs them (over netlink: nft_state.py)."""
-    from vif_route_qubes.nft_state import read_state as read_over_netlink
-
-    return read_over_netlink(vif, addresses)
 
 
 # -- the objects of the base ---------------------------------------------

@@ -32,9 +32,8 @@ def click_option(opt: Opt):
         kwargs["default"] = opt.default
     if opt.kind == "flag":
         return click.option(*opt.flags, opt.dest, is_flag=True, **kwargs)
-    if opt.kind == "switch":
-        return click.option("/".join(opt.flags), opt.dest, default=None,
-                            **{k: v for k, v in kwargs.items() if k != "default"})
+    if opt.kind == "switch":  # no default: None means "ask qubesdb"
+        return click.option("/".join(opt.flags), opt.dest, default=None, **kwargs)
     if opt.kind == "choice":
         kwargs["type"] = click.Choice(list(opt.choices))
     elif opt.kind == "seconds":

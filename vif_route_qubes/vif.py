@@ -67,10 +67,10 @@ def read_facts(inp: VifInputs, firewall: str = "iptables") -> VifFacts:
     if exists:
         extra.update(_routes_and_neighbours(inp.vif))
     if firewall == "nft":
-        from vif_route_qubes import nft
+        from vif_route_qubes import nft_state
 
         return VifFacts(exists=exists, rename_pending=rename_pending, ipv6_enabled=ipv6_enabled,
-                        backend="nft", nft=nft.read_state(inp.vif, inp.addresses), **extra)
+                        backend="nft", nft=nft_state.read_state(inp.vif, inp.addresses), **extra)
     from vif_route_qubes import ipt_netlink
 
     # Over netlink only this vif's rules are read; iptables-save (every rule of
