@@ -29,6 +29,8 @@ class Applier:
         # Children that change the system keep the lock alive if we are killed.
         self._fds = (lock_fd,) if lock_fd is not None else ()
         self.timings: list[tuple[str, float]] = []  # (step kind, seconds), for the benchmark
+        # Processes whose nftables commits are ours: raw_index follows their changes.
+        self.nft_writers: set[int] = {os.getpid()}
 
     def __enter__(self) -> "Applier":
         return self
@@ -63,14 +65,19 @@ class Applier:
     def _restore(self, step: Restore) -> None:
         tool = "ip6tables-restore" if step.family == 6 else "iptables-restore"
         try:
-            result = subprocess.run([tool, "-w", "10", "--noflush"], input=step.text, text=True,
-                                    capture_output=True, timeout=RESTORE_TIMEOUT, pass_fds=self._fds)
+            proc = subprocess.Popen([tool, "-w", "10", "--noflush"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True, pass_fds=self._fds)
         except FileNotFoundError:
             raise VifError(f"{tool} is not installed") from None
+        self.nft_writers.add(proc.pid)
+        try:
+            _, stderr = proc.communicate(step.text, timeout=RESTORE_TIMEOUT)
         except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
             raise VifError(f"{tool} did not finish within {RESTORE_TIMEOUT:g} s") from None
-        if result.returncode != 0:
-            detail = " ".join(result.stderr.split())[:300] or f"exit {result.returncode}"
+        if proc.returncode != 0:
+            detail = " ".join(stderr.split())[:300] or f"exit {proc.returncode}"
             raise VifError(f"{tool} failed: {detail}")
 
     def _rawdelete(self, step: RawDelete) -> None:

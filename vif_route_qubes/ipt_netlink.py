@@ -28,7 +28,7 @@ NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 16, 17
 TABLE = b"raw\0"
 # Attribute numbers of uapi linux/netfilter/nf_tables.h.
 RULE_TABLE, RULE_CHAIN, RULE_HANDLE, RULE_EXPRESSIONS = 1, 2, 3, 4
-CHAIN_TABLE, CHAIN_NAME = 1, 3
+CHAIN_TABLE, CHAIN_NAME, CHAIN_USE = 1, 3, 6
 EXPR_NAME, EXPR_DATA = 1, 2
 META_KEY, META_IIFNAME = 2, 6
 CMP_OP, CMP_DATA, CMP_EQ, CMP_NEQ = 2, 3, 0, 1
@@ -132,27 +132,78 @@ def decode(payload: bytes, version: int) -> tuple[int, str, str | None] | None:
     return handle, chain, " ".join(words)
 
 
-def _read_family(nl: Netlink, version: int, vif: str) -> TableState | None:
+class _Stale(Exception):
+    """A rule the index lists is gone or not this vif's: read the whole chain."""
+
+
+def _by_handle(nl: Netlink, head: bytes, version: int, vif: str, known: tuple) -> tuple[list, list]:
+    """The dispatch chain as far as the index knows it: this vif's rules read
+    back one by one, every other rule a placeholder."""
+    from vif_route_qubes.antispoof_ipt import DISPATCH
+
+    handles, others = known
+    tag = f'--comment "{vif}" '
+    lines = []
+    for handle in handles:
+        try:
+            answer = nl.request(nft_msg(NFT_MSG_GETRULE), 0,
+                                head + _attr(RULE_TABLE, TABLE) + _attr(RULE_CHAIN, DISPATCH.encode() + b"\0")
+                                + _attr(RULE_HANDLE, struct.pack(">Q", handle)))
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                raise _Stale from None
+            raise
+        decoded = decode(answer[0], version) if answer else None
+        if decoded is None or decoded[2] is None or tag not in decoded[2] or decoded[:2] != (handle, DISPATCH):
+            raise _Stale
+        lines.append(decoded[2])
+    return lines + [f"-A {DISPATCH} ?"] * others, list(handles) + [None] * others
+
+
+def _read_family(nl: Netlink, version: int, vif: str, known: tuple | None,
+                 tags: dict[int, str] | None) -> TableState | None:
+    """One family's raw table; `known` is what the index lists for the
+    dispatch chain, else the chain is read whole and `tags` filled in."""
     from vif_route_qubes.antispoof_ipt import DISPATCH, vif_chain
 
     head = nfgen(version)
     if not nl.has_table("raw", version):
+        if known is not None and (known[0] or known[1]):
+            raise _Stale
         return TableState(frozenset(), (), ())
-    chains = []
+    chains, uses = [], {}
     for chain in ("PREROUTING", DISPATCH, vif_chain(vif)):
         try:
-            nl.request(nft_msg(NFT_MSG_GETCHAIN), 0,
-                       head + _attr(CHAIN_TABLE, TABLE) + _attr(CHAIN_NAME, chain.encode() + b"\0"))
+            answer = nl.request(nft_msg(NFT_MSG_GETCHAIN), 0,
+                                head + _attr(CHAIN_TABLE, TABLE) + _attr(CHAIN_NAME, chain.encode() + b"\0"))
             chains.append(chain)
+            uses[chain] = _be32(dict(_attrs(answer[0][4:])), CHAIN_USE) if answer else -1
         except OSError as exc:
             if exc.errno != errno.ENOENT:
                 raise
+    if known is not None and DISPATCH not in chains and (known[0] or known[1]):
+        raise _Stale
     needle = vif.encode() + b"\0"  # in every rule of this vif (its comment), and in few others
+    if tags is not None:
+        from vif_route_qubes.raw_index import tag_of
     rules, handles = [], []
     for chain in chains:
+        if chain == DISPATCH and known is not None:
+            # The kernel counts a chain's rules and the jumps to it: the index
+            # must account for every rule there, or the whole chain is read.
+            jumps = sum(1 for line in dict(rules).get("PREROUTING", ()) if line.endswith(f" -j {DISPATCH}"))
+            if uses[DISPATCH] != len(known[0]) + known[1] + jumps:
+                raise _Stale
+            lines, numbers = _by_handle(nl, head, version, vif, known)
+            if lines:
+                rules.append((chain, tuple(lines)))
+                handles.append((chain, tuple(numbers)))
+            continue
         lines, numbers = [], []
         query = head + _attr(RULE_TABLE, TABLE) + _attr(RULE_CHAIN, chain.encode() + b"\0")
         for payload in nl.request(nft_msg(NFT_MSG_GETRULE), NLM_F_DUMP, query):
+            if chain == DISPATCH and tags is not None:
+                tags[struct.unpack(">Q", dict(_attrs(payload[4:]))[RULE_HANDLE][:8])[0]] = tag_of(payload)
             if chain == DISPATCH and needle not in payload:
                 lines.append(f"-A {chain} ?")  # another vif's rule: counted, not read
                 numbers.append(None)
@@ -173,21 +224,38 @@ def _read_family(nl: Netlink, version: int, vif: str) -> TableState | None:
     return TableState(frozenset(chains), tuple(rules), tuple(handles))
 
 
-def read_raw(vif: str) -> tuple[TableState, TableState] | None:
+def read_raw(vif: str, index=None) -> tuple[TableState, TableState] | None:
     """The raw tables (IPv4, IPv6) as far as an event of `vif` needs them,
-    with rule handles; None when iptables-save must be read instead."""
+    with rule handles; None when iptables-save must be read instead.
+
+    `index` (a raw_index.Session) saves reading the whole dispatch chain when
+    it can be trusted, and is rebuilt from it when it cannot."""
     if not nf_tables_variant():
         return None
     try:
-        nl = Netlink(NETLINK_NETFILTER)
+        nl = index.nl if index is not None else Netlink(NETLINK_NETFILTER)
     except OSError:
         return None
     try:
-        states = tuple(_read_family(nl, version, vif) for version in (4, 6))
+        if index is not None and index.trusted:
+            try:
+                states = tuple(_read_family(nl, version, vif, (index.index.handles(vif, version),
+                                                              index.index.others(vif, version)), None)
+                               for version in (4, 6))
+                index.read = index.spared = None not in states
+                return None if None in states else states
+            except _Stale:
+                index.distrust()
+        tags = {4: {}, 6: {}} if index is not None else {4: None, 6: None}
+        states = tuple(_read_family(nl, version, vif, None, tags[version]) for version in (4, 6))
+        if index is not None and None not in states:
+            index.rebuilt(tags)
+            index.read = True
     except OSError:
         return None
     finally:
-        nl.close()
+        if index is None:
+            nl.close()
     return None if None in states else states
 
 

@@ -32,7 +32,7 @@ NDA_DST, NDA_LLADDR, NDA_IFINDEX = 1, 2, 8
 NUD_PERMANENT = 0x80
 
 NFNL_SUBSYS_CTNETLINK, NFNL_SUBSYS_NFTABLES = 1, 10
-NFT_MSG_GETTABLE, NFTA_TABLE_NAME = 1, 1
+NFT_MSG_GETTABLE, NFTA_TABLE_NAME, NFT_MSG_GETGEN, NFTA_GEN_ID = 1, 1, 16, 1
 NFPROTO = {4: 2, 6: 10}  # NFPROTO_IPV4, NFPROTO_IPV6
 IPCTNL_MSG_CT_GET, IPCTNL_MSG_CT_DELETE = 1, 2
 CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, CTA_ID, CTA_ZONE = 1, 2, 12, 18
@@ -155,6 +155,11 @@ class Netlink:
             if exc.errno == errno.ENOENT:
                 return False
             raise
+
+    def generation(self) -> int:
+        """The nftables ruleset's generation: every committed change bumps it."""
+        answer = self.request(nft_msg(NFT_MSG_GETGEN), 0, struct.pack("=BBH", socket.AF_UNSPEC, 0, 0))
+        return struct.unpack(">I", dict(_attrs(answer[0][4:]))[NFTA_GEN_ID][:4])[0]
 
     # -- rtnetlink ----------------------------------------------------------
 

@@ -114,7 +114,8 @@ def read_state(vif: str | None = None, addresses: tuple = ()) -> NftState:
     removes), so a VM set up by `init` does not dump every link."""
     nl = Netlink(NETLINK_NETFILTER)
     try:
-        tables = {version: table for version in FAMILIES if (table := _read_table(nl, version, vif, addresses)) is not None}
+        tables = {version: table for version in FAMILIES
+                  if (table := _read_table(nl, version, vif, addresses)) is not None}
     finally:
         nl.close()
     state = NftState(tables)
