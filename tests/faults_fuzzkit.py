@@ -170,7 +170,7 @@ def check_servers(servers, source):
 def fake_tool(store):
     """xenstore-read, xenstore-write and qubesdb-read as CONTRACT section 6 describes them."""
     def run(argv, timeout=None):
-        name, args, out, status = argv[0], list(argv[1:]), "", 0
+        name, args, out, err, status = argv[0], list(argv[1:]), "", "", 0
         if name == "xenstore-read":
             for path in args:
                 if path not in store:
@@ -181,10 +181,11 @@ def fake_tool(store):
                 if path in store:
                     out += (f"{path} = " if "-f" in args else "") + store[path] + "\n"
                 else:
+                    err += "" if "-q" in args else f"Failed to read {path}\n"
                     status = 2
         elif name != "xenstore-write":
             raise AssertionError(f"unexpected program {argv}")
-        return subprocess.CompletedProcess(argv, status, out, "")
+        return subprocess.CompletedProcess(argv, status, out, err)
     return run
 
 

@@ -123,3 +123,13 @@ def test_an_index_that_miscounts_the_chain_is_not_believed(netns, xen, vifcmd):
     vif, xpath = vms[0]
     ok(hotplug(proxy, xen, vifcmd, "offline", vif, xpath, "iptables"))
     assert dispatch_lines(proxy) == theirs
+
+
+def test_the_offline_of_the_last_vif_leaves_no_index(netns, xen, vifcmd):
+    proxy = make_provider(netns)
+    vif, path = add_vm(netns, xen, proxy, 37)
+    ok(hotplug(proxy, xen, vifcmd, "online", vif, path, "iptables"))
+    written = index_file(xen)
+    assert "vif37.0 4:" in written.read_text()
+    ok(hotplug(proxy, xen, vifcmd, "offline", vif, path, "iptables"))
+    assert list(written.parent.iterdir()) == []

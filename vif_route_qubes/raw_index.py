@@ -180,7 +180,7 @@ class Session:
         """Follow the changes made since the read; write the index at the new
         generation when all of them were ours, drop it otherwise."""
         gen = self._follow(writers) if self.read and self.index is not None else None
-        if gen is None:
+        if gen is None or not any(self.index.counts.values()):  # nothing to trust, or nothing to index
             try:
                 os.unlink(self.path)
             except OSError:

@@ -72,41 +72,30 @@ def xenstore_write(pairs: dict[str, str]) -> None:
 
 
 def qubesdb_read(paths: list[str]) -> dict[str, str]:
-    """Values of the qubesdb keys that exist, from `qubesdb-read -f -q`.
+    """Values of the qubesdb keys that exist, from one `qubesdb-read -f` call.
 
-    With -f every value comes as `PATH = value` in the order asked, so a key
-    that is missing (no line) cannot shift the others.  A line that is not the
-    next expected `PATH = ` is refused rather than guessed at.  One thing the
-    output cannot show is a value holding a newline followed by `PATH = `:
-    when every key exists, the line count gives it away; when some are missing
-    (exit 2), the keys found are read once more on their own, where all of
-    them must exist and give exactly one line each.
+    With -f every value comes as `PATH = value` in the order asked, and each
+    missing key is named on stderr (`Failed to read PATH`), so exactly one
+    line is due for each key found.  A value holding a line break (which could
+    pass for another key's line) makes one line too many and is refused, as
+    is any line that is not the next expected `PATH = `.
     """
     if not paths:
         return {}
-    values, complete = _qubesdb_once(paths)
-    if not complete and values and _qubesdb_once(list(values)) != (values, True):
-        raise VifError("qubesdb-read gave a value with a line break in it")
-    return values
-
-
-def _qubesdb_once(paths: list[str]) -> tuple[dict[str, str], bool]:
-    """(values found, whether every key existed)."""
-    result = _run(["qubesdb-read", "-f", "-q", *paths])
+    result = _run(["qubesdb-read", "-f", *paths])
     if result.returncode not in (0, 2):
         raise VifError(f"qubesdb-read failed: {result.stderr.strip() or 'exit ' + str(result.returncode)}")
-    values: dict[str, str] = {}
-    remaining = list(paths)
+    missing = {line[len("Failed to read "):] for line in result.stderr.splitlines()
+               if line.startswith("Failed to read ")}
+    found = [path for path in paths if path not in missing]
     text = result.stdout[:-1] if result.stdout.endswith("\n") else result.stdout
     lines = text.split("\n") if text else []
-    if result.returncode == 0 and len(lines) != len(paths):
-        raise VifError(f"qubesdb-read printed {len(lines)} lines for {len(paths)} keys")
-    for line in lines:
-        for index, path in enumerate(remaining):
-            if line.startswith(path + " = "):
-                values[path] = line[len(path) + 3 :]
-                remaining = remaining[index + 1 :]
-                break
-        else:
+    if len(lines) != len(found) or (result.returncode == 2) == (len(found) == len(paths)):
+        raise VifError(f"qubesdb-read printed {len(lines)} lines for {len(found)} keys found of {len(paths)}"
+                       " (a value with a line break in it?)")
+    values: dict[str, str] = {}
+    for path, line in zip(found, lines):
+        if not line.startswith(path + " = "):
             raise VifError(f"qubesdb-read printed an unexpected line {line[:60]!r}")
-    return values, result.returncode == 0
+        values[path] = line[len(path) + 3 :]
+    return values
