@@ -16,7 +16,7 @@ def run_dns(params: dict) -> int:
     sources.set_timeout(params["tool_timeout"])
     action = params["action"]
     if params.get("check"):
-        from vif_route_qubes.check import run_dns_check
+        from vif_route_qubes.check_dns import run_dns_check
 
         return run_dns_check(lambda: _virtual(params["dns1"], params["dns2"]), params["resolv_conf"],
                              params["as_json"], params["backend"], params["lock_file"], params["lock_timeout"])

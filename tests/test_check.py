@@ -394,12 +394,12 @@ def test_pure_comparisons():
     from ipaddress import ip_address
 
     from setup_dnat_to_ns.plan import DnsInputs
-    from vif_route_qubes import check, ipt_state
+    from vif_route_qubes import check, check_dns, ipt_state
 
     assert check.lines_drift("vif1.0", "x", ("-A C -j DROP", "-A C -s a -j RETURN"),
                              ("-A C -s a -j RETURN", "-A C -j DROP"), ordered=True)[0].kind == "rules-out-of-order"
     inp = DnsInputs(virtual=(ip_address("10.139.1.1"),), upstream=(ip_address("203.0.113.53"),))
-    missing = check.dns_drift(inp, {})
+    missing = check_dns.dns_drift(inp, {})
     assert {d.kind for d in missing} == {"chain-missing", "jump-missing"} and len(missing) == 5
     raw = ipt_state.parse_save("*raw\n:QBS-AS-vif40.0 - [0:0]\n-A QBS-AS-vif40.0 -s 10.137.7.40/32 -j RETURN\nCOMMIT\n")
     net = check.NetState({}, {}, (), {}, {4: raw["raw"], 6: ipt_state.EMPTY_TABLE}, {})

@@ -204,8 +204,8 @@ class Note(NamedTuple):
         return "# " + self.message.replace("\n", " ")
 
 
-Step = (Restore | Nft | Group | Exec | ReturnLink | Sysctl | Rename | Link | Addr | Route | Neigh | ConntrackPurge | Hook | XenstoreWrite
-        | Run | Note)
+Step = (Restore | RawDelete | Nft | Group | Exec | ReturnLink | Sysctl | Rename | Link | Addr | Route | Neigh
+        | ConntrackPurge | Hook | XenstoreWrite | Run | Note)
 
 
 class Batch(NamedTuple):

@@ -33,7 +33,6 @@ from vif_route_qubes.records import NamedTuple
 EXIT_CLEAN, EXIT_DRIFT, EXIT_USAGE, EXIT_UNKNOWN = 0, 1, 2, 1
 VIF_NAME = re.compile(r"vif(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)")
 _HOST_SOURCE = re.compile(r"-s (\S+)/(?:32|128) ")
-_DNAT = re.compile(r"-A \S+ -d (\S+)/32 -p (udp|tcp) -m \2 --dport 53 -j DNAT --to-destination (\S+)")
 # Read for every vif under the lock; any other sysctl the planner asks for is read when compared.
 _SYSCTLS = (("ipv4", ("proxy_arp", *plan_vif.HARDEN_V4)),
             ("ipv6", ("proxy_ndp", "disable_ipv6", *plan_vif.HARDEN_V6)))
@@ -221,64 +220,6 @@ def discover(net: NetState) -> list[str]:
                   key=lambda n: tuple(map(int, VIF_NAME.fullmatch(n).groups())))
 
 
-def dns_drift(inp, tables: dict) -> list[Drift]:
-    """Our DNS chains and their jumps, against what the DNS planner installs on empty tables."""
-    from setup_dnat_to_ns import plan as dns_plan
-
-    text = dns_plan.rules_text(inp, {}) or ""
-    out: list[Drift] = []
-    for name, want in ipt_state.parse_save(text).items():
-        have = tables.get(name, ipt_state.EMPTY_TABLE)
-        for chain in sorted(want.chains):
-            if chain not in have.chains:
-                out.append(Drift("DNS", "chain-missing", f"chain {name} {chain} missing"))
-            elif chain == dns_plan.DNAT_CHAIN:
-                out += _dnat_drift(inp, have.rules_of(chain), want.rules_of(chain))
-            else:
-                out += lines_drift("DNS", f"{name} {chain}", have.rules_of(chain), want.rules_of(chain))
-    table = None
-    for line in text.splitlines():  # the planner's check-then-insert jumps: -I BUILTIN POS ...
-        table = line[1:] if line.startswith("*") else table
-        if line.startswith("-I "):
-            _, builtin, _, rest = line.split(" ", 3)
-            jump = f"-A {builtin} {rest}"
-            count = tables.get(table, ipt_state.EMPTY_TABLE).rules_of(builtin).count(jump)
-            if count != 1:
-                what = "missing" if not count else f"duplicated {count} times"
-                out.append(Drift("DNS", "jump-missing" if not count else "jump-duplicated",
-                                 f"jump {what} ({table}): {jump}"))
-    if not out and dns_plan.rules_text(inp, tables) is not None:
-        out.append(Drift("DNS", "rules-differ", "DNS rules differ from what qubes-setup-dnat-to-ns would install"))
-    return out
-
-
-def _dnat_drift(inp, current: tuple, wanted: tuple) -> list[Drift]:
-    """Per virtual address: where it is DNATed to, and where it should be."""
-    out = [d for d in lines_drift("DNS", "nat PR-QBS", current, wanted) if d.kind == "rule-duplicated"]
-    have: dict = {}
-    want: dict = {}
-    for lines, into in ((current, have), (wanted, want)):
-        for line in lines:
-            if match := _DNAT.fullmatch(line):
-                into.setdefault(match.group(1), {}).setdefault(match.group(2), set()).add(match.group(3))
-            else:
-                out.append(Drift("DNS", "rule-unexpected", f"unexpected nat PR-QBS rule: {line}"))
-
-    def where(protos: dict) -> str:  # "203.0.113.53", or "203.0.113.53 (tcp only)"
-        targets = ", ".join(sorted(set().union(*protos.values())))
-        return targets if len(protos) == 2 else f"{targets} ({' and '.join(protos)} only)"
-
-    virtual = [str(v) for v in inp.virtual]
-    for addr in dict.fromkeys([*virtual, *have]):
-        h, w = have.get(addr, {}), want.get(addr, {})
-        if h != w:
-            is_now = f"is DNATed to {where(h)}" if h else "is not DNATed"
-            should = ("but it is not a virtual DNS address" if addr not in virtual
-                      else f"should be {where(w) if w else 'dropped (no upstream resolver)'}")
-            out.append(Drift("DNS", "dns-target", f"{addr} {is_now}, {should}"))
-    return out
-
-
 # -- reading the system ---------------------------------------------------
 
 def _read_proc(path: str) -> str | None:
@@ -392,7 +333,8 @@ def _all_vifs(args, net: NetState) -> list[Drift]:
         if path and sources.xenstore_read([f"{path}/ip"]):
             vif_args = args._replace(vif=name, xenbus_path=path, addresses=None)
         else:
-            vif_args = args._replace(vif=name, xenbus_path=None, addresses=tuple(map(str, rule_addresses(net.raw, name))))
+            addresses = tuple(map(str, rule_addresses(net.raw, name)))
+            vif_args = args._replace(vif=name, xenbus_path=None, addresses=addresses)
         try:
             out += vif_drift(inputs.read_vif_inputs(vif_args), net)
         except InputError as exc:
@@ -423,22 +365,3 @@ def run_vif_check(params: dict, every: bool, as_json: bool, out=sys.stdout) -> i
         return (jump_drift(net.raw) if inp.vif in net.links else []) + vif_drift(inp, net)
 
     return _report("vif-route-qubes", collect, as_json, out)
-
-
-def run_dns_check(read_virtual, resolv_conf: str, as_json: bool, backend: str, lock_file: str,
-                  lock_timeout: float, out=sys.stdout) -> int:
-    """`qubes-setup-dnat-to-ns --check`; read_virtual() gives the virtual DNS addresses."""
-    from setup_dnat_to_ns.plan import DnsInputs
-    from setup_dnat_to_ns.resolvers import upstream_servers
-
-    def collect() -> list[Drift]:
-        _refuse_nft(backend)
-        virtual = read_virtual()
-        if not virtual:
-            return []  # this VM provides no network: nothing is expected
-        inp = DnsInputs(virtual=virtual, upstream=upstream_servers(resolv_conf))
-        with shared_lock(lock_file, lock_timeout):
-            mangle, nat = ipt_state.save([(4, "mangle"), (4, "nat")])
-        return dns_drift(inp, {"mangle": ipt_state.table(mangle, "mangle"), "nat": ipt_state.table(nat, "nat")})
-
-    return _report("qubes-setup-dnat-to-ns", collect, as_json, out)
