@@ -111,7 +111,7 @@ def read_state(vif: str | None = None, addresses: tuple = ()) -> NftState:
     """Our tables of both families (`downstream` only as far as it holds the
     vif's addresses in `allowed` and `addresses`); the vif-group links only when they can
     matter (a table `init` did not make, which offline of the last vif
-    removes), so a VM set up by `init` does not dump every link."""
+    removes, and no other vif's element), so an event does not dump every link."""
     nl = Netlink(NETLINK_NETFILTER)
     try:
         tables = {version: table for version in FAMILIES
@@ -119,7 +119,10 @@ def read_state(vif: str | None = None, addresses: tuple = ()) -> NftState:
     finally:
         nl.close()
     state = NftState(tables)
-    if any(not is_base(t) for t in tables.values()):
+    # The links only tell whether another vif relies on a table `init` did not
+    # make; another vif's element in `allowed` already says so.
+    others = any(name != vif for table in tables.values() for name, _ in table.allowed)
+    if not others and any(not is_base(t) for t in tables.values()):
         route = Netlink(NETLINK_ROUTE)
         try:
             state = state._replace(vif_links=frozenset(route.links_in_group(VIF_GROUP)))
