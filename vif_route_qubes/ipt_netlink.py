@@ -138,7 +138,8 @@ class _Stale(Exception):
 
 def _by_handle(nl: Netlink, head: bytes, version: int, vif: str, known: tuple) -> tuple[list, list]:
     """The dispatch chain as far as the index knows it: this vif's rules read
-    back one by one, every other rule a placeholder."""
+    back one by one, and one placeholder for all the others (the planner only
+    asks whether there are any)."""
     from vif_route_qubes.antispoof_ipt import DISPATCH
 
     handles, others = known
@@ -157,7 +158,7 @@ def _by_handle(nl: Netlink, head: bytes, version: int, vif: str, known: tuple) -
         if decoded is None or decoded[2] is None or tag not in decoded[2] or decoded[:2] != (handle, DISPATCH):
             raise _Stale
         lines.append(decoded[2])
-    return lines + [f"-A {DISPATCH} ?"] * others, list(handles) + [None] * others
+    return lines + [f"-A {DISPATCH} ?"] * min(others, 1), list(handles) + [None] * min(others, 1)
 
 
 def _read_family(nl: Netlink, version: int, vif: str, known: tuple | None,

@@ -56,15 +56,18 @@ def tag_of(payload: bytes) -> str:
 
 class Index:
     """Rule handles of the dispatch chain by tag and family, at generation `gen`.
-    Lines are parsed only when their tag is asked for: an event touches one."""
 
-    def __init__(self, gen: int, counts: dict[int, int], lines: dict[str, str]) -> None:
-        self.gen, self.counts, self._lines = gen, counts, lines
-        self._parsed: dict[str, dict[int, list[int]]] = {}
+    The file's lines (`TAG 4:H,H 6:H`) are kept as one text: an event finds
+    and rewrites its own line with string searches, so neither reading nor
+    writing the index costs a step per VM in Python."""
+
+    def __init__(self, gen: int, counts: dict[int, int], body: str = "") -> None:
+        self.gen, self.counts, self._body = gen, counts, body
+        self._entries: dict[str, dict[int, list[int]]] = {}  # parsed, maybe changed since
 
     @classmethod
     def of_rules(cls, gen: int, rules: dict[int, dict[int, str]]) -> "Index":
-        index = cls(gen, {4: 0, 6: 0}, {})
+        index = cls(gen, {4: 0, 6: 0})
         for version, tags in rules.items():
             for handle, tag in tags.items():
                 index.add(tag, version, handle)
@@ -74,22 +77,29 @@ class Index:
     def parse(cls, text: str) -> "Index":
         head, _, body = text.partition("\n")
         words = head.split(" ")
-        if len(words) != 4 or words[0] != "gen":
+        if len(words) != 4 or words[0] != "gen" or not words[2].startswith("4:") or not words[3].startswith("6:"):
             raise ValueError("bad header")
-        counts = {4: int(words[2].removeprefix("4:")), 6: int(words[3].removeprefix("6:"))}
-        lines = {}
-        for line in body.splitlines():
-            lines[line.partition(" ")[0]] = line
-        return cls(int(words[1]), counts, lines)
+        if body and not body.endswith("\n"):
+            raise ValueError("truncated")
+        return cls(int(words[1]), {4: int(words[2][2:]), 6: int(words[3][2:])}, body)
+
+    def _span(self, tag: str) -> tuple[int, int] | None:
+        """Where the tag's line is in the text (with its newline)."""
+        start = 0 if self._body.startswith(tag + " ") else self._body.find("\n" + tag + " ") + 1
+        if start == 0 and not self._body.startswith(tag + " "):
+            return None
+        return start, self._body.index("\n", start) + 1
 
     def _entry(self, tag: str) -> dict[int, list[int]]:
-        if tag not in self._parsed:
+        if tag not in self._entries:
             entry = {4: [], 6: []}
-            for part in self._lines.get(tag, "").split(" ")[1:]:
-                version, _, handles = part.partition(":")
-                entry[int(version)] = [int(h) for h in handles.split(",") if h]
-            self._parsed[tag] = entry
-        return self._parsed[tag]
+            span = self._span(tag)
+            if span is not None:
+                for part in self._body[span[0] : span[1] - 1].split(" ")[1:]:
+                    version, _, handles = part.partition(":")
+                    entry[int(version)] = [int(h) for h in handles.split(",") if h]
+            self._entries[tag] = entry
+        return self._entries[tag]
 
     def handles(self, tag: str, version: int) -> list[int]:
         return list(self._entry(tag)[version])
@@ -114,19 +124,21 @@ class Index:
         return True
 
     def clear(self, version: int) -> None:
-        for tag in list(self._lines):
-            self._entry(tag)
-        for entry in self._parsed.values():
+        for line in self._body.splitlines():
+            self._entry(line.partition(" ")[0])
+        for entry in self._entries.values():
             entry[version] = []
         self.counts[version] = 0
 
     def text(self) -> str:
-        for tag, entry in self._parsed.items():
+        for tag, entry in self._entries.items():
+            span = self._span(tag)
+            if span is not None:
+                self._body = self._body[: span[0]] + self._body[span[1] :]
             if entry[4] or entry[6]:
-                self._lines[tag] = " ".join([tag] + [f"{v}:{','.join(map(str, entry[v]))}" for v in (4, 6)])
-            else:
-                self._lines.pop(tag, None)
-        return "\n".join([f"gen {self.gen} 4:{self.counts[4]} 6:{self.counts[6]}", *self._lines.values()]) + "\n"
+                self._body += " ".join([tag] + [f"{v}:{','.join(map(str, entry[v]))}" for v in (4, 6)]) + "\n"
+        self._entries = {}
+        return f"gen {self.gen} 4:{self.counts[4]} 6:{self.counts[6]}\n" + self._body
 
 
 def _folder(lock_file: str) -> str | None:
