@@ -9,7 +9,7 @@ Prints, for each target, the median and the min-max spread of N runs (>= 10):
   online    online alone
   hotplug   online+offline in Xen's form, with the file-backed stand-ins
   scale     one more online+offline with 400 vifs already online, vs none
-            (100 rounds or more, turn about)
+            (300 rounds or more, turn about)
   storm     100 online events started at once vs the same 100 one by one
   dns       qubes-setup-dnat-to-ns with unchanged inputs (exit 100)
 and the in-process split (imports, inputs, lock, facts, plan, apply, and
@@ -149,9 +149,9 @@ def scale_bench(netns, env, runs):
         for i in range(400):
             timed([VIF, "online", f"vif{1000 + i}.0", f"10.137.{8 + i // 250}.{1 + i % 250}", *MANUAL], env)
     # An offline's wait in the kernel varies by several ms from one run to the
-    # next: 100 rounds or more, so that a 5 % difference is not lost in noise.
+    # next (4 ms steps): 300 rounds or more, or a 5 % difference is lost in noise.
     base, with_400 = [], []
-    for _ in range(max(runs, 100)):
+    for _ in range(max(runs, 300)):
         base += pair_bench(empty, env, 1)[0]
         with_400 += pair_bench(loaded, env, 1)[0]
     return {"none": stats(base), "with_400": stats(with_400),
