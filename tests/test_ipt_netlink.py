@@ -31,13 +31,20 @@ def read(proxy, xen, vif):
     return json.loads(result.stdout)
 
 
-def test_what_netlink_reads_is_what_iptables_save_shows(netns, xen, vifcmd):
+def online_three(netns, xen, vifcmd):
+    """Three VMs online with iptables: two addresses each way, and vif137.0
+    whose name holds vif37.0's bytes but for its first character."""
     proxy = make_provider(netns)
     vms = [add_vm(netns, xen, proxy, domid, addrs=addrs) for domid, addrs in
            [(37, ("10.137.7.27", "fd09:24ef:4179::a89:71b")), (38, ("10.137.7.28", "10.137.7.29")),
             (137, ("10.137.7.30",))]]
     for vif, path in vms:
         ok(hotplug(proxy, xen, vifcmd, "online", vif, path, "iptables"))
+    return proxy, vms
+
+
+def test_what_netlink_reads_is_what_iptables_save_shows(netns, xen, vifcmd):
+    proxy, vms = online_three(netns, xen, vifcmd)
     for vif, _ in vms:
         seen = read(proxy, xen, vif)
         assert seen["mine"] is not None

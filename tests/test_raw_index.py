@@ -14,6 +14,7 @@ from hypothesis import given, settings, strategies as st
 
 from netns import BIN, run_cmd
 from test_idempotence import add_vm, hotplug, make_provider, ok
+from test_ipt_netlink import online_three
 
 READER = """
 import json, sys
@@ -40,16 +41,6 @@ def index_file(xen) -> Path:
 def dispatch_lines(proxy, family=4) -> list[str]:
     save = "ip6tables-save" if family == 6 else "iptables-save"
     return [line for line in proxy.out(f"{save} -t raw").splitlines() if line.startswith("-A QBS-ANTISPOOF ")]
-
-
-def online_three(netns, xen, vifcmd):
-    proxy = make_provider(netns)
-    vms = [add_vm(netns, xen, proxy, domid, addrs=addrs) for domid, addrs in
-           [(37, ("10.137.7.27", "fd09:24ef:4179::a89:71b")), (38, ("10.137.7.28", "10.137.7.29")),
-            (137, ("10.137.7.30",))]]
-    for vif, path in vms:
-        ok(hotplug(proxy, xen, vifcmd, "online", vif, path, "iptables"))
-    return proxy, vms
 
 
 def test_what_the_index_reads_is_what_a_full_read_sees(netns, xen, vifcmd):
