@@ -24,17 +24,17 @@ import socket
 import stat
 import struct
 
+from vif_route_qubes.antispoof_ipt import DISPATCH
 from vif_route_qubes.ipt_netlink import (EXPR_DATA, EXPR_NAME, MATCH_INFO, MATCH_NAME, RULE_CHAIN, RULE_EXPRESSIONS,
                                          RULE_HANDLE, RULE_TABLE, SAFE, TABLE, nf_tables_variant)
 from vif_route_qubes.netlink import NETLINK_NETFILTER, NFNL_SUBSYS_NFTABLES, Netlink, _attrs
 
 NFNLGRP_NFTABLES, SO_NETNS_COOKIE = 7, 71
 NFT_MSG_DELTABLE, NFT_MSG_DELCHAIN, NFT_MSG_NEWRULE, NFT_MSG_DELRULE, NFT_MSG_NEWGEN = 2, 5, 6, 8, 15
-NFTA_TABLE_NAME, NFTA_CHAIN_NAME, NFTA_GEN_ID, NFTA_GEN_PROC_PID = 1, 3, 1, 2
+NFTA_CHAIN_NAME, NFTA_GEN_ID, NFTA_GEN_PROC_PID = 3, 1, 2
 VERSIONS = {2: 4, 10: 6}  # NFPROTO_IPV4, NFPROTO_IPV6
 MAGIC = "vif-route-qubes raw index 1"
 UNTAGGED = "-"  # a rule without a comment naming a vif
-DISPATCH = "QBS-ANTISPOOF"  # antispoof_ipt.DISPATCH, without importing the planner
 
 
 def _name(value: bytes) -> bytes:
