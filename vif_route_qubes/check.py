@@ -283,7 +283,7 @@ def shared_lock(path: str, timeout: float):
             os.close(fd)
 
 
-def _refuse_nft(choice: str) -> None:
+def refuse_nft(choice: str) -> None:
     try:
         from vif_route_qubes.backend import resolve
     except ImportError:  # no nft backend at all
@@ -292,7 +292,7 @@ def _refuse_nft(choice: str) -> None:
         raise InputError("nft backend not supported yet")
 
 
-def _report(logger: str, collect, as_json: bool, out) -> int:
+def report(logger: str, collect, as_json: bool, out) -> int:
     """Print what collect() found: one line each, or JSON; a failure to collect is one line on stderr."""
     try:
         drifts = collect()
@@ -352,7 +352,7 @@ def run_vif_check(params: dict, every: bool, as_json: bool, out=sys.stdout) -> i
     def collect() -> list[Drift]:
         if every == bool(params["vif"]):
             raise InputError("give a VIF or --all (not both)")
-        _refuse_nft(params["backend"])
+        refuse_nft(params["backend"])
         env_ip = os.environ.get("ip")
         addresses = params["addresses"] or (tuple(env_ip.split()) if env_ip and env_ip.strip() else None)
         args = VifArgs("online", **{k: params[k] for k in VifArgs._fields if k in params and k != "addresses"},
@@ -364,4 +364,4 @@ def run_vif_check(params: dict, every: bool, as_json: bool, out=sys.stdout) -> i
             return _all_vifs(args, net)
         return (jump_drift(net.raw) if inp.vif in net.links else []) + vif_drift(inp, net)
 
-    return _report("vif-route-qubes", collect, as_json, out)
+    return report("vif-route-qubes", collect, as_json, out)

@@ -5,7 +5,7 @@ import re
 import sys
 
 from vif_route_qubes import ipt_state
-from vif_route_qubes.check import Drift, _refuse_nft, _report, lines_drift, shared_lock
+from vif_route_qubes.check import Drift, lines_drift, refuse_nft, report, shared_lock
 
 _DNAT = re.compile(r"-A \S+ -d (\S+)/32 -p (udp|tcp) -m \2 --dport 53 -j DNAT --to-destination (\S+)")
 
@@ -75,7 +75,7 @@ def run_dns_check(read_virtual, resolv_conf: str, as_json: bool, backend: str, l
     from setup_dnat_to_ns.resolvers import upstream_servers
 
     def collect() -> list[Drift]:
-        _refuse_nft(backend)
+        refuse_nft(backend)
         virtual = read_virtual()
         if not virtual:
             return []  # this VM provides no network: nothing is expected
@@ -84,4 +84,4 @@ def run_dns_check(read_virtual, resolv_conf: str, as_json: bool, backend: str, l
             mangle, nat = ipt_state.save([(4, "mangle"), (4, "nat")])
         return dns_drift(inp, {"mangle": ipt_state.table(mangle, "mangle"), "nat": ipt_state.table(nat, "nat")})
 
-    return _report("qubes-setup-dnat-to-ns", collect, as_json, out)
+    return report("qubes-setup-dnat-to-ns", collect, as_json, out)

@@ -168,11 +168,7 @@ def _read_family(nl: Netlink, version: int, vif: str, known: tuple | None,
     from vif_route_qubes.antispoof_ipt import DISPATCH, vif_chain
 
     head = nfgen(version)
-    if not nl.has_table("raw", version):
-        if known is not None and (known[0] or known[1]):
-            raise _Stale
-        return TableState(frozenset(), (), ())
-    chains, uses = [], {}
+    chains, uses = [], {}  # without the table, every chain is ENOENT too
     for chain in ("PREROUTING", DISPATCH, vif_chain(vif)):
         try:
             answer = nl.request(nft_msg(NFT_MSG_GETCHAIN), 0,
@@ -204,7 +200,8 @@ def _read_family(nl: Netlink, version: int, vif: str, known: tuple | None,
         query = head + _attr(RULE_TABLE, TABLE) + _attr(RULE_CHAIN, chain.encode() + b"\0")
         for payload in nl.request(nft_msg(NFT_MSG_GETRULE), NLM_F_DUMP, query):
             if chain == DISPATCH and tags is not None:
-                tags[struct.unpack(">Q", dict(_attrs(payload[4:]))[RULE_HANDLE][:8])[0]] = tag_of(payload)
+                attrs = dict(_attrs(payload[4:]))
+                tags[struct.unpack(">Q", attrs[RULE_HANDLE][:8])[0]] = tag_of(attrs)
             if chain == DISPATCH and needle not in payload:
                 lines.append(f"-A {chain} ?")  # another vif's rule: counted, not read
                 numbers.append(None)
@@ -231,7 +228,7 @@ def read_raw(vif: str, index=None) -> tuple[TableState, TableState] | None:
 
     `index` (a raw_index.Session) saves reading the whole dispatch chain when
     it can be trusted, and is rebuilt from it when it cannot."""
-    if not nf_tables_variant():
+    if index is None and not nf_tables_variant():  # a session exists only for that variant
         return None
     try:
         nl = index.nl if index is not None else Netlink(NETLINK_NETFILTER)

@@ -41,9 +41,9 @@ def _name(value: bytes) -> bytes:
     return value.split(b"\0", 1)[0]
 
 
-def tag_of(payload: bytes) -> str:
-    """The comment of a GETRULE/NEWRULE message's rule, when it could name a vif."""
-    attrs = dict(_attrs(payload[4:]))
+def tag_of(attrs: dict) -> str:
+    """The comment of a rule (the attributes of a GETRULE/NEWRULE/DELRULE
+    message), when it could name a vif."""
     for _, expr in _attrs(attrs.get(RULE_EXPRESSIONS, b"")):
         parts = dict(_attrs(expr))
         if _name(parts.get(EXPR_NAME, b"")) == b"match":
@@ -164,9 +164,13 @@ class Session:
         self.nl, self.watch, self.path = nl, watch, path
         self.gen = nl.generation()
         self.index = self._load()
-        self.trusted = self.index is not None and self.index.gen == self.gen
         self.read = False  # set once the raw tables were read through this session
         self.spared = False  # ... and without reading every vif's rules
+
+    @property
+    def trusted(self) -> bool:
+        """The index was written at the generation read (or rebuilt from the chain)."""
+        return self.index is not None and self.index.gen == self.gen
 
     def _load(self) -> Index | None:
         try:
@@ -183,10 +187,10 @@ class Session:
 
     def rebuilt(self, rules: dict[int, dict[int, str]]) -> None:
         """The whole chain was read (both families): {version: {handle: tag}}."""
-        self.index, self.trusted = Index.of_rules(self.gen, rules), True
+        self.index = Index.of_rules(self.gen, rules)
 
     def distrust(self) -> None:
-        self.index, self.trusted = None, False
+        self.index = None
 
     def commit(self, writers: set[int]) -> None:
         """Follow the changes made since the read; write the index at the new
@@ -265,8 +269,8 @@ class Session:
             return False
         handle = struct.unpack(">Q", attrs[RULE_HANDLE][:8])[0]
         if kind == NFT_MSG_NEWRULE:
-            return self.index.add(tag_of(payload), version, handle)
-        return self.index.remove(tag_of(payload), version, handle)
+            return self.index.add(tag_of(attrs), version, handle)
+        return self.index.remove(tag_of(attrs), version, handle)
 
     def close(self) -> None:
         self.watch.close()
