@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(iproute2 iptables nftables conntrack dnsmasq-base iputils-ping procps dbus systemd
+packages=(iproute2 iptables nftables conntrack ipset dnsmasq-base iputils-ping procps dbus systemd
           python3 python3-venv)
 missing=()
 for pkg in "${packages[@]}"; do
