@@ -146,15 +146,21 @@ DNAT_SPEC = "type nat hook prerouting priority dstnat; policy accept;"
 
 
 def vif_elements(version: int, table: NftTable | None, vif: str, addrs: tuple, enable: bool) -> list[str]:
-    """Element changes that make this vif's pairs exactly `addrs` (online) or none (offline)."""
+    """Element changes that make this vif's pairs exactly `addrs` (online) or none (offline).
+
+    `downstream` is shared: an address another vif still holds in `allowed`
+    (a VM restarted under a new domid before its old vif's offline came)
+    stays in it, or that VM's address would be let in from upstream."""
     f = FAMILIES[version]
     want = {str(a) for a in addrs if a.version == version} if enable else set()
-    have = {addr for name, addr in (table.allowed if table else ()) if name == vif}
+    pairs = table.allowed if table else frozenset()
+    have = {addr for name, addr in pairs if name == vif}
+    held_by_others = {addr for name, addr in pairs if name != vif}
     have_down = table.downstream if table else frozenset()
     out = []
     for addr in sorted(have - want):
         out.append(f'delete element {f} {TABLE} allowed {{ "{vif}" . {addr} }}')
-        if addr in have_down:
+        if addr in have_down and addr not in held_by_others:
             out.append(f"delete element {f} {TABLE} downstream {{ {addr} }}")
     for addr in sorted(want):
         if addr not in have:

@@ -93,6 +93,8 @@ def _read_table(nl: Netlink, version: int, vif: str | None, addresses: tuple) ->
     size = 16 if version == 6 else 4
     allowed: frozenset = frozenset()
     if "allowed" in sets:
+        # Every vif's pairs, not only this one's: an offline keeps a
+        # `downstream` address that another vif still holds (nft.vif_elements).
         # Keys: the interface name in 16 bytes, then the address.
         dump = nl.request(nft_msg(NFT_MSG_GETSETELEM), NLM_F_DUMP, _set_query(version, "allowed"))
         allowed = frozenset((_text(key[:IFNAMSIZ]), socket.inet_ntop(family, key[IFNAMSIZ:IFNAMSIZ + size]))
