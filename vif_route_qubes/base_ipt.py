@@ -3,15 +3,53 @@
 Ours, flushed and refilled:  nat QBS-POSTROUTING, filter QBS-BASE-INPUT and
 QBS-BASE-FORWARD.  Made when missing and never flushed (others fill them):
 raw QBS-ANTISPOOF (per-vif rules), nat PR-QBS (DNS DNAT, owned by
-qubes-setup-dnat-to-ns), nat PR-QBS-SERVICES, filter QBS-INPUT and QBS-FORWARD
-(the firewall daemon's and the user's).  Built-in chains only get jumps,
-check-then-insert.
+qubes-setup-dnat-to-ns), nat PR-QBS-SERVICES, filter QBS-INPUT; the chains
+Qubes R4.1's firewall daemon flushes and fills (filter QBS-FORWARD, raw
+QBS-PREROUTING, mangle QBS-POSTROUTING); the user's filter custom-input and
+custom-forward.  Built-in chains only get jumps, check-then-insert.
+
+Order in the built-in chains: INPUT and FORWARD jump to the user's chain
+first, then to ours (so a user can let one VM reach another on purpose);
+QBS-FORWARD is consulted after the vif-to-vif drop, so the daemon's per-VM
+rules never open traffic between VMs.  raw PREROUTING jumps to QBS-PREROUTING
+last, after the anti-spoofing (which always goes first).
 """
 
 from vif_route_qubes import antispoof_ipt
 from vif_route_qubes.ipt_state import EMPTY_TABLE, TableState, delete, ensure_chain, ensure_jump, sync_chain
 
-HOOK_CHAINS = {"nat": ("PR-QBS", "PR-QBS-SERVICES"), "filter": ("QBS-INPUT", "QBS-FORWARD")}
+HOOK_CHAINS = {"nat": ("PR-QBS", "PR-QBS-SERVICES"), "filter": ("QBS-INPUT", "QBS-FORWARD"),
+               "raw": ("QBS-PREROUTING",), "mangle": ("QBS-POSTROUTING",)}
+USER_CHAINS = {"INPUT": "custom-input", "FORWARD": "custom-forward"}
+
+
+def ensure_jumps(state: TableState, builtin: str, jumps: tuple[str, ...]) -> list[str]:
+    """Each of `jumps` (as saved) exactly once in `builtin`, in that order: a
+    missing first one goes to the top, a missing or misplaced later one right
+    after the one before it; extra copies (made by hand) are deleted.  Rules
+    of others stay where they are."""
+    rules = list(state.rules_of(builtin))  # as they will be, line by line of `out`
+    out, before = [], None
+
+    def slot() -> int:  # how many rules precede the place of the next jump
+        return rules.index(before) + 1 if before else 0
+
+    for jump in jumps:
+        while rules.count(jump) > 1 or (jump in rules and rules.index(jump) < slot()):
+            out.append(delete(jump))  # -D deletes the first copy
+            rules.remove(jump)
+        if jump not in rules:
+            out.append(f"-I {builtin} {slot() + 1}" + jump[len(f"-A {builtin}"):])
+            rules.insert(slot(), jump)
+        before = jump
+    return out
+
+
+def ensure_last_jump(state: TableState, builtin: str, jump: str) -> list[str]:
+    """Exactly one `jump` in `builtin`, appended when missing (so that whatever
+    is inserted at the top, anti-spoofing, stays before it)."""
+    count = state.rules_of(builtin).count(jump)
+    return [jump] if count == 0 else [delete(jump)] * (count - 1)
 
 
 def postrouting(family: int) -> tuple[str, ...]:
@@ -52,6 +90,18 @@ def _raw(state: TableState) -> list[str]:
     return out
 
 
+def _daemon_raw(state: TableState) -> list[str]:
+    """The firewall daemon's raw chain, jumped to after the anti-spoofing
+    (whatever its layout: this only ever appends)."""
+    out = ensure_chain(state, "QBS-PREROUTING")
+    return out + ensure_last_jump(state, "PREROUTING", "-A PREROUTING -j QBS-PREROUTING")
+
+
+def _mangle(state: TableState) -> list[str]:
+    out = ensure_chain(state, "QBS-POSTROUTING")
+    return out + ensure_jump(state, "POSTROUTING", "-A POSTROUTING -j QBS-POSTROUTING")
+
+
 def _nat(state: TableState, family: int) -> list[str]:
     out = sync_chain(state, "QBS-POSTROUTING", postrouting(family))
     out += [line for chain in HOOK_CHAINS["nat"] for line in ensure_chain(state, chain)]
@@ -63,11 +113,12 @@ def _nat(state: TableState, family: int) -> list[str]:
 
 
 def _filter(state: TableState, family: int, routed: bool) -> list[str]:
-    out = [line for chain in HOOK_CHAINS["filter"] for line in ensure_chain(state, chain)]
+    chains = HOOK_CHAINS["filter"] + tuple(USER_CHAINS.values())
+    out = [line for chain in chains for line in ensure_chain(state, chain)]
     out += sync_chain(state, "QBS-BASE-INPUT", base_input(family, routed))
     out += sync_chain(state, "QBS-BASE-FORWARD", base_forward(family, routed))
-    out += ensure_jump(state, "INPUT", "-A INPUT -j QBS-BASE-INPUT")
-    out += ensure_jump(state, "FORWARD", "-A FORWARD -j QBS-BASE-FORWARD")
+    for builtin, ours in (("INPUT", "QBS-BASE-INPUT"), ("FORWARD", "QBS-BASE-FORWARD")):
+        out += ensure_jumps(state, builtin, (f"-A {builtin} -j {USER_CHAINS[builtin]}", f"-A {builtin} -j {ours}"))
     return out
 
 
@@ -77,7 +128,9 @@ def plan_base(tables: dict[str, TableState], family: int, routed: bool) -> str |
     `routed` is whether this family is forwarded for the VMs (always for IPv4;
     for IPv6 when qubesdb has /qubes-netvm-gateway6).
     """
-    sections = [("raw", _raw(tables.get("raw", EMPTY_TABLE))),
+    raw = tables.get("raw", EMPTY_TABLE)
+    sections = [("raw", _raw(raw) + _daemon_raw(raw)),
+                ("mangle", _mangle(tables.get("mangle", EMPTY_TABLE))),
                 ("filter", _filter(tables.get("filter", EMPTY_TABLE), family, routed))]
     if family == 4 or routed:
         sections.append(("nat", _nat(tables.get("nat", EMPTY_TABLE), family)))
