@@ -255,3 +255,17 @@ def test_init_never_flushes_the_daemons_raw_and_mangle_chains(netns, xen, vifcmd
     proxy.sh(f"iptables -t {table} -A {chain} -s 10.137.7.99/32 -j DROP")
     assert run_cmd(proxy, [vifcmd, "init"], env).returncode == 0
     assert f"-A {chain} -s 10.137.7.99/32 -j DROP" in proxy.out(f"iptables-save -t {table}")
+
+
+def test_init_dry_run_script_makes_the_same_rules(netns, xen, vifcmd):
+    real, twin = netns.make("real"), netns.make("twin")
+    env = xen.env(QUBES_NET_BACKEND="iptables")
+    dry = run_cmd(twin, [vifcmd, "init", "--dry-run"], env)
+    assert dry.returncode == 0 and "-I FORWARD 1 -j custom-forward" in dry.stdout, dry.stderr
+    assert "QBS" not in twin.out("iptables-save")  # the dry run changed nothing
+    assert run_cmd(real, [vifcmd, "init"], env).returncode == 0
+    assert run_cmd(twin, ["sh", "-e"], env, input=dry.stdout).returncode == 0
+    for tool in ("iptables-save", "ip6tables-save"):
+        made, scripted = ([line for line in ns.out(tool).splitlines() if not line.startswith("#")]
+                          for ns in (real, twin))
+        assert "-A FORWARD -j custom-forward" in made and scripted == made, tool

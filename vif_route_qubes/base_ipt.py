@@ -18,8 +18,7 @@ last, after the anti-spoofing (which always goes first).
 from vif_route_qubes import antispoof_ipt
 from vif_route_qubes.ipt_state import EMPTY_TABLE, TableState, delete, ensure_chain, ensure_jump, sync_chain
 
-HOOK_CHAINS = {"nat": ("PR-QBS", "PR-QBS-SERVICES"), "filter": ("QBS-INPUT", "QBS-FORWARD"),
-               "raw": ("QBS-PREROUTING",), "mangle": ("QBS-POSTROUTING",)}
+HOOK_CHAINS = {"nat": ("PR-QBS", "PR-QBS-SERVICES"), "filter": ("QBS-INPUT", "QBS-FORWARD")}
 USER_CHAINS = {"INPUT": "custom-input", "FORWARD": "custom-forward"}
 
 
