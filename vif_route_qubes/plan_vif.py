@@ -44,8 +44,22 @@ def raw_delete(vif: str, facts: VifFacts) -> list:
     return [RawDelete(texts, ops)] if ops else []
 
 
-def conntrack(inp: VifInputs) -> list:
-    return [ConntrackPurge(tuple(str(a) for a in inp.addresses))] if inp.addresses else []
+def held_by_other_vifs(inp: VifInputs, facts: VifFacts) -> frozenset[str]:
+    """This VM's addresses that another vif's anti-spoofing still holds (the
+    VM restarted under a new domid before this, its old vif's, offline):
+    their shared state is that vif's now.  Known with nft, whose every
+    `allowed` pair is read; the iptables per-vif layout reads only this vif's
+    rules (each vif has its own drop of its addresses from upstream, so there
+    only the connection tracking is not spared)."""
+    if facts.backend != "nft" or facts.nft is None:
+        return frozenset()
+    return frozenset(addr for table in facts.nft.tables.values() for name, addr in table.allowed
+                     if name != inp.vif)
+
+
+def conntrack(inp: VifInputs, keep: frozenset[str] = frozenset()) -> list:
+    addresses = tuple(str(a) for a in inp.addresses if str(a) not in keep)
+    return [ConntrackPurge(addresses)] if addresses else []
 
 
 def _v6_usable(inp: VifInputs, facts: VifFacts, what: str) -> tuple[bool, list]:
@@ -172,7 +186,8 @@ def plan_offline(inp: VifInputs, facts: VifFacts) -> Batch:
         steps += sysctls(inp, facts, False)
     # Rules go last, once nothing routes to the VM any more.
     steps += antispoof(inp, facts, False)
-    steps += conntrack(inp)
+    # The connections of a vif that holds the address now are not ours to end.
+    steps += conntrack(inp, held_by_other_vifs(inp, facts))
     steps += tail
     steps += hooks(inp)
     return Batch(title, tuple(steps))
