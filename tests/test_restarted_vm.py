@@ -8,6 +8,8 @@ Topology:  old (10.137.7.27) --vif12.0--+   (the VM before its restart)
 Upstream forges the VM's address towards the sibling: it must be dropped for
 as long as a vif holds the address, and arrive once none does (the control:
 then nothing of ours names the address, so the drop was the rules' doing).
+The new VM's connections survive the old vif's offline too (a UDP flow
+through the masquerade of `init`; nft only so far, see the xfail).
 """
 
 import subprocess
