@@ -18,7 +18,7 @@ from netns import VIF_MAC, run_cmd, state_of
 
 PY = sys.executable
 HERE = Path(__file__).parent
-VIF, PATH = "vif37.0", "/local/domain/0/backend/vif/37/0"
+VIF, PATH = "vif37.0", "backend/vif/37/0"  # XENBUS_PATH as xl devd and the kernel give it
 VM_IP, NOT_VM_IP, GW, VM_MAC = "10.137.7.27", "10.137.7.99", "10.137.7.1", "00:16:3e:5e:6c:19"
 UPSTREAM, PORT = "192.0.2.1", 5353
 

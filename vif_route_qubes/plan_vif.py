@@ -9,10 +9,16 @@ from vif_route_qubes.batch import (Addr, Batch, ConntrackPurge, Group, Hook, Lin
                                    Rename, Restore, Route, Sysctl, XenstoreWrite)
 from vif_route_qubes.model import VifFacts, VifInputs
 
-HARDEN_V4 = {"accept_source_route": "0", "accept_redirects": "0", "send_redirects": "0",
+# Hardening: the settings of Qubes' network/81-qubes.conf.optional, per vif and system-wide.
+# IPv6 accept_source_route -1: no routing header at all (0 would still take type 2).
+HARDEN_V4 = {"accept_source_route": "0", "accept_redirects": "0", "secure_redirects": "0", "send_redirects": "0",
              "drop_unicast_in_l2_multicast": "1"}
-HARDEN_V6 = {"accept_source_route": "0", "accept_redirects": "0", "accept_ra": "0", "autoconf": "0",
+HARDEN_V6 = {"accept_source_route": "-1", "accept_redirects": "0", "accept_ra": "0", "autoconf": "0",
              "accept_dad": "0", "drop_unsolicited_na": "1", "drop_unicast_in_l2_multicast": "1"}
+# System-wide: left on offline (other vifs rely on them).  The file's max_hbh_opts_length
+# names no sysctl of the kernel and is skipped.  Without an IPv6 stack its two are moot.
+HARDEN_SYSTEM = {"net/ipv6/max_dst_opts_length": "0", "net/ipv6/conf/all/accept_dad": "0",
+                 "net/ipv4/conf/all/accept_redirects": "0"}
 
 
 def antispoof(inp: VifInputs, facts: VifFacts, enable: bool) -> list:
@@ -67,6 +73,7 @@ def sysctls(inp: VifInputs, facts: VifFacts, enable: bool) -> list:
         steps += [Sysctl(f"{conf4}/{key}", value) for key, value in HARDEN_V4.items()]
         if facts.ipv6_enabled:
             steps += [Sysctl(f"{conf6}/{key}", value) for key, value in HARDEN_V6.items()]
+        steps += [Sysctl(path, value, tolerant=path.startswith("net/ipv6/")) for path, value in HARDEN_SYSTEM.items()]
     return steps
 
 
