@@ -184,13 +184,18 @@ class XenEnv:
                 "VIF_ROUTE_HOOKS_DIR": str(self.hooks)}
 
 
-def run_libxl(ns: Namespace, xen: "XenEnv", program: str, command: str, vif: str, path: str,
-              timeout: float = 60, **extra: str) -> subprocess.CompletedProcess:
-    """Run a vif script as xl devd does: `PROGRAM online type_if=vif`, libxl's
-    environment only, stdin /dev/null, no controlling terminal (a new session)."""
-    argv = [*xen.libxl(vif, path, **extra), program, command, "type_if=vif"]
-    return subprocess.run(["ip", "netns", "exec", ns.name, *argv], stdin=subprocess.DEVNULL, capture_output=True,
-                          text=True, timeout=timeout, start_new_session=True)
+def run_libxl(ns: Namespace, xen: "XenEnv", argv: list[str], vif: str, path: str, timeout: float = 60,
+              popen: bool = False, **extra: str):
+    """Run a vif script as xl devd does (`argv`: PROGRAM online type_if=vif): libxl's
+    environment only, stdin /dev/null, no controlling terminal (a new session).
+    With `popen`, the running process (its pid is the program's: ip netns exec and
+    env exec it), stderr piped, for a test to kill it as libxl's 40 s timeout does."""
+    full = ["ip", "netns", "exec", ns.name, *xen.libxl(vif, path, **extra), *argv]
+    if popen:
+        return subprocess.Popen(full, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
+    return subprocess.run(full, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
+                          start_new_session=True)
 
 
 def run_cmd(ns: Namespace, argv: list[str], env: dict[str, str], timeout: float = 60,

@@ -204,11 +204,11 @@ def test_xen_wrapper_as_xl_devd_runs_it(root, netns, xen, service_path):
     environment only (relative XENBUS_PATH), stdin /dev/null, no terminal; also from a
     service whose PATH lacks the sbin folders (the wrapper adds them)."""
     proxy, path = setup_vif(netns, xen)
-    result = run_libxl(proxy, xen, str(root / XEN), "online", VIF, path, PATH=service_path)
+    result = run_libxl(proxy, xen, [str(root / XEN), "online", "type_if=vif"], VIF, path, PATH=service_path)
     assert result.returncode == 0, result.stderr
     assert_configured(proxy, xen, path)
     assert VIF in proxy.out("iptables-save -t raw")
-    result = run_libxl(proxy, xen, str(root / XEN), "offline", VIF, path, PATH=service_path)
+    result = run_libxl(proxy, xen, [str(root / XEN), "offline", "type_if=vif"], VIF, path, PATH=service_path)
     assert result.returncode == 0, result.stderr
     assert proxy.out(f"ip route show dev {VIF}").strip() == ""
     assert VIF not in proxy.out("iptables-save -t raw")
