@@ -427,3 +427,15 @@ def test_nft_offline_in_a_base_table_keeps_it():
 def test_nft_offline_of_a_vanished_interface_only_removes_elements():
     script = offline(inputs("offline"), nft_facts("base-vif37", exists=False))
     assert script == "#!/bin/sh\n# vif-route-qubes offline vif37.0\n" + NFT_DELETE_ELEMENTS + CONNTRACK_27
+
+
+def test_hardened_offline_puts_the_vifs_settings_back_and_keeps_the_system_wide_ones():
+    defaults = (("net/ipv4/conf/vif37.0/accept_redirects", "1"), ("net/ipv6/conf/vif37.0/accept_source_route", "0"))
+    fct = facts()._replace(harden_defaults=defaults)
+    script = offline(inputs("offline", harden=True), fct)
+    assert ("sysctl -q -w net.ipv4.conf.vif37/0.proxy_arp=0 2>/dev/null || true\n"
+            "sysctl -q -w net.ipv4.conf.vif37/0.accept_redirects=1 2>/dev/null || true\n"
+            "sysctl -q -w net.ipv6.conf.vif37/0.accept_source_route=0 2>/dev/null || true\n") in script
+    assert ".all." not in script and "max_dst_opts" not in script
+    no_ipv6 = offline(inputs("offline", harden=True), facts(ipv6=False)._replace(harden_defaults=defaults))
+    assert "accept_redirects=1" in no_ipv6 and "net.ipv6" not in no_ipv6

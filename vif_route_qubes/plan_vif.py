@@ -69,11 +69,15 @@ def sysctls(inp: VifInputs, facts: VifFacts, enable: bool) -> list:
     if has_gw6 and facts.ipv6_enabled:
         steps.append(Sysctl(f"{conf6}/proxy_ndp", "1" if enable else "0", tolerant))
     if enable and inp.harden:
-        # Hardening is left in place on offline: the interface is about to go.
         steps += [Sysctl(f"{conf4}/{key}", value) for key, value in HARDEN_V4.items()]
         if facts.ipv6_enabled:
             steps += [Sysctl(f"{conf6}/{key}", value) for key, value in HARDEN_V6.items()]
         steps += [Sysctl(path, value, tolerant=path.startswith("net/ipv6/")) for path, value in HARDEN_SYSTEM.items()]
+    elif inp.harden:
+        # The vif's own settings back to those of a new interface (conf/default); the
+        # system-wide ones stay, other vifs rely on them.
+        steps += [Sysctl(path, value, tolerant) for path, value in facts.harden_defaults
+                  if facts.ipv6_enabled or not path.startswith("net/ipv6/")]
     return steps
 
 
