@@ -14,11 +14,11 @@ import time
 from pathlib import Path
 
 from firewall import CHANGE_TOOL, guard_problems, nft_stand_in, nft_tables
-from netns import VIF_MAC, run_cmd, state_of
+from netns import VIF_MAC, run_libxl, state_of
 
 PY = sys.executable
 HERE = Path(__file__).parent
-VIF, PATH = "vif37.0", "/local/domain/0/backend/vif/37/0"
+VIF, PATH = "vif37.0", "backend/vif/37/0"  # XENBUS_PATH as xl devd and the kernel give it
 VM_IP, NOT_VM_IP, GW, VM_MAC = "10.137.7.27", "10.137.7.99", "10.137.7.1", "00:16:3e:5e:6c:19"
 UPSTREAM, PORT = "192.0.2.1", 5353
 
@@ -107,11 +107,15 @@ class Box:
         return [self.vifcmd, command, "type_if=vif", *words]
 
     def run(self, command, *words, **extra):
-        return run_cmd(self.proxy, self.argv(command, *words), self.env(**extra), timeout=60)
+        """The event as xl devd runs it (relative XENBUS_PATH, libxl's environment only,
+        stdin /dev/null); `extra`: the test's own variables on top."""
+        return run_libxl(self.proxy, self.xen, self.argv(command, *words), VIF, PATH, timeout=60,
+                         QUBES_NET_BACKEND=self.backend, **extra)
 
     def popen(self, command, **extra):
-        return self.proxy.popen(self.argv(command), env=self.env(**extra), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True)
+        """The same, running: SIGKILL it as libxl does after its timeout."""
+        return run_libxl(self.proxy, self.xen, self.argv(command), VIF, PATH, popen=True,
+                         QUBES_NET_BACKEND=self.backend, **extra)
 
     def rules(self):
         """iptables-save without comments, and the nft backend's tables (none under iptables)."""

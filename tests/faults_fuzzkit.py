@@ -32,7 +32,7 @@ GOOD_TEXTS = [*XS_GOOD.values(), *QDB_GOOD.values(), *MAPPED.values(), "192.0.2.
 FIXED = {ipaddress.ip_address("fe80::")}  # the IPv6 anti-spoofing lets neighbour discovery through
 VIF_RE = r"vif(0|[1-9]\d*)\.(0|[1-9]\d*)(-emu)?"
 STRICT = {"vif": VIF_RE, "rename_from": VIF_RE, "mac": r"[0-9a-f]{2}(:[0-9a-f]{2}){5}",
-          "dev_type": r"[a-z][a-z0-9_-]{0,15}", "xenbus_path": r"/local/domain/\d+/backend/vif/\d+/\d+",
+          "dev_type": r"[a-z][a-z0-9_-]{0,15}", "xenbus_path": r"(/local/domain/\d+/)?backend/vif/\d+/\d+",
           "netns_prefix": r"[A-Za-z0-9_.-]{0,32}"}
 SHELL_SAFE = set("\nabcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .:/-_+=*[]!<>|&'\"#,")
 DATA_SAFE = SHELL_SAFE | set("{};@\t")  # iptables-restore / nft input in a quoted here-document

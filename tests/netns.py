@@ -19,6 +19,8 @@ BIN = Path(sys.executable).parent
 RUN_PREFIX = "vrq" + uuid.uuid4().hex[:5]
 _counter = itertools.count(1)
 VIF_MAC = "fe:ff:ff:ff:ff:ff"
+# A system service's PATH (systemd's default, as xl devd gets it), the stand-ins first.
+SERVICE_PATH = f"{FAKEBIN}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 def sh(cmd: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
@@ -97,10 +99,15 @@ class Namespaces:
 
 
 class XenEnv:
-    """File-backed xenstore and qubesdb, a lock file and a hooks folder of one test."""
+    """File-backed xenstore and qubesdb, a lock file and a hooks folder of one test.
 
-    def __init__(self, root: Path) -> None:
+    Keys are stored by absolute path; a relative one (what xl devd and the kernel
+    give as XENBUS_PATH) is resolved against this domain's home, as xenstored
+    does: /local/domain/<own_domid>/ (the stand-ins get it as FAKE_XENSTORE_DOMID)."""
+
+    def __init__(self, root: Path, own_domid: int = 0) -> None:
         self.root = root
+        self.own_domid = own_domid
         self.xenstore = root / "xenstore"
         self.qubesdb = root / "qubesdb"
         self.hooks = root / "hooks"
@@ -113,15 +120,18 @@ class XenEnv:
 
         return folder / quote(key, safe="")
 
+    def xs_key(self, key: str) -> str:
+        return key if key.startswith("/") else f"/local/domain/{self.own_domid}/{key}"
+
     def xs_write(self, key: str, value: str) -> None:
-        self._file(self.xenstore, key).write_text(value)
+        self._file(self.xenstore, self.xs_key(key)).write_text(value)
 
     def xs_read(self, key: str) -> str | None:
-        path = self._file(self.xenstore, key)
+        path = self._file(self.xenstore, self.xs_key(key))
         return path.read_text() if path.exists() else None
 
     def xs_rm(self, key: str) -> None:
-        self._file(self.xenstore, key).unlink(missing_ok=True)
+        self._file(self.xenstore, self.xs_key(key)).unlink(missing_ok=True)
 
     def qdb_write(self, key: str, value: str) -> None:
         self._file(self.qubesdb, key).write_text(value)
@@ -130,9 +140,12 @@ class XenEnv:
         self._file(self.qubesdb, key).unlink(missing_ok=True)
 
     def backend(self, domid: int, devid: int = 0, ip: str | None = None, mac: str | None = None,
-                dev_type: str = "vif") -> str:
-        """Write a vif's backend keys the way Xen's toolstack does; return XENBUS_PATH."""
-        path = f"/local/domain/0/backend/vif/{domid}/{devid}"
+                dev_type: str = "vif", absolute: bool = False) -> str:
+        """Write a vif's backend keys the way Xen's toolstack does; return XENBUS_PATH as
+        xl devd and the kernel give it (relative), or `absolute`."""
+        path = f"backend/vif/{domid}/{devid}"
+        if absolute:
+            path = self.xs_key(path)
         if ip is not None:
             self.xs_write(f"{path}/ip", ip)
         if mac is not None:
@@ -146,12 +159,43 @@ class XenEnv:
         env.update({
             "PATH": f"{FAKEBIN}:{BIN}:{env.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}",
             "FAKE_XENSTORE_DIR": str(self.xenstore),
+            "FAKE_XENSTORE_DOMID": str(self.own_domid),
             "FAKE_QUBESDB_DIR": str(self.qubesdb),
             "VIF_ROUTE_LOCK_FILE": str(self.lock),
             "VIF_ROUTE_HOOKS_DIR": str(self.hooks),
         })
         env.update(extra)
         return env
+
+
+    def libxl(self, vif: str, path: str, **extra: str) -> list[str]:
+        """`env -i` and the environment libxl gives a vif script (libxl_linux.c,
+        get_hotplug_env) on top of a service's PATH, plus this test's stand-ins
+        (files instead of xenstore and qubesdb, its own lock and hooks folder)."""
+        env = {"PATH": SERVICE_PATH, "XENBUS_PATH": path, "XENBUS_TYPE": "vif", "XENBUS_BASE_PATH": "backend",
+               "netdev": "", "script": "/etc/xen/scripts/vif-route-qubes", "vif": vif, **self.stand_ins(), **extra}
+        return ["env", "-i", *(f"{key}={value}" for key, value in env.items())]
+
+    def stand_ins(self) -> dict[str, str]:
+        """The variables of this test's stand-ins only: where the files behind xenstore and
+        qubesdb are, this domain's id, the test's own lock file and hooks folder."""
+        return {"FAKE_XENSTORE_DIR": str(self.xenstore), "FAKE_XENSTORE_DOMID": str(self.own_domid),
+                "FAKE_QUBESDB_DIR": str(self.qubesdb), "VIF_ROUTE_LOCK_FILE": str(self.lock),
+                "VIF_ROUTE_HOOKS_DIR": str(self.hooks)}
+
+
+def run_libxl(ns: Namespace, xen: "XenEnv", argv: list[str], vif: str, path: str, timeout: float = 60,
+              popen: bool = False, **extra: str):
+    """Run a vif script as xl devd does (`argv`: PROGRAM online type_if=vif): libxl's
+    environment only, stdin /dev/null, no controlling terminal (a new session).
+    With `popen`, the running process (its pid is the program's: ip netns exec and
+    env exec it), stderr piped, for a test to kill it as libxl's 40 s timeout does."""
+    full = ["ip", "netns", "exec", ns.name, *xen.libxl(vif, path, **extra), *argv]
+    if popen:
+        return subprocess.Popen(full, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
+    return subprocess.run(full, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
+                          start_new_session=True)
 
 
 def run_cmd(ns: Namespace, argv: list[str], env: dict[str, str], timeout: float = 60,

@@ -49,15 +49,22 @@ CASES = [
     ("mac-not-hex", {"mac": "zz:16:3e:5e:6c:19"}, {}, ["online", "type_if=vif"], {}, "zz:16", True),
     ("gateway-extra", {}, {"/qubes-netvm-gateway": "10.137.7.1 extra"}, ["online", "type_if=vif"], {},
      "extra", True),
-    ("vif-semicolon", {}, {}, ["online", "type_if=vif"], {"vif": "vif37.0;id"}, "vif37.0;id", True),
-    ("vif-domid-too-big", {}, {}, ["online", "type_if=vif"], {"vif": "vif32753.0"}, "32753", True),
-    ("vif-eth0", {}, {}, ["online", "type_if=vif"], {"vif": "eth0"}, "eth0", True),
-    ("vif-no-index", {}, {}, ["online", "type_if=vif"], {"vif": "vif37"}, "vif37", True),
+    # Not a vif name: XENBUS_PATH cannot be shown to be its backend, so nothing is written there.
+    ("vif-semicolon", {}, {}, ["online", "type_if=vif"], {"vif": "vif37.0;id"}, "vif37.0;id", False),
+    ("vif-domid-too-big", {}, {}, ["online", "type_if=vif"], {"vif": "vif32753.0"}, "32753", False),
+    ("vif-eth0", {}, {}, ["online", "type_if=vif"], {"vif": "eth0"}, "eth0", False),
+    ("vif-no-index", {}, {}, ["online", "type_if=vif"], {"vif": "vif37"}, "vif37", False),
     ("unknown-command", {}, {}, ["explode", "vif37.0"], {}, "explode", False),
     ("xenbus-dotdot", {}, {}, ["online", "type_if=vif"], {"XENBUS_PATH": PATH + "/../../38/0"}, "..", False),
     ("xenbus-vbd", {}, {}, ["online", "type_if=vif"], {"XENBUS_PATH": "/local/domain/0/backend/vbd/37/0"},
      "vbd", False),
-    ("xenbus-relative", {}, {}, ["online", "type_if=vif"], {"XENBUS_PATH": "backend/vif/37/0"}, "backend", False),
+    # Another device's backend (maybe another VM's): refused, and nothing written there either.
+    ("xenbus-other-domain", {}, {}, ["online", "type_if=vif"], {"XENBUS_PATH": "backend/vif/38/0"},
+     "backend/vif/38/0", False),
+    ("xenbus-other-device", {}, {}, ["online", "type_if=vif"], {"XENBUS_PATH": "/local/domain/0/backend/vif/37/1"},
+     "vif/37/1", False),
+    ("xenbus-relative-dotdot", {}, {}, ["online", "type_if=vif"], {"XENBUS_PATH": "backend/vif/37/0/../../38/0"},
+     "..", False),
 ]
 
 
@@ -111,8 +118,10 @@ mac_like = st.one_of(
     st.text(max_size=20),
 )
 xenbus_like = st.one_of(
-    st.builds("/local/domain/{}/backend/vif/{}/{}{}".format, st.integers(0, 99), st.integers(0, 40000),
-              st.integers(0, 9), st.sampled_from(["", "/", "/..", "\n", " "])),
+    st.builds("{}backend/vif/{}/{}{}".format, st.sampled_from(["", "/", "/local/domain/0/", "/local/domain/7/",
+                                                                "local/domain/0/", "/local/domain//"]),
+              st.sampled_from([0, 7, 37]) | st.integers(-1, 40000), st.integers(0, 9),
+              st.sampled_from(["", "", "/", "/..", "\n", " "])),
     st.text(max_size=40),
 )
 PROPERTY = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -171,15 +180,16 @@ def test_mac_accepts_only_unicast_macs(text):
 
 
 @PROPERTY
-@given(xenbus_like)
-def test_xenbus_path_accepts_only_vif_backends(text):
+@given(xenbus_like, st.one_of(st.sampled_from(["vif37.0", "vif0.0", "vif7.3", "vif37.0-emu"]), vif_like))
+def test_xenbus_path_accepts_only_the_vifs_own_backend(text, vif):
     try:
-        value = parse.xenbus_path(text)
-    except InputError:
-        assert not parse.xenbus_path_ok(text)
+        value = parse.xenbus_path(text, vif)
+    except InputError as exc:
+        assert not parse.xenbus_path_ok(text, vif) and "\n" not in str(exc)
         return
-    assert value == text and parse.xenbus_path_ok(text)
-    assert re.fullmatch(r"/local/domain/[0-9]+/backend/vif/[0-9]+/[0-9]+", value)
+    assert value == text and parse.xenbus_path_ok(text, vif)
+    match = re.fullmatch(r"(/local/domain/(0|[1-9][0-9]*)/)?backend/vif/(0|[1-9][0-9]*)/(0|[1-9][0-9]*)", value)
+    assert match and re.match(rf"vif{match[3]}\.{match[4]}(-emu)?$", vif)
 
 
 @PROPERTY
@@ -211,7 +221,7 @@ def forty_vifs(netns, xen):
 
 
 def hotplug(proxy, xen, vifcmd, backend, command, domid, **popen):
-    env = xen.env(vif=f"vif{domid}.0", XENBUS_PATH=f"/local/domain/0/backend/vif/{domid}/0",
+    env = xen.env(vif=f"vif{domid}.0", XENBUS_PATH=f"backend/vif/{domid}/0",
                   QUBES_NET_BACKEND=backend)
     return proxy.popen([vifcmd, command, "type_if=vif"], env=env, text=True, **popen)
 

@@ -68,7 +68,7 @@ def test_clean_state_and_json(online):
     clean(online.check("--all"))
     clean(online.check("vif37.0", "10.137.7.27", "--mac", VM_MAC))
     xen = online.xenv
-    xen.xs_rm("domid")  # --all without xenstore: the addresses come from the rules
+    xen.xs_rm("backend/vif/37/0/ip")  # --all without xenstore's keys: the addresses come from the rules
     clean(online.check("--all"))
     for args in ((), ("--all",)):
         result = online.check("--json", *args) if args else run_cmd(
@@ -358,7 +358,7 @@ def test_dual_stack_hardened_vif(netns, xen, vifcmd):
 
 
 def test_all_without_xenstore_uses_the_rules(online):
-    online.xenv.xs_rm("domid")
+    online.xenv.xs_rm("backend/vif/37/0/ip")
     online.ns.sh("iptables -t raw -D QBS-AS-vif37.0 -s 10.137.7.27/32 -j RETURN && ip route del 10.137.7.27")
     # The address is still named by the dispatch rule, so --all knows what to expect.
     assert drifts(online.check("--all")) == [

@@ -12,7 +12,9 @@ leave nothing of the vif.  Helpers: faults_box.py (topology, probe, judges),
 faults_udp.py (the datagrams).
 
 The faults in online and the kills run under both firewall backends (a test that
-takes `backend` gets a box under it); the other tests under iptables.
+takes `backend` gets a box under it); the other tests under iptables.  Every event
+runs as libxl's xl devd runs it (faults_box.Box.run/popen): relative XENBUS_PATH,
+libxl's environment only, stdin /dev/null, and a kill is libxl's SIGKILL of the pid.
 """
 
 import os
@@ -27,7 +29,6 @@ import pytest
 
 from faults_box import PATH, VIF, Box, alive, announcer, hold_lock, one_line, timed
 from firewall import CHANGE_TOOL, nft_stand_in
-from netns import run_cmd
 
 SEED = 20240613  # fixed: a failing kill point can be replayed
 KILLS = 50  # per backend (test_faults.py stays well under 2 minutes with both)
@@ -92,10 +93,8 @@ def test_fault_in_online_then_real_tools_converge(box, tmp_path, backend, fault)
         hook = box.xen.hooks / "50-hangs"
         hook.write_text(f"#!/bin/sh\nsleep 60 &\necho $! > {pidfile}\nwait\n")
         hook.chmod(0o755)
-    program = [box.vifcmd]
-
     started = time.monotonic()
-    result = run_cmd(box.proxy, [*program, "online", "type_if=vif"], box.env(**env))
+    result = box.run("online", **env)  # as xl devd runs it (faults_box.Box.run)
     took = time.monotonic() - started
 
     assert result.returncode == fault.exit, result.stderr

@@ -139,3 +139,36 @@ def test_xenstore_vifname_renames_the_interface(netns, xen, vifcmd, backend):
     ok(hotplug(proxy, xen, vifcmd, "offline", vif, path, backend))
     assert "vif37.5" not in antispoof_text(proxy, backend)
     assert settled(proxy) == before
+
+
+# The system-wide hardening settings, which offline leaves (other vifs rely on them).
+SYSTEM_WIDE = ("net.ipv6.max_dst_opts_length", "net.ipv6.conf.all.accept_dad", "net.ipv4.conf.all.accept_redirects")
+
+
+def sysctls(proxy) -> dict[str, str]:
+    """Every per-interface and IPv6 option setting of the namespace (one line each)."""
+    shown = proxy.sh(r"sysctl -a --pattern '^net\.ipv[46]\.(conf\.|max_)'", check=False).stdout
+    return dict(line.split(" = ", 1) for line in shown.splitlines() if " = " in line)
+
+
+def test_hardened_online_twice_and_offline(netns, xen, vifcmd, backend):
+    """With hardening on: online twice is online once, sysctls included; online then
+    offline leaves the state from before except the system-wide hardening settings."""
+    proxy = make_provider(netns)
+    vif, path = add_vm(netns, xen, proxy, 37, addrs=("10.137.7.27", "fd09:24ef:4179::a89:71b"), gateway6=GW6)
+    xen.qdb_write("/qubes-service/harden-network-interfaces", "1")
+    proxy.sh("sysctl -qw net.ipv4.conf.all.accept_redirects=1 net.ipv6.conf.all.accept_dad=1")
+    before, before_sysctls = settled(proxy), sysctls(proxy)
+    ok(hotplug(proxy, xen, vifcmd, "online", vif, path, backend))
+    once, once_sysctls = settled(proxy), sysctls(proxy)
+    assert once_sysctls["net.ipv6.conf.vif37/0.accept_source_route"] == "-1"  # hardened, so it can tell
+    ok(hotplug(proxy, xen, vifcmd, "online", vif, path, backend))
+    assert (settled(proxy), sysctls(proxy)) == (once, once_sysctls)
+
+    ok(hotplug(proxy, xen, vifcmd, "offline", vif, path, backend))
+    assert settled(proxy) == before
+    after = sysctls(proxy)
+    assert {k: v for k, v in after.items() if k not in SYSTEM_WIDE} == \
+        {k: v for k, v in before_sysctls.items() if k not in SYSTEM_WIDE}
+    assert {k: after[k] for k in SYSTEM_WIDE} == {k: "0" for k in SYSTEM_WIDE} != \
+        {k: before_sysctls[k] for k in SYSTEM_WIDE}

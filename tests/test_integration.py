@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from netns import BIN, FAKEBIN, run_cmd, state_of
+from netns import BIN, FAKEBIN, SERVICE_PATH, run_cmd, run_libxl, state_of
 
 INSTALL = Path(__file__).parent.parent / "udev" / "install"
 TEMPLATES = INSTALL.parent
@@ -142,6 +142,15 @@ def xen_event(action: str, kernel: str, subsystem: str = "xen-backend") -> dict[
             "DEVPATH": f"/devices/{subsystem}/{kernel}"}
 
 
+def kernel_uevent(action: str) -> dict[str, str]:
+    """The properties of the kernel's xen-backend uevent for vif37.0: those of
+    xenbus_uevent_backend (drivers/xen/xenbus/xenbus_probe_backend.c; XENBUS_PATH is
+    the device's node name, relative) and of xen-netback's netback_uevent."""
+    return {**xen_event(action, "vif-37-0"), "SEQNUM": "4711", "MODALIAS": "xen-backend:vif",
+            "XENBUS_TYPE": "vif", "XENBUS_PATH": "backend/vif/37/0", "XENBUS_BASE_PATH": "backend",
+            "script": "/etc/xen/scripts/vif-route-qubes", "vif": VIF}
+
+
 def setup_vif(netns, xen):
     proxy, vm = netns.make("proxy"), netns.make("app")
     netns.vif(proxy, vm, VIF, vm_mac=VM_MAC, vm_addrs=(VM_IP,), gateway="10.137.7.1")
@@ -152,30 +161,33 @@ def setup_vif(netns, xen):
 
 def assert_configured(proxy, xen, path):
     assert proxy.out(f"ip route show dev {VIF}").strip() == f"{VM_IP} scope link metric 32715"
-    assert xen.xs_read(f"{path}/hotplug-status") == "connected"
+    # Written where xenstored resolves the relative path: this domain's (0) backend.
+    assert xen.xs_read("/local/domain/0/backend/vif/37/0/hotplug-status") == "connected"
 
 
 def test_udev_rules_match_and_run(root, netns, xen):
     rules = parse_rules((root / RULES).read_text())
-    vif_env = {"vif": VIF, "XENBUS_PATH": "/local/domain/0/backend/vif/37/0"}
+    vif_env = {"vif": VIF, "XENBUS_PATH": "backend/vif/37/0"}
     for event in (xen_event("add", VIF, "net"), xen_event("online", "vbd-37-51712"),
                   xen_event("add", "vif-37-0")):
         assert runs_of(rules, event, vif_env) == [], event
 
     proxy, path = setup_vif(netns, xen)
+    assert path == "backend/vif/37/0"
     for action in ("online", "offline"):
-        event = xen_event(action, "vif-37-0")
-        matched = runs_of(rules, event, vif_env)
+        event = kernel_uevent(action)
+        matched = runs_of(rules, event, event)
         assert len(matched) == 1 and len(matched[0]) == 1, matched
         command = matched[0][0]
         # udev would substitute %k, $kernel, ...: none expected, so shlex splits like udev.
         assert "%" not in command and "$" not in command
         argv = shlex.split(command)
         assert argv == [str(BIN / "vif-route-qubes"), action, "type_if=vif"]
-        # The environment udev gives RUN programs: the event's properties.
-        env = xen.env(**event, XENBUS_PATH=path, vif=VIF)
+        # The environment udev gives RUN programs: the event's properties and nothing
+        # else (a PATH, for the stand-ins), stdin /dev/null.
+        env = {**event, "PATH": SERVICE_PATH, **xen.stand_ins()}
         del env["KERNEL"]  # a udev match key, not a uevent property
-        result = run_cmd(proxy, argv, env)
+        result = run_cmd(proxy, argv, env, stdin=subprocess.DEVNULL)
         assert result.returncode == 0, result.stderr
         if action == "online":
             assert_configured(proxy, xen, path)
@@ -186,11 +198,22 @@ def test_udev_rules_match_and_run(root, netns, xen):
 
 # -- 3. the Xen hotplug wrapper ---------------------------------------------
 
-def test_xen_wrapper_configures_the_vif(root, netns, xen):
+@pytest.mark.parametrize("service_path", [SERVICE_PATH, f"{FAKEBIN}:/usr/bin:/bin"], ids=["path", "no-sbin"])
+def test_xen_wrapper_as_xl_devd_runs_it(root, netns, xen, service_path):
+    """The installed /etc/xen/scripts/vif-route-qubes, run as xl devd runs it: libxl's
+    environment only (relative XENBUS_PATH), stdin /dev/null, no terminal; also from a
+    service whose PATH lacks the sbin folders (the wrapper adds them)."""
     proxy, path = setup_vif(netns, xen)
-    result = run_cmd(proxy, [str(root / XEN), "online", "type_if=vif"], xen.env(vif=VIF, XENBUS_PATH=path))
+    result = run_libxl(proxy, xen, [str(root / XEN), "online", "type_if=vif"], VIF, path, PATH=service_path)
     assert result.returncode == 0, result.stderr
     assert_configured(proxy, xen, path)
+    assert VIF in proxy.out("iptables-save -t raw")
+    result = run_libxl(proxy, xen, [str(root / XEN), "offline", "type_if=vif"], VIF, path, PATH=service_path)
+    assert result.returncode == 0, result.stderr
+    assert proxy.out(f"ip route show dev {VIF}").strip() == ""
+    assert VIF not in proxy.out("iptables-save -t raw")
+    assert "10.137.7.1/32" not in proxy.out(f"ip -4 addr show dev {VIF}")
+    assert proxy.out(f"ip neigh show nud permanent dev {VIF}").strip() == ""
 
 
 # -- 4. the NetworkManager dispatcher hook ----------------------------------

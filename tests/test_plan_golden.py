@@ -161,15 +161,19 @@ sysctl -q -w net.ipv4.conf.vif37/0.proxy_arp=1
 sysctl -q -w net.ipv6.conf.vif37/0.proxy_ndp=1
 sysctl -q -w net.ipv4.conf.vif37/0.accept_source_route=0
 sysctl -q -w net.ipv4.conf.vif37/0.accept_redirects=0
+sysctl -q -w net.ipv4.conf.vif37/0.secure_redirects=0
 sysctl -q -w net.ipv4.conf.vif37/0.send_redirects=0
 sysctl -q -w net.ipv4.conf.vif37/0.drop_unicast_in_l2_multicast=1
-sysctl -q -w net.ipv6.conf.vif37/0.accept_source_route=0
+sysctl -q -w net.ipv6.conf.vif37/0.accept_source_route=-1
 sysctl -q -w net.ipv6.conf.vif37/0.accept_redirects=0
 sysctl -q -w net.ipv6.conf.vif37/0.accept_ra=0
 sysctl -q -w net.ipv6.conf.vif37/0.autoconf=0
 sysctl -q -w net.ipv6.conf.vif37/0.accept_dad=0
 sysctl -q -w net.ipv6.conf.vif37/0.drop_unsolicited_na=1
 sysctl -q -w net.ipv6.conf.vif37/0.drop_unicast_in_l2_multicast=1
+sysctl -q -w net.ipv6.max_dst_opts_length=0 2>/dev/null || true
+sysctl -q -w net.ipv6.conf.all.accept_dad=0 2>/dev/null || true
+sysctl -q -w net.ipv4.conf.all.accept_redirects=0
 ip link set dev vif37.0 up
 ip addr replace 10.137.7.1/32 dev vif37.0
 ip -6 addr replace fd09:24ef:4179::a89:1/128 dev vif37.0
@@ -189,8 +193,10 @@ xenstore-write /local/domain/0/backend/vif/37/0/hotplug-status connected
 def test_ipv6_disabled_on_the_vif_is_a_note_and_the_rest_goes_on():
     inp = inputs(addresses=(ip_address("10.137.7.27"), V6), gateway6=GW6, harden=True)
     script = online(inp, facts(ipv6=False))
-    # No IPv6 address, route, neighbour, proxy_ndp or IPv6 hardening on the vif...
-    assert "ip -6" not in script and "net.ipv6" not in script
+    # No IPv6 address, route, neighbour, proxy_ndp or IPv6 hardening on the vif
+    # (the system-wide IPv6 settings still: tolerant, for a kernel without IPv6)...
+    assert "ip -6" not in script and "net.ipv6.conf.vif37" not in script
+    assert "sysctl -q -w net.ipv6.conf.all.accept_dad=0 2>/dev/null || true\n" in script
     # ...but its IPv6 anti-spoofing is still in place, and the IPv4 part is whole.
     assert "-A QBS-ANTISPOOF -s fd09:24ef:4179::a89:71b/128 ! -i vif+" in script
     assert script.split("ip link set dev vif37.0 up\n")[1] == """\
@@ -421,3 +427,15 @@ def test_nft_offline_in_a_base_table_keeps_it():
 def test_nft_offline_of_a_vanished_interface_only_removes_elements():
     script = offline(inputs("offline"), nft_facts("base-vif37", exists=False))
     assert script == "#!/bin/sh\n# vif-route-qubes offline vif37.0\n" + NFT_DELETE_ELEMENTS + CONNTRACK_27
+
+
+def test_hardened_offline_puts_the_vifs_settings_back_and_keeps_the_system_wide_ones():
+    defaults = (("net/ipv4/conf/vif37.0/accept_redirects", "1"), ("net/ipv6/conf/vif37.0/accept_source_route", "0"))
+    fct = facts()._replace(harden_defaults=defaults)
+    script = offline(inputs("offline", harden=True), fct)
+    assert ("sysctl -q -w net.ipv4.conf.vif37/0.proxy_arp=0 2>/dev/null || true\n"
+            "sysctl -q -w net.ipv4.conf.vif37/0.accept_redirects=1 2>/dev/null || true\n"
+            "sysctl -q -w net.ipv6.conf.vif37/0.accept_source_route=0 2>/dev/null || true\n") in script
+    assert ".all." not in script and "max_dst_opts" not in script
+    no_ipv6 = offline(inputs("offline", harden=True), facts(ipv6=False)._replace(harden_defaults=defaults))
+    assert "accept_redirects=1" in no_ipv6 and "net.ipv6" not in no_ipv6

@@ -278,30 +278,7 @@ def test_key_value_arguments_act_as_environment(netns, xen, vifcmd):
     assert xen.xs_read(f"{path}/hotplug-status") == "connected"
 
 
-# -- 6. hardening -----------------------------------------------------------
-
-HARDENED = {"ipv4": {"accept_source_route": "0", "accept_redirects": "0", "send_redirects": "0",
-                     "drop_unicast_in_l2_multicast": "1"},
-            "ipv6": {"accept_ra": "0", "autoconf": "0", "accept_dad": "0", "drop_unsolicited_na": "1"}}
-
-
-def sysctls(proxy):
-    cmd = "; ".join(f"echo {fam}/{key}=$(cat /proc/sys/net/{fam}/conf/vif37.0/{key})"
-                    for fam, keys in HARDENED.items() for key in keys)
-    return dict(line.split("=") for line in proxy.out(cmd).split())
-
-
-@pytest.mark.parametrize("flag", ["1", "", None])
-def test_hardening_follows_qubesdb(netns, xen, vifcmd, backend, flag):
-    proxy, _ = setup(netns, xen)
-    if flag is not None:
-        xen.qdb_write("/qubes-service/harden-network-interfaces", flag)
-    defaults = sysctls(proxy)
-    hardened = {f"{fam}/{k}": v for fam, keys in HARDENED.items() for k, v in keys.items()}
-    assert defaults != hardened  # otherwise this test could not tell
-    result = vrq(proxy, xen, vifcmd, "online", backend=backend)
-    assert result.returncode == 0, result.stderr
-    assert sysctls(proxy) == (hardened if flag else defaults)
+# -- 6. hardening: tests/test_xen_hotplug.py (flag 1, 0, absent, garbage; every setting) --
 
 
 # -- 7. help and version ----------------------------------------------------

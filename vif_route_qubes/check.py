@@ -140,7 +140,12 @@ def steps_drift(inp: VifInputs, steps: tuple, net: NetState) -> list[Drift]:
     for step in steps:
         kind = type(step).__name__
         if kind == "Sysctl" and (have := net.read_sysctl(step.path)) != step.value:
-            name = ("IPv6 " if step.path.startswith("net/ipv6/") else "") + step.path.rsplit("/", 1)[1]
+            if have is None and step.tolerant:
+                continue  # a file that may be absent (no IPv6 stack)
+            if f"/{vif}/" in step.path:
+                name = ("IPv6 " if step.path.startswith("net/ipv6/") else "") + step.path.rsplit("/", 1)[1]
+            else:  # a system-wide setting: its sysctl key
+                name = step.path.replace("/", ".")
             out.append(Drift(vif, "sysctl", f"{name} is {have or 'missing'}, should be {step.value}"))
         elif kind == "Link" and step.up and not net.links.get(step.ifname):
             out.append(Drift(vif, "link-down", "link down"))
@@ -308,29 +313,33 @@ def report(logger: str, collect, as_json: bool, out) -> int:
     return EXIT_DRIFT if drifts else EXIT_CLEAN
 
 
+def _in_xenstore(path: str) -> bool:
+    """Whether xenstore holds a backend's `ip` (no xenstore at all: no)."""
+    try:
+        return bool(sources.xenstore_read([f"{path}/ip"]))
+    except VifError:
+        return False
+
+
 def _all_vifs(args, net: NetState) -> list[Drift]:
-    """--all: a vif's inputs come from xenstore (this domain's backend/vif/D/N)
-    when it has the vif, else its addresses from its rules; qubesdb is read once."""
+    """--all: a vif's inputs come from xenstore (backend/vif/D/N, relative: xenstore
+    resolves it against this domain's home, as for xl devd) when it has the vif, else
+    its addresses from its rules; qubesdb is read once."""
     from vif_route_qubes import inputs
 
-    try:
-        own = sources.xenstore_read(["domid"]).get("domid", "")
-    except VifError:
-        own = ""
-    prefix = f"/local/domain/{own}/backend/vif" if re.fullmatch(r"0|[1-9][0-9]{0,4}", own) else None
     fill = {f: k for f, k in (("gateway", inputs.QDB_GATEWAY), ("gateway6", inputs.QDB_GATEWAY6),
                               ("dns1", inputs.QDB_DNS[0]), ("dns2", inputs.QDB_DNS[1])) if getattr(args, f) is None}
     qdb = inputs._qubesdb([*fill.values(), inputs.QDB_HARDEN])
-    args = args._replace(**{f: qdb.get(k, "") for f, k in fill.items()},
-                         harden=args.harden if args.harden is not None else bool(qdb.get(inputs.QDB_HARDEN)))
+    harden = args.harden if args.harden is not None else inputs.harden_flag(qdb.get(inputs.QDB_HARDEN))
+    args = args._replace(**{f: qdb.get(k, "") for f, k in fill.items()}, harden=harden)
     names = discover(net)
     out = jump_drift(net.raw) if any(name in net.links for name in names) else []
     for name in names:
         if name not in net.links:
             out += stale_drift(name, net)
             continue
-        path = "{}/{}/{}".format(prefix, *VIF_NAME.fullmatch(name).groups()) if prefix else None
-        if path and sources.xenstore_read([f"{path}/ip"]):
+        path = "backend/vif/{}/{}".format(*VIF_NAME.fullmatch(name).groups())
+        if _in_xenstore(path):
             vif_args = args._replace(vif=name, xenbus_path=path, addresses=None)
         else:
             addresses = tuple(map(str, rule_addresses(net.raw, name)))

@@ -13,6 +13,9 @@ def run_event(command: str, params: dict) -> None:
     from vif_route_qubes.inputs import VifArgs
     from vif_route_qubes.vif import RunOptions, effective_command, report_error, run_vif
 
+    # udev runs RUN programs with the event's variables only: no PATH, and Python's
+    # fallback (/bin:/usr/bin) misses the sbin tools.
+    os.environ.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
     log = logsetup.setup(params["verbose"])
     sources.set_timeout(params["tool_timeout"])
     action = effective_command(command, params["type_if"])
@@ -41,6 +44,7 @@ def run_event(command: str, params: dict) -> None:
         if not opts.dry_run:
             from vif_route_qubes.parse import xenbus_path_ok
 
-            if params["xenbus_path"] and xenbus_path_ok(params["xenbus_path"]):
+            # Only the vif's own backend path: another one may be another VM's device.
+            if params["xenbus_path"] and params["vif"] and xenbus_path_ok(params["xenbus_path"], params["vif"]):
                 report_error(params["xenbus_path"], message)
         sys.exit(exc.exit_code)

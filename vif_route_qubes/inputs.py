@@ -52,6 +52,18 @@ def list_hooks(folder: str) -> tuple[str, ...]:
     return tuple(p for p in paths if os.path.isfile(p) and os.access(p, os.X_OK))
 
 
+def harden_flag(text: str | None) -> bool:
+    """qubesdb's hardening flag: 1 on; 0, empty or absent off; anything else off, with a warning."""
+    value = parse.service_flag(text)
+    if value is None:
+        from vif_route_qubes import logsetup
+
+        logsetup.get_logger().warning("qubesdb %s is %s, not 1 or 0: hardening stays off",
+                                      QDB_HARDEN, parse.shown(text))
+        return False
+    return value
+
+
 def _qubesdb(keys: list[str]) -> dict[str, str]:
     try:
         return sources.qubesdb_read(keys)
@@ -66,7 +78,7 @@ def read_vif_inputs(args: VifArgs) -> VifInputs:
     if not args.vif:
         raise InputError("no interface: give VIF as an argument or set vif in the environment")
     vif, domid = parse.vif_name(args.vif, tap=tap)
-    xenbus = parse.xenbus_path(args.xenbus_path) if args.xenbus_path else None
+    xenbus = parse.xenbus_path(args.xenbus_path, vif) if args.xenbus_path else None
 
     xs: dict[str, str] = {}
     if xenbus:
@@ -128,7 +140,7 @@ def read_vif_inputs(args: VifArgs) -> VifInputs:
         gateway=gateway,
         gateway6=pick(args.gateway6, QDB_GATEWAY6, 6, "IPv6 gateway"),
         dns=dns,
-        harden=args.harden if args.harden is not None else parse.flag(qdb.get(QDB_HARDEN)),
+        harden=args.harden if args.harden is not None else harden_flag(qdb.get(QDB_HARDEN)),
         hooks=list_hooks(args.hooks_dir),
         hook_timeout=args.hook_timeout,
         xenbus_path=xenbus,

@@ -45,3 +45,4 @@ class VifFacts(NamedTuple):
     mapped: object = None               # mapped.MappedFacts: the vif's own namespace, if any
     host_routes: tuple = ()             # (version, address, metric) of host routes out of the vif
     neighbours: tuple = ()              # (version, address) of its permanent neighbour entries
+    harden_defaults: tuple = ()         # offline, hardened: (vif sysctl path, conf/default's value)

@@ -47,7 +47,7 @@ EVENT = (
     Opt("dns1", ("--dns1",), "VIF_ROUTE_DNS1", "Virtual DNS 1 [default: qubesdb /qubes-netvm-primary-dns]."),
     Opt("dns2", ("--dns2",), "VIF_ROUTE_DNS2", "Virtual DNS 2 [default: qubesdb /qubes-netvm-secondary-dns]."),
     Opt("harden", ("--harden", "--no-harden"), "VIF_ROUTE_HARDEN",
-        "Hardening sysctls on the vif [default: qubesdb /qubes-service/harden-network-interfaces non-empty].",
+        "Hardening sysctls on the vif [default: qubesdb /qubes-service/harden-network-interfaces is 1].",
         kind="switch"),
     Opt("hooks_dir", ("--hooks-dir",), "VIF_ROUTE_HOOKS_DIR",
         "Every executable file here runs as HOOK online|offline VIF TYPE [ADDR].",
@@ -67,7 +67,8 @@ EVENT = (
     Opt("type_if", ("--type-if",), "type_if", "Xen device kind (Xen passes type_if=...).", kind="choice",
         choices=("vif", "tap"), default="vif", show_default=True),
     Opt("xenbus_path", ("--xenbus-path",), "XENBUS_PATH",
-        "xenstore backend path of the vif; inputs are read and status written there."),
+        "xenstore backend path of the vif, backend/vif/D/N or /local/domain/X/backend/vif/D/N; "
+        "inputs are read and status written there."),
     *COMMON,
 )
 

@@ -14,7 +14,8 @@ IFNAMSIZ = 15  # usable characters of a Linux interface name
 
 _VIF_RE = re.compile(r"vif(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)(-emu)?")
 _MAC_RE = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
-_XENBUS_RE = re.compile(r"/local/domain/(0|[1-9][0-9]*)/backend/vif/(0|[1-9][0-9]*)/(0|[1-9][0-9]*)")
+# Relative (xl devd, the kernel's uevent: resolved against this domain's home) or absolute.
+_XENBUS_RE = re.compile(r"(?:/local/domain/(0|[1-9][0-9]{0,4})/)?backend/vif/(0|[1-9][0-9]{0,4})/(0|[1-9][0-9]{0,4})")
 _ADDR_CHARS = re.compile(r"[0-9a-fA-F.:]+")
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -90,9 +91,16 @@ def mac(text: str, *, source: str) -> str:
     return value
 
 
-def xenbus_path(text: str) -> str:
-    if not _XENBUS_RE.fullmatch(text):
+def xenbus_path(text: str, vif: str) -> str:
+    """XENBUS_PATH of `vif` (vifD.N): `backend/vif/D/N` or `/local/domain/X/backend/vif/D/N`,
+    returned as given (xenstore resolves the relative form).  Another device's path
+    is refused: it may be another VM's, and nothing may be written there."""
+    match = _XENBUS_RE.fullmatch(text)
+    if not match:
         raise InputError(f"XENBUS_PATH {_show(text)} is not a Xen vif backend path")
+    device = _VIF_RE.fullmatch(vif)
+    if not device or match.group(2, 3) != device.group(1, 2):
+        raise InputError(f"XENBUS_PATH {_show(text)} is not the backend of {shown(vif)}")
     return text
 
 
@@ -106,10 +114,18 @@ def device_type(text: str, *, source: str = "xenstore type") -> str:
     return text
 
 
-def flag(text: str | None) -> bool:
-    """A qubesdb service flag: present and non-empty means on."""
-    return bool(text)
+def service_flag(text: str | None) -> bool | None:
+    """A qubesdb /qubes-service/ flag, which Qubes writes as 1 or 0: True for 1; False
+    for 0, empty or absent; None for anything else (the caller warns, and it is off)."""
+    if text is None or text in ("", "0"):
+        return False
+    return True if text == "1" else None
 
 
-def xenbus_path_ok(text: str) -> bool:
-    return bool(_XENBUS_RE.fullmatch(text))
+def xenbus_path_ok(text: str, vif: str) -> bool:
+    """Whether `text` is `vif`'s own XENBUS_PATH, so that a failure may be reported there."""
+    try:
+        xenbus_path(text, vif)
+    except InputError:
+        return False
+    return True

@@ -9,10 +9,16 @@ from vif_route_qubes.batch import (Addr, Batch, ConntrackPurge, Group, Hook, Lin
                                    Rename, Restore, Route, Sysctl, XenstoreWrite)
 from vif_route_qubes.model import VifFacts, VifInputs
 
-HARDEN_V4 = {"accept_source_route": "0", "accept_redirects": "0", "send_redirects": "0",
+# Hardening: the settings of Qubes' network/81-qubes.conf.optional, per vif and system-wide.
+# IPv6 accept_source_route -1: no routing header at all (0 would still take type 2).
+HARDEN_V4 = {"accept_source_route": "0", "accept_redirects": "0", "secure_redirects": "0", "send_redirects": "0",
              "drop_unicast_in_l2_multicast": "1"}
-HARDEN_V6 = {"accept_source_route": "0", "accept_redirects": "0", "accept_ra": "0", "autoconf": "0",
+HARDEN_V6 = {"accept_source_route": "-1", "accept_redirects": "0", "accept_ra": "0", "autoconf": "0",
              "accept_dad": "0", "drop_unsolicited_na": "1", "drop_unicast_in_l2_multicast": "1"}
+# System-wide: left on offline (other vifs rely on them).  The file's max_hbh_opts_length
+# names no sysctl of the kernel and is skipped.  Without an IPv6 stack its two are moot.
+HARDEN_SYSTEM = {"net/ipv6/max_dst_opts_length": "0", "net/ipv6/conf/all/accept_dad": "0",
+                 "net/ipv4/conf/all/accept_redirects": "0"}
 
 
 def antispoof(inp: VifInputs, facts: VifFacts, enable: bool) -> list:
@@ -77,10 +83,15 @@ def sysctls(inp: VifInputs, facts: VifFacts, enable: bool) -> list:
     if has_gw6 and facts.ipv6_enabled:
         steps.append(Sysctl(f"{conf6}/proxy_ndp", "1" if enable else "0", tolerant))
     if enable and inp.harden:
-        # Hardening is left in place on offline: the interface is about to go.
         steps += [Sysctl(f"{conf4}/{key}", value) for key, value in HARDEN_V4.items()]
         if facts.ipv6_enabled:
             steps += [Sysctl(f"{conf6}/{key}", value) for key, value in HARDEN_V6.items()]
+        steps += [Sysctl(path, value, tolerant=path.startswith("net/ipv6/")) for path, value in HARDEN_SYSTEM.items()]
+    elif inp.harden:
+        # The vif's own settings back to those of a new interface (conf/default); the
+        # system-wide ones stay, other vifs rely on them.
+        steps += [Sysctl(path, value, tolerant) for path, value in facts.harden_defaults
+                  if facts.ipv6_enabled or not path.startswith("net/ipv6/")]
     return steps
 
 

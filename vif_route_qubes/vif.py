@@ -53,6 +53,18 @@ def _routes_and_neighbours(vif: str) -> dict:
         nl.close()
 
 
+def _harden_defaults(vif: str) -> tuple:
+    """What offline puts back of the vif's hardening: each key's value in conf/default
+    (what a new interface starts with)."""
+    pairs = []
+    for family, keys in (("ipv4", plan_vif.HARDEN_V4), ("ipv6", plan_vif.HARDEN_V6)):
+        for key in keys:
+            value = _read_proc(f"/proc/sys/net/{family}/conf/default/{key}")
+            if value is not None:
+                pairs.append((f"net/{family}/conf/{vif}/{key}", value))
+    return tuple(pairs)
+
+
 def read_facts(inp: VifInputs, firewall: str = "iptables", index=None) -> VifFacts:
     """What the system has now for this vif, read once under the lock
     (`index`: a raw_index.Session that can spare reading every vif's rules)."""
@@ -67,6 +79,8 @@ def read_facts(inp: VifInputs, firewall: str = "iptables", index=None) -> VifFac
     extra = {"mapped": mapped.read_facts(inp)}
     if exists:
         extra.update(_routes_and_neighbours(inp.vif))
+        if inp.harden and inp.command == "offline":
+            extra["harden_defaults"] = _harden_defaults(inp.vif)
     if firewall == "nft":
         from vif_route_qubes import nft_state
 

@@ -3,6 +3,8 @@
 Each key is one file in $FAKE_XENSTORE_DIR or $FAKE_QUBESDB_DIR, named by the
 key with every character but letters and digits percent-encoded; the file
 holds the value with no trailing newline.  Writes are atomic (rename).
+A relative xenstore path is resolved as xenstored does, against the caller's
+home /local/domain/<own domid>/ ($FAKE_XENSTORE_DOMID, default 0).
 """
 
 import os
@@ -37,3 +39,11 @@ def store(env: str) -> str:
         sys.stderr.write(f"{os.path.basename(sys.argv[0])}: {env} is not set\n")
         sys.exit(1)
     return directory
+
+
+def xenstore_key(path: str) -> str:
+    """The absolute xenstore path that `path` names (xenstored's rule for a relative one)."""
+    if path.startswith("/"):
+        return path
+    domid = os.environ.get("FAKE_XENSTORE_DOMID") or "0"
+    return f"/local/domain/{domid}/{path}"
