@@ -22,11 +22,11 @@ import sys
 import time
 from collections import Counter
 from contextlib import contextmanager
+from typing import NamedTuple
 
 from vif_route_qubes import antispoof_ipt, ipt_state, plan_vif, sources
 from vif_route_qubes.errors import InputError, VifError
 from vif_route_qubes.model import VifFacts, VifInputs
-from vif_route_qubes.records import NamedTuple
 
 # A check that cannot read the system fails like any command (1, one line on
 # stderr, no report on stdout); drift is 1 with the report on stdout.

@@ -6,11 +6,11 @@ xenstore, then qubesdb).  Every value is parsed strictly before it is kept.
 
 import os
 import re
+from typing import NamedTuple
 
 from vif_route_qubes import parse, sources
 from vif_route_qubes.errors import InputError, VifError
 from vif_route_qubes.model import VifInputs
-from vif_route_qubes.records import NamedTuple
 
 QDB_GATEWAY = "/qubes-netvm-gateway"
 QDB_GATEWAY6 = "/qubes-netvm-gateway6"

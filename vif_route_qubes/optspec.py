@@ -6,7 +6,7 @@ the same table without importing click, whose import alone is about a third
 of an event's start-up.  One table, so the two cannot drift apart.
 """
 
-from vif_route_qubes.records import NamedTuple
+from typing import NamedTuple
 
 
 class Opt(NamedTuple):

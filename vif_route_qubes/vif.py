@@ -2,7 +2,7 @@
 
 import os
 from contextlib import nullcontext
-from vif_route_qubes.records import NamedTuple
+from typing import NamedTuple
 
 from vif_route_qubes import backend, ipt_state, logsetup, plan_vif, timing
 from vif_route_qubes.errors import VifError
