@@ -355,8 +355,7 @@ def run_vif_check(params: dict, every: bool, as_json: bool, out=sys.stdout) -> i
         refuse_nft(params["backend"])
         env_ip = os.environ.get("ip")
         addresses = params["addresses"] or (tuple(env_ip.split()) if env_ip and env_ip.strip() else None)
-        args = VifArgs("online", **{k: params[k] for k in VifArgs._fields if k in params and k != "addresses"},
-                       addresses=addresses)
+        args = VifArgs.from_params(params, command="online", addresses=addresses)
         inp = None if every else read_vif_inputs(args)
         with shared_lock(params["lock_file"], params["lock_timeout"]):
             net = read_state(() if every else (inp.vif, inp.rename_from))
