@@ -15,6 +15,7 @@ import os
 import socket
 import subprocess
 import sys
+from typing import NamedTuple
 
 import pytest
 
@@ -27,11 +28,13 @@ VIF_PROG, DNS_PROG = "vif-route-qubes", "qubes-setup-dnat-to-ns"
 ENV_NAMES = {o.envvar for o in optspec.EVENT + optspec.INIT + optspec.DNS + optspec.ARGS if o.envvar} | {"ip"}
 
 
-class Run:
+class Run(NamedTuple):
     """One main() call: exit status, stdout, stderr and what reached the code that acts."""
 
-    def __init__(self, code, out, err, calls):
-        self.code, self.out, self.err, self.calls = code, out, err, calls
+    code: object
+    out: str
+    err: str
+    calls: list
 
     @property
     def lines(self):
@@ -49,6 +52,7 @@ def cmd(monkeypatch):
     monkeypatch.setattr(check, "run_vif_check", lambda params, every, as_json: calls.append(("check", params)) or 0)
     monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: pytest.fail(f"a fork: {a[:1]}"))
     saved_env, root = dict(os.environ), logging.getLogger()
+    saved_log = root.handlers[:], root.level
 
     def run(argv, env=(), prog=None):
         """main() with sys.argv = [prog, *argv] and only `env` of our variables."""
@@ -58,7 +62,7 @@ def cmd(monkeypatch):
         main = dns_cli.main if prog == DNS_PROG else vif_cli.main
         monkeypatch.setattr(sys, "argv", [prog or VIF_PROG, *argv])
         calls.clear()
-        saved_log = root.handlers[:], root.level  # main() sets up logging afresh: pytest's handlers back after
+        handlers = root.handlers[:]  # main() sets up logging afresh: pytest's handlers back after
         out, err = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
@@ -66,13 +70,14 @@ def cmd(monkeypatch):
                 code = "returned"  # main() always ends with SystemExit
             except SystemExit as exc:
                 code = exc.code
-        root.handlers[:] = saved_log[0]
-        root.setLevel(saved_log[1])
+        root.handlers[:] = handlers
         return Run(code, out.getvalue(), err.getvalue(), list(calls))
 
     yield run
     os.environ.clear()  # as before the test, also what key=value arguments set
     os.environ.update(saved_env)
+    root.handlers[:] = saved_log[0]
+    root.setLevel(saved_log[1])
 
 
 def only_vif_call(result):
@@ -194,6 +199,20 @@ def test_seconds_accepted_from_0_or_the_minimum_to_a_day(cmd):
     assert (args.hook_timeout, args.mapped_wait) == (86400.0, 10.0)
 
 
+def test_script_to_a_reader_gone_is_status_120(cmd, monkeypatch, capfd):
+    # `vif-route-qubes online --dry-run | head -0`: as the interpreter's status, without its message at exit.
+    monkeypatch.setattr(vif, "run_vif", lambda args, opts, out: out.write("#!/bin/sh\n") and 0)
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    cmd([])  # our variables cleared (restored after the test)
+    with open(write_end, "w") as gone, contextlib.redirect_stdout(gone):
+        monkeypatch.setattr(sys, "argv", [VIF_PROG, "online", "vif37.0", "--dry-run"])
+        with pytest.raises(SystemExit) as exit_:
+            vif_cli.main()
+    assert exit_.value.code == 120
+    assert capfd.readouterr().err == ""
+
+
 # -- --help and --version ---------------------------------------------------------------
 
 @pytest.mark.parametrize("argv, prog, table", [
@@ -230,7 +249,7 @@ def test_each_run_has_its_own_options_and_logging(cmd):
 
 
 def test_main_in_a_forked_child_logs_with_its_own_pid(cmd, tmp_path):
-    cmd([])  # the environment of our variables cleared
+    cmd([])  # our variables cleared (restored after the test)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     listener.bind(str(tmp_path / "log"))
     listener.settimeout(5)

@@ -38,7 +38,9 @@ class _Syslog(logging.handlers.SysLogHandler):
         self.ident = f"{ident}[{os.getpid()}]: "
 
     def handleError(self, record: logging.LogRecord) -> None:
-        pass  # no syslog here, or it is gone or full: stderr still has the message
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handleError(record)  # a bug of ours: shown
+        # else no syslog here, or it is gone or full: stderr still has the message
 
 
 def get_logger(name: str = NAME) -> logging.Logger:
