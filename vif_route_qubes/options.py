@@ -98,6 +98,8 @@ def _run(command: click.Command, args: list[str], prog_name: str) -> int:
 def _flushed(status: int) -> int:
     """stdout flushed before the end: when its reader is gone (`--dry-run | head -1`)
     the status is 120, as the interpreter's, without its second failure at exit."""
+    if sys.stdout is None:  # started with descriptor 1 closed
+        return status
     try:
         sys.stdout.flush()
     except (OSError, ValueError):
