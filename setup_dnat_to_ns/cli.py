@@ -1,7 +1,8 @@
 """`qubes-setup-dnat-to-ns` (also installed as qubes_setup_dnat_to_ns): the entry point.
 
-The usual invocations (none, or NetworkManager's IFACE ACTION) run without
-importing click (vif_route_qubes/fastargs.py); the rest goes to click.
+click parses the command line (commands.py).  main() reads sys.argv and the
+environment when called, so it can run again in the same process or in a
+forked child that already imported it (the command server).
 
 Exit status: 0 rules changed (or nothing to do), 100 rules already as they
 should be (also with --dry-run), 1 failure, 2 usage error.
@@ -12,15 +13,8 @@ import sys
 
 
 def main() -> None:
+    """Run with sys.argv; ends with SystemExit(status)."""
     prog = os.path.basename(sys.argv[0]) or "qubes-setup-dnat-to-ns"
-    from vif_route_qubes.fastargs import parse_dns
-
-    fast = parse_dns(sys.argv[1:], os.environ)
-    if fast is not None:
-        from setup_dnat_to_ns.run import run_dns
-        from vif_route_qubes.quickexit import run_then_exit
-
-        run_then_exit(run_dns, fast)
     from setup_dnat_to_ns.commands import cli
     from vif_route_qubes.options import run_main
 

@@ -1,5 +1,5 @@
-"""The click command of `qubes-setup-dnat-to-ns` (help, --check, and every
-invocation the fast path in cli.py leaves to click)."""
+"""The click command of `qubes-setup-dnat-to-ns`; its options are rows of
+vif_route_qubes/optspec.py, but --check and --json."""
 
 import sys
 

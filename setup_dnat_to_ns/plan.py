@@ -10,10 +10,10 @@ a query neither translated nor dropped.
 """
 
 from ipaddress import IPv4Address
+from typing import NamedTuple
 
 from vif_route_qubes.batch import Batch, ConntrackPurge, Nft, Restore, Run
 from vif_route_qubes.ipt_state import EMPTY_TABLE, TableState, ensure_jump, sync_chain
-from vif_route_qubes.records import NamedTuple
 
 DNAT_CHAIN = "PR-QBS"
 GUARD_CHAIN = "QBS-DNS-GUARD"

@@ -17,8 +17,7 @@ from pathlib import Path
 from hypothesis import strategies as st
 
 from setup_dnat_to_ns import resolvers
-from vif_route_qubes import (apply, cli as vif_cli, init, ipt_state, lock, loghandlers, quickexit, raw_index, sources,
-                             vif)
+from vif_route_qubes import (apply, cli as vif_cli, init, ipt_state, lock, logsetup, raw_index, sources, vif)
 from vif_route_qubes.model import VifFacts
 
 PATH = "/local/domain/0/backend/vif/37/0"
@@ -233,10 +232,6 @@ def facts(inp, *args, **kwargs):
     return VifFacts(exists=True, rename_pending=inp.rename_from is not None, ipv6_enabled=True, **extra)
 
 
-def exit_in_process(status: int):
-    raise SystemExit(status)
-
-
 class Sandbox:
     """Both programs' main(), in-process, with every boundary to the system replaced."""
 
@@ -252,11 +247,10 @@ class Sandbox:
         monkeypatch.setattr(ipt_state, "save", lambda jobs: ["" for _ in jobs])
         monkeypatch.setattr(init, "run_init", lambda *a, **k: 0)
         # As if /dev/log were there: records go through StrictSyslog.
-        monkeypatch.setattr(loghandlers, "_Syslog", StrictSyslog)
+        monkeypatch.setattr(logsetup, "_Syslog", StrictSyslog)
         monkeypatch.setattr(resolvers, "subprocess", types.SimpleNamespace(
             TimeoutExpired=subprocess.TimeoutExpired,
             run=lambda argv, **k: subprocess.CompletedProcess(argv, 0, self.reply, "")))
-        monkeypatch.setattr(quickexit, "_exit", exit_in_process)  # not os._exit: this is pytest's process
         monkeypatch.setattr(subprocess, "Popen", forbid_fork)  # the safety net: nothing forks here
         # On tmpfs when there is one: a file write on ext4 costs more than the rest of a case.
         self.folder = tempfile.mkdtemp(dir="/dev/shm" if os.path.isdir("/dev/shm") else tmp_path)

@@ -6,8 +6,7 @@ The rendered script, run by `sh` as root, makes the same changes.
 """
 
 from shlex import quote
-
-from vif_route_qubes.records import NamedTuple
+from typing import NamedTuple
 
 
 def _ip(family: int) -> str:

@@ -22,11 +22,11 @@ import sys
 import time
 from collections import Counter
 from contextlib import contextmanager
+from typing import NamedTuple
 
 from vif_route_qubes import antispoof_ipt, ipt_state, plan_vif, sources
 from vif_route_qubes.errors import InputError, VifError
 from vif_route_qubes.model import VifFacts, VifInputs
-from vif_route_qubes.records import NamedTuple
 
 # A check that cannot read the system fails like any command (1, one line on
 # stderr, no report on stdout); drift is 1 with the report on stdout.
@@ -364,8 +364,7 @@ def run_vif_check(params: dict, every: bool, as_json: bool, out=sys.stdout) -> i
         refuse_nft(params["backend"])
         env_ip = os.environ.get("ip")
         addresses = params["addresses"] or (tuple(env_ip.split()) if env_ip and env_ip.strip() else None)
-        args = VifArgs("online", **{k: params[k] for k in VifArgs._fields if k in params and k != "addresses"},
-                       addresses=addresses)
+        args = VifArgs.from_params(params, command="online", addresses=addresses)
         inp = None if every else read_vif_inputs(args)
         with shared_lock(params["lock_file"], params["lock_timeout"]):
             net = read_state(() if every else (inp.vif, inp.rename_from))

@@ -1,9 +1,10 @@
 """`vif-route-qubes`: the entry point.
 
 Xen's hotplug convention is honoured first: `key=value` arguments set
-variables exactly as the environment would.  The usual event invocations
-then run without importing click (fastargs.py); everything else (help,
-init, check, errors in the arguments) goes to the click commands.
+variables exactly as the environment would.  click then parses the rest
+(commands.py).  main() reads sys.argv and the environment when called, not
+when imported, so it can run again in the same process (tests) or in a
+forked child that already imported it (the command server).
 """
 
 from vif_route_qubes import timing  # noqa: F401  (first: starts the benchmark's clock)
@@ -25,15 +26,8 @@ def xen_assignments(argv: list[str]) -> list[str]:
 
 
 def main() -> None:
+    """Run the command sys.argv names; ends with SystemExit(status)."""
     args = xen_assignments(sys.argv[1:])
-    from vif_route_qubes.fastargs import parse_event
-
-    fast = parse_event(args, os.environ)
-    if fast is not None:
-        from vif_route_qubes.event import run_event
-        from vif_route_qubes.quickexit import run_then_exit
-
-        run_then_exit(run_event, *fast)
     from vif_route_qubes.commands import cli
     from vif_route_qubes.options import run_main
 

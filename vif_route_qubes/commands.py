@@ -1,25 +1,18 @@
-"""The click commands of `vif-route-qubes` (help, init, check, and every
-invocation the fast path in cli.py leaves to click)."""
+"""The click commands of `vif-route-qubes`; their options are the rows of optspec.py."""
 
 import sys
 
 import click
 
 from vif_route_qubes import __version__
-from vif_route_qubes.optspec import COMMON, EVENT
+from vif_route_qubes.optspec import ARGS, EVENT, INIT, RunOptions
 from vif_route_qubes.options import options_of
 
 EXIT_CODES = """Exit status: 0 success (also for add/remove of a vif and offline of a
 vif that is gone), 1 failure, 2 usage error or refused input."""
 
 
-def _event_options(func):
-    func = options_of(EVENT)(func)
-    func = click.argument("addresses", nargs=-1)(func)
-    return click.argument("vif", required=False, envvar="vif")(func)
-
-
-common_options = options_of(COMMON)
+_event_options = options_of(ARGS + EVENT)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES,
@@ -52,28 +45,23 @@ _event_command("remove", "Xen's remove event: unconfigures a tap device (type_if
 
 
 @cli.command("init", epilog=EXIT_CODES)
-@click.option("--gateway6", envvar="VIF_ROUTE_GATEWAY6", show_envvar=True,
-              help="Route IPv6 for the VMs [default: when qubesdb has /qubes-netvm-gateway6].")
-@common_options
-def init_command(gateway6, dry_run, verbose, backend, lock_file, lock_timeout, tool_timeout):
+@options_of(INIT)
+def init_command(**params):
     """Install the base ruleset of a network-providing VM and turn on forwarding.
 
     Idempotent: a second run changes nothing, and the rules of vifs already
     online and the DNS rules are kept.
     """
-    from vif_route_qubes import logsetup
+    from vif_route_qubes import backend as backends, logsetup, sources
     from vif_route_qubes.errors import VifError
     from vif_route_qubes.init import read_init_inputs, run_init
 
-    log = logsetup.setup(verbose)
-    from vif_route_qubes import sources
-
-    sources.set_timeout(tool_timeout)
+    opts = RunOptions.from_params(params)
+    log = logsetup.setup(opts.verbose)
+    sources.set_timeout(opts.tool_timeout)
     try:
-        from vif_route_qubes import backend as backends
-
-        run_init(read_init_inputs(gateway6), backends.resolve(backend), dry_run, lock_file, lock_timeout,
-                 sys.stdout)
+        run_init(read_init_inputs(params["gateway6"]), backends.resolve(opts.backend), opts.dry_run, opts.lock_file,
+                 opts.lock_timeout, sys.stdout)
     except VifError as exc:
         log.error("init: %s", exc)
         sys.exit(exc.exit_code)

@@ -1,12 +1,12 @@
 """`vif-route-qubes init`: install the base ruleset and turn on forwarding, idempotently."""
 
 from contextlib import nullcontext
+from typing import NamedTuple
 
 from vif_route_qubes import base_ipt, ipt_state, logsetup, parse, sources
 from vif_route_qubes.batch import Batch, Nft, Restore, Sysctl
 from vif_route_qubes.errors import VifError
 from vif_route_qubes.lock import locked
-from vif_route_qubes.records import NamedTuple
 
 log = logsetup.get_logger("vif-route-qubes")
 QDB_GATEWAY6 = "/qubes-netvm-gateway6"

@@ -7,10 +7,9 @@ xenstore, then qubesdb).  Every value is parsed strictly before it is kept.
 import os
 import re
 
-from vif_route_qubes import parse, sources
+from vif_route_qubes import optspec, parse, sources
 from vif_route_qubes.errors import InputError, VifError
 from vif_route_qubes.model import VifInputs
-from vif_route_qubes.records import NamedTuple
 
 QDB_GATEWAY = "/qubes-netvm-gateway"
 QDB_GATEWAY6 = "/qubes-netvm-gateway6"
@@ -18,26 +17,10 @@ QDB_DNS = ("/qubes-netvm-primary-dns", "/qubes-netvm-secondary-dns")
 QDB_HARDEN = "/qubes-service/harden-network-interfaces"
 
 
-class VifArgs(NamedTuple):
-    """What the command line and the environment said (raw text, not yet parsed)."""
-
-    command: str
-    vif: str | None = None
-    addresses: tuple[str, ...] | None = None  # positional, else env `ip`
-    mac: str | None = None
-    gateway: str | None = None
-    gateway6: str | None = None
-    dns1: str | None = None
-    dns2: str | None = None
-    harden: bool | None = None
-    type_if: str = "vif"
-    xenbus_path: str | None = None
-    hooks_dir: str = "/rw/config/network-hooks.d"
-    hook_timeout: float = 10.0
-    visible_ip: str | None = None
-    visible_gateway: str | None = None
-    mapped_wait: float = 5.0
-    netns_prefix: str = ""
+VifArgs = optspec.record(
+    "VifArgs", __name__, """What the command line and the environment said (raw text, not yet
+    parsed): the command, then one field per row of optspec.ARGS and optspec.VIF.""",
+    optspec.ARGS + optspec.VIF, head=(("command", str),))
 
 
 def list_hooks(folder: str) -> tuple[str, ...]:

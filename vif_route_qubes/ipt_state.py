@@ -5,9 +5,9 @@ planners can write their rules in the same form and compare them as text.
 """
 
 import subprocess
+from typing import NamedTuple
 
 from vif_route_qubes.errors import VifError
-from vif_route_qubes.records import NamedTuple
 
 
 class TableState(NamedTuple):

@@ -1,56 +1,67 @@
-"""Loggers that import logging only when a record is actually emitted.
+"""Logging of both commands, with the standard library: stderr and syslog.
 
-A quiet event that succeeds logs nothing but debug records, which are
-dropped here unless -v; importing logging (with traceback, string and
-weakref) would cost ~5 ms of an event's ~45.  The first record that is
-emitted configures the handlers of loghandlers.py, as setup() asked.
+Every module logs through `get_logger(name)` (a plain logging.Logger); each
+run of a command calls `setup(verbose)` once, which gives the root logger its
+handlers afresh, so a command run again in the same process (tests, the
+command server's forked child) logs with its own options and pid.
 """
 
+import logging
+import logging.handlers
+import os
+import sys
+
 NAME = "vif-route-qubes"
-DEBUG, INFO, WARNING, ERROR = 10, 20, 30, 40  # logging's levels
-
-_config: tuple[bool, str] | None = None  # (verbose, ident) of the last setup()
-_configured = False
 
 
-class LazyLogger:
-    def __init__(self, name: str) -> None:
-        self.name = name
+class _Printable(logging.Filter):
+    """Untrusted text in a message never reaches stderr or syslog raw: control
+    characters and undecodable bytes are escaped, so a record is one line."""
 
-    def _log(self, level: int, msg: str, args: tuple) -> None:
-        global _configured
-        verbose = bool(_config and _config[0])
-        if level < (DEBUG if verbose else INFO):
-            return  # what the configured loggers would drop: no import
-        import logging
-
-        if not _configured and _config is not None:
-            from vif_route_qubes.loghandlers import configure
-
-            configure(*_config)
-            _configured = True
-        logging.getLogger(self.name).log(level, msg, *args)
-
-    def debug(self, msg: str, *args) -> None:
-        self._log(DEBUG, msg, args)
-
-    def info(self, msg: str, *args) -> None:
-        self._log(INFO, msg, args)
-
-    def warning(self, msg: str, *args) -> None:
-        self._log(WARNING, msg, args)
-
-    def error(self, msg: str, *args) -> None:
-        self._log(ERROR, msg, args)
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        clean = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+        clean = clean.encode("utf-8", "backslashreplace").decode("utf-8")
+        if clean != text:
+            record.msg, record.args = clean, None
+        return True
 
 
-def get_logger(name: str = NAME) -> LazyLogger:
-    return LazyLogger(name)
+class _Syslog(logging.handlers.SysLogHandler):
+    """Facility daemon, one RFC 3164 datagram a record: `<PRI>IDENT[PID]: message`,
+    the message exactly as on stderr (no trailing NUL)."""
+
+    append_nul = False
+
+    def __init__(self, ident: str, path: str) -> None:
+        super().__init__(address=path, facility=self.LOG_DAEMON)
+        self.ident = f"{ident}[{os.getpid()}]: "
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handleError(record)  # a bug of ours: shown
+        # else no syslog here, or it is gone or full: stderr still has the message
 
 
-def setup(verbose: bool, ident: str = NAME) -> LazyLogger:
-    """Log as `ident`, to stderr (everything with `verbose`, else warnings
-    and errors) and syslog; the handlers are made at the first record."""
-    global _config, _configured
-    _config, _configured = (verbose, ident), False
-    return LazyLogger(ident)
+def get_logger(name: str = NAME) -> logging.Logger:
+    return logging.getLogger(name)
+
+
+def setup(verbose: bool, ident: str = NAME) -> logging.Logger:
+    """Log as `ident` to stderr (warnings and errors, everything with `verbose`)
+    and to syslog (from info on; /dev/log, or the socket VIF_ROUTE_SYSLOG names)."""
+    root = logging.getLogger()
+    for handler in root.handlers[:]:
+        root.removeHandler(handler)
+        if isinstance(handler, _Syslog):
+            handler.close()  # our socket of an earlier run in this process
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    stderr = logging.StreamHandler(sys.stderr)
+    stderr.setFormatter(logging.Formatter(f"{ident}: %(message)s"))
+    stderr.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    # VIF_ROUTE_SYSLOG names another syslog socket (tests, containers).
+    syslog = _Syslog(ident, os.environ.get("VIF_ROUTE_SYSLOG") or "/dev/log")
+    for handler in (stderr, syslog):
+        handler.addFilter(_Printable())
+        root.addHandler(handler)
+    return logging.getLogger(ident)

@@ -13,10 +13,10 @@ towards the visible gateway) and drops all IPv6.
 import os
 import subprocess
 from ipaddress import IPv4Address
+from typing import NamedTuple
 
 from vif_route_qubes.batch import Exec, ReturnLink
 from vif_route_qubes.model import VifInputs
-from vif_route_qubes.records import NamedTuple
 
 UPLINK = "uplink"
 VIF_MAC = "fe:ff:ff:ff:ff:ff"

@@ -1,9 +1,9 @@
 """Frozen inputs of one vif event, and the facts read from the system under the lock."""
 
 from ipaddress import IPv4Address, IPv6Address
+from typing import NamedTuple
 
 from vif_route_qubes.ipt_state import EMPTY_TABLE, TableState
-from vif_route_qubes.records import NamedTuple
 
 
 class VifInputs(NamedTuple):

@@ -16,9 +16,9 @@ Every change is one `nft -f` transaction: all of it applies, or none.
 
 import json
 import subprocess
+from typing import NamedTuple
 
 from vif_route_qubes.errors import VifError
-from vif_route_qubes.records import NamedTuple
 
 TABLE = "qubes"
 VIF_GROUP = 2

@@ -1,24 +1,36 @@
-"""The options of both programs, as data.
+"""The options of both programs, written once, as data.
 
-click builds its parser and `--help` from these (options.py), and the fast
-path (fastargs.py) reads the usual hotplug and dispatcher invocations from
-the same table without importing click, whose import alone is about a third
-of an event's start-up.  One table, so the two cannot drift apart.
+Each row is one option: its flags, environment variable, help, kind and
+default.  click's options and `--help` are made from the rows (options.py),
+and so are the records their values travel in (`record()`: RunOptions here,
+inputs.VifArgs), which take click's values by field name.  A new option is
+one new row.
 """
 
-from vif_route_qubes.records import NamedTuple
+import types
+from typing import NamedTuple
+
+from vif_route_qubes.lock import DEFAULT_LOCK
 
 
 class Opt(NamedTuple):
     dest: str
-    flags: tuple[str, ...]  # ("--mac",), ("-v", "--verbose"), or ("--harden", "--no-harden") for a switch
+    flags: tuple[str, ...]  # ("--mac",), ("-v", "--verbose"), ("--harden", "--no-harden") for a switch
     envvar: str | None
     help: str
-    kind: str = "str"  # str | seconds | choice | flag | switch
+    kind: str = "str"  # str | seconds | choice | flag | switch | argument | arguments (nargs=-1)
     default: object = None
     low: float = 0.0  # seconds: the smallest value accepted
     choices: tuple[str, ...] = ()
     show_default: bool = False
+
+    @property
+    def type(self) -> object:
+        """The field's annotation in a record."""
+        if self.kind == "str":
+            return str | None if self.default is None else str
+        return {"seconds": float, "choice": str, "flag": bool, "switch": bool | None, "argument": str | None,
+                "arguments": tuple[str, ...] | None}[self.kind]
 
 
 COMMON = (
@@ -30,7 +42,7 @@ COMMON = (
         "Firewall backend; auto picks nft when the table `ip qubes` exists, else iptables.",
         kind="choice", choices=("auto", "iptables", "nft"), default="auto", show_default=True),
     Opt("lock_file", ("--lock-file",), "VIF_ROUTE_LOCK_FILE", "Lock held around each read-plan-apply cycle.",
-        default="/run/vif-route-qubes.lock", show_default=True),
+        default=DEFAULT_LOCK, show_default=True),
     Opt("lock_timeout", ("--lock-timeout",), "VIF_ROUTE_LOCK_TIMEOUT",
         "Seconds to wait for the lock before failing.", kind="seconds", default=60.0, show_default=True),
     Opt("tool_timeout", ("--tool-timeout",), "VIF_ROUTE_TOOL_TIMEOUT",
@@ -38,14 +50,24 @@ COMMON = (
         default=10.0, show_default=True),
 )
 
-EVENT = (
+# Both programs' virtual DNS addresses.
+DNS1 = Opt("dns1", ("--dns1",), "VIF_ROUTE_DNS1", "Virtual DNS 1 [default: qubesdb /qubes-netvm-primary-dns].")
+DNS2 = Opt("dns2", ("--dns2",), "VIF_ROUTE_DNS2", "Virtual DNS 2 [default: qubesdb /qubes-netvm-secondary-dns].")
+
+# The event commands' positional arguments: VIF (else the variable `vif`) and addresses.
+ARGS = (
+    Opt("vif", (), "vif", "", kind="argument"),
+    Opt("addresses", (), None, "", kind="arguments"),
+)
+
+VIF = (
     Opt("mac", ("--mac",), "VIF_ROUTE_MAC", "Peer MAC for permanent neighbour entries [default: xenstore mac]."),
     Opt("gateway", ("--gateway",), "VIF_ROUTE_GATEWAY",
         "IPv4 gateway put on the vif as /32 [default: qubesdb /qubes-netvm-gateway]."),
     Opt("gateway6", ("--gateway6",), "VIF_ROUTE_GATEWAY6",
         "IPv6 gateway put on the vif as /128 [default: qubesdb /qubes-netvm-gateway6]."),
-    Opt("dns1", ("--dns1",), "VIF_ROUTE_DNS1", "Virtual DNS 1 [default: qubesdb /qubes-netvm-primary-dns]."),
-    Opt("dns2", ("--dns2",), "VIF_ROUTE_DNS2", "Virtual DNS 2 [default: qubesdb /qubes-netvm-secondary-dns]."),
+    DNS1,
+    DNS2,
     Opt("harden", ("--harden", "--no-harden"), "VIF_ROUTE_HARDEN",
         "Hardening sysctls on the vif [default: qubesdb /qubes-service/harden-network-interfaces is 1].",
         kind="switch"),
@@ -69,12 +91,11 @@ EVENT = (
     Opt("xenbus_path", ("--xenbus-path",), "XENBUS_PATH",
         "xenstore backend path of the vif, backend/vif/D/N or /local/domain/X/backend/vif/D/N; "
         "inputs are read and status written there."),
-    *COMMON,
 )
 
 DNS = (
-    Opt("dns1", ("--dns1",), "VIF_ROUTE_DNS1", "Virtual DNS 1 [default: qubesdb /qubes-netvm-primary-dns]."),
-    Opt("dns2", ("--dns2",), "VIF_ROUTE_DNS2", "Virtual DNS 2 [default: qubesdb /qubes-netvm-secondary-dns]."),
+    DNS1,
+    DNS2,
     Opt("resolv_conf", ("--resolv-conf",), "QUBES_RESOLV_CONF",
         "Where the upstream resolvers are read (nameserver lines); when it names 127.0.0.53, "
         "systemd-resolved is asked over D-Bus.", default="/etc/resolv.conf", show_default=True),
@@ -84,9 +105,26 @@ DNS = (
     *COMMON,
 )
 
-MAX_SECONDS = 86400.0
+EVENT = (*VIF, *COMMON)  # the options of online, offline, add, remove and check
+INIT = (
+    Opt("gateway6", ("--gateway6",), "VIF_ROUTE_GATEWAY6",
+        "Route IPv6 for the VMs [default: when qubesdb has /qubes-netvm-gateway6]."),
+    *COMMON,
+)
 
 
-def seconds_ok(number: float, low: float) -> bool:
-    """A finite number of seconds from `low` to a day (false for nan too)."""
-    return low <= number <= MAX_SECONDS
+def _from_params(cls, params: dict, **fixed):
+    """The record from click's values (by field name); `fixed` sets the other fields."""
+    return cls(**{name: params[name] for name in cls._fields if name in params and name not in fixed}, **fixed)
+
+
+def record(name: str, module: str, doc: str, specs: tuple[Opt, ...], head: tuple[tuple[str, object], ...] = ()):
+    """A NamedTuple class of `module`: the `head` fields (name, annotation; no default),
+    then one field per row, with the row's default; `Record.from_params(params, **fixed)`."""
+    body = {"__doc__": doc, "__module__": module, "from_params": classmethod(_from_params),
+            "__annotations__": dict(head) | {opt.dest: opt.type for opt in specs},
+            **{opt.dest: opt.default for opt in specs}}
+    return types.new_class(name, (NamedTuple,), exec_body=lambda namespace: namespace.update(body))
+
+
+RunOptions = record("RunOptions", __name__, "How a command runs: the options every command takes.", COMMON)

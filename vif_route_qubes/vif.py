@@ -2,22 +2,15 @@
 
 import os
 from contextlib import nullcontext
-from vif_route_qubes.records import NamedTuple
 
 from vif_route_qubes import backend, ipt_state, logsetup, plan_vif, timing
 from vif_route_qubes.errors import VifError
 from vif_route_qubes.inputs import VifArgs, read_vif_inputs
-from vif_route_qubes.lock import DEFAULT_LOCK, locked
+from vif_route_qubes.lock import locked
 from vif_route_qubes.model import VifFacts, VifInputs
+from vif_route_qubes.optspec import RunOptions
 
 log = logsetup.get_logger("vif-route-qubes")
-
-
-class RunOptions(NamedTuple):
-    dry_run: bool = False
-    backend: str = "auto"
-    lock_file: str = DEFAULT_LOCK
-    lock_timeout: float = 60.0
 
 
 def effective_command(command: str, type_if: str) -> str | None:
