@@ -1,4 +1,11 @@
-"""The seed's three-hop walk-through as network namespaces, for the tests and the demo.
+"""The three-hop walk-through as network namespaces, for the tests and the demo.
+
+Two layouts.  "seed": each hop's virtual DNS addresses are its own gateway
+and a second address (the seed's older Qubes scheme), as below.  "r4": as
+Qubes R4 does it, every VM's virtual DNS addresses are 10.139.1.1 and
+10.139.1.2 in both providers' qubesdb, and the ProxyVM's own resolv.conf names
+those same addresses, so the ProxyVM DNATs them to themselves and the NetVM
+translates them to the real resolver.
 
     app (AppVM, eth0 10.137.7.27)
       -> proxy (ProxyVM: vif37.0 gateway 10.137.7.1; eth0 10.137.1.26)
@@ -40,6 +47,8 @@ HOST, ECHO_PORT = "198.51.100.1", 7777
 DNS_A, DNS_B = "203.0.113.53", "203.0.113.54"
 ANSWER = {DNS_A: "198.51.100.53", DNS_B: "198.51.100.54"}  # each server answers NAME its own way
 NAME = "walk.test"
+R4_DNS1, R4_DNS2 = "10.139.1.1", "10.139.1.2"
+LAYOUTS = ("seed", "r4")
 
 
 class BringUpError(AssertionError):
@@ -131,7 +140,9 @@ class Flow:
 
 
 class Walkthrough:
-    def __init__(self, root: Path, say=None, firewall: str = "iptables") -> None:
+    def __init__(self, root: Path, say=None, firewall: str = "iptables", layout: str = "seed") -> None:
+        assert layout in LAYOUTS, layout
+        self.layout = layout
         self.root = Path(root)
         self.say = say or (lambda text: None)
         self.firewall = firewall  # the backend every VM's commands use
@@ -148,12 +159,22 @@ class Walkthrough:
 
     # ---- building ---------------------------------------------------------------
 
-    def _vm(self, label: str, domid: int, gateway: str, dns2: str, *resolvers: str) -> VM:
+    @property
+    def app_dns(self) -> tuple[str, str]:
+        """The AppVM's two virtual DNS addresses."""
+        return (R4_DNS1, R4_DNS2) if self.layout == "r4" else (PROXY_GW, PROXY_DNS2)
+
+    @property
+    def net_dns(self) -> tuple[str, str]:
+        """The virtual DNS addresses the NetVM translates."""
+        return (R4_DNS1, R4_DNS2) if self.layout == "r4" else (NET_GW, NET_DNS2)
+
+    def _vm(self, label: str, domid: int, gateway: str, dns: tuple[str, str], *resolvers: str) -> VM:
         xen = XenEnv(self.root / label)
         xen.xenstore = self.xenstore  # one xenstore per host, one qubesdb per VM
         vm = VM(label, self.spaces.make(label), xen, domid, self.firewall)
-        for key, value in (("/qubes-netvm-gateway", gateway), ("/qubes-netvm-primary-dns", gateway),
-                           ("/qubes-netvm-secondary-dns", dns2)):
+        for key, value in (("/qubes-netvm-gateway", gateway), ("/qubes-netvm-primary-dns", dns[0]),
+                           ("/qubes-netvm-secondary-dns", dns[1])):
             xen.qdb_write(key, value)
         vm.set_resolv(*(f"nameserver {r}" for r in resolvers))
         return vm
@@ -173,8 +194,9 @@ class Walkthrough:
 
     def build(self) -> "Walkthrough":
         sp = self.spaces
-        self.net = self._vm("net", NET_DOMID, NET_GW, NET_DNS2, DNS_A)
-        self.proxy = self._vm("proxy", PROXY_DOMID, PROXY_GW, PROXY_DNS2, NET_GW, NET_DNS2)
+        self.net = self._vm("net", NET_DOMID, NET_GW, self.net_dns, DNS_A)
+        # The ProxyVM's resolv.conf names what its NetVM gave it as DNS.
+        self.proxy = self._vm("proxy", PROXY_DOMID, PROXY_GW, self.app_dns, *self.net_dns)
         self.app = sp.make("app")
         self.upstream = sp.make("upstream")
         # Xen creates the vifs down and un-configured; the VM side configures itself.

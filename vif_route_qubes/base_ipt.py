@@ -66,9 +66,15 @@ def _filter(state: TableState, family: int, routed: bool) -> list[str]:
     out = [line for chain in HOOK_CHAINS["filter"] for line in ensure_chain(state, chain)]
     out += sync_chain(state, "QBS-BASE-INPUT", base_input(family, routed))
     out += sync_chain(state, "QBS-BASE-FORWARD", base_forward(family, routed))
-    out += ensure_jump(state, "INPUT", "-A INPUT -j QBS-BASE-INPUT")
-    out += ensure_jump(state, "FORWARD", "-A FORWARD -j QBS-BASE-FORWARD")
+    for builtin, chain in (("INPUT", "QBS-BASE-INPUT"), ("FORWARD", "QBS-BASE-FORWARD")):
+        out += ensure_jump(state, builtin, f"-A {builtin} -j {chain}", _after_dns_guard(state, builtin))
     return out
+
+
+def _after_dns_guard(state: TableState, builtin: str) -> int:
+    """Where the base jump goes: after qubes-setup-dnat-to-ns's refusal of DNS
+    with no upstream (filter QBS-DNS-GUARD), which must see queries before any accept."""
+    return 2 if state.rules_of(builtin)[:1] == (f"-A {builtin} -j QBS-DNS-GUARD",) else 1
 
 
 def plan_base(tables: dict[str, TableState], family: int, routed: bool) -> str | None:

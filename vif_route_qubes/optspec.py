@@ -74,6 +74,10 @@ EVENT = (
 DNS = (
     Opt("dns1", ("--dns1",), "VIF_ROUTE_DNS1", "Virtual DNS 1 [default: qubesdb /qubes-netvm-primary-dns]."),
     Opt("dns2", ("--dns2",), "VIF_ROUTE_DNS2", "Virtual DNS 2 [default: qubesdb /qubes-netvm-secondary-dns]."),
+    Opt("dns6_1", ("--dns6-1",), "VIF_ROUTE_DNS6_1",
+        "Virtual IPv6 DNS 1 [default: qubesdb /qubes-netvm-primary-dns6]."),
+    Opt("dns6_2", ("--dns6-2",), "VIF_ROUTE_DNS6_2",
+        "Virtual IPv6 DNS 2 [default: qubesdb /qubes-netvm-secondary-dns6]."),
     Opt("resolv_conf", ("--resolv-conf",), "QUBES_RESOLV_CONF",
         "Where the upstream resolvers are read (nameserver lines); when it names 127.0.0.53, "
         "systemd-resolved is asked over D-Bus.", default="/etc/resolv.conf", show_default=True),
