@@ -5,7 +5,7 @@ import re
 import sys
 
 from vif_route_qubes import ipt_state
-from vif_route_qubes.check import Drift, lines_drift, refuse_nft, report, shared_lock
+from vif_route_qubes.check import Drift, lines_drift, report, shared_lock
 
 _DNAT = re.compile(r"-A \S+ -d (\S+)/(?:32|128) -p (udp|tcp) -m \2 --dport 53 -j DNAT --to-destination (\S+)")
 
@@ -90,11 +90,15 @@ def run_dns_check(read_virtual, resolv_conf: str, as_json: bool, backend: str, l
     from setup_dnat_to_ns.resolvers import upstream_servers
 
     def collect() -> list[Drift]:
-        refuse_nft(backend)
+        from vif_route_qubes.backend import resolve
+
         virtual = read_virtual()
         if not virtual:
             return []  # this VM provides no network: nothing is expected
         inp = DnsInputs(virtual=virtual, upstream=upstream_servers(resolv_conf))
+        if resolve(backend) == "nft":
+            with shared_lock(lock_file, lock_timeout):
+                return nft_dns_drift(inp)
         from setup_dnat_to_ns.run import read_tables
 
         with shared_lock(lock_file, lock_timeout):
@@ -102,3 +106,22 @@ def run_dns_check(read_virtual, resolv_conf: str, as_json: bool, backend: str, l
         return [d for version in (4, 6) for d in dns_drift(inp, tables[version], version)]
 
     return report("qubes-setup-dnat-to-ns", collect, as_json, out)
+
+
+def nft_dns_drift(inp) -> list[Drift]:
+    """nft backend: each family's `dnat-dns` chain against what the planner installs."""
+    from vif_route_qubes import nft
+
+    out: list[Drift] = []
+    for version in (4, 6):
+        wanted = nft.dnat_rules(version, *inp.of(version))
+        current = nft.current_dnat_rules(version)
+        where = f"{nft.FAMILIES[version]} {nft.TABLE} dnat-dns"
+        if current is None:
+            if wanted:
+                out.append(Drift("DNS", "chain-missing", f"chain {where} missing"))
+            continue
+        out += lines_drift("DNS", where, tuple(current), tuple(wanted))
+        if not out and current != wanted:
+            out.append(Drift("DNS", "rules-out-of-order", f"{where} rules out of order"))
+    return out
