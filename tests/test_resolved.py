@@ -201,3 +201,24 @@ def test_resolved_not_on_the_bus_refuses_dns(vm, dnat):
     assert len(message) == 1 and "resolve" in message[0], result.stderr
     assert not [line for line in _lines(vm, "nat", "-A ") if "DNAT" in line]
     _assert_guarded(vm)
+
+
+def test_resolved_ipv6_servers_are_dnat_targets_link_local_skipped(vm, bus, xen, tmp_path):
+    """Family 10: per family, the global servers if any, else the per-link ones; a
+    link-local server (usable only with its interface) is skipped with a log line."""
+    bus.serve(["0=203.0.113.53", "2=fe80::53", "2=2001:db8:53::54", "3=2001:db8:53::55"])
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("nameserver 127.0.0.53\n")
+    env = xen.env(DBUS_SYSTEM_BUS_ADDRESS=bus.address, QUBES_RESOLV_CONF=str(resolv),
+                  QUBES_FIREWALL_FLAG=str(tmp_path / "no-qubes-firewall"))
+    v6 = ("fd09:24ef:4179::a8b:1", "fd09:24ef:4179::a8b:2")
+    result = run_cmd(vm, ["qubes-setup-dnat-to-ns", "--dns1", DNS1, "--dns6-1", v6[0], "--dns6-2", v6[1]], env)
+    assert result.returncode == 0, result.stderr
+    assert "fe80::53" in result.stderr and "link-local" in result.stderr, result.stderr
+    rules = [line for line in vm.out("ip6tables-save -t nat").splitlines() if line.startswith("-A PR-QBS")]
+    assert rules == ["-A PR-QBS -j custom-dnat-dns"] + [
+        f"-A PR-QBS -d {virtual}/128 -p {proto} -m {proto} --dport 53 -j DNAT --to-destination {target}"
+        for virtual, target in zip(v6, ("2001:db8:53::54", "2001:db8:53::55")) for proto in ("udp", "tcp")]
+    assert _lines(vm, "nat", "-A PR-QBS -d") == [
+        f"-A PR-QBS -d {DNS1}/32 -p {proto} -m {proto} --dport 53 -j DNAT --to-destination 203.0.113.53"
+        for proto in ("udp", "tcp")]
