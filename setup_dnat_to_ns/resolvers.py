@@ -24,8 +24,10 @@ RAW_SIZE = {2: 4, 10: 16}  # resolved's family (AF_INET, AF_INET6) -> address by
 
 
 def _unicast(text: str) -> Address | None:
+    if "%" in text:  # a zone index ("fe80::1%eth0"): ipaddress would keep it in the address
+        return None
     try:
-        addr = ipaddress.ip_address(text)  # no zone index ("fe80::1%eth0"): refused here
+        addr = ipaddress.ip_address(text)
     except ValueError:
         return None
     if addr.is_multicast or addr.is_unspecified or (addr.version == 4 and addr.is_reserved):
@@ -42,7 +44,10 @@ def parse_resolv_conf(text: str) -> tuple[Address, ...]:
         words = line.split("#", 1)[0].split(";", 1)[0].split()
         if len(words) != 2 or words[0] != "nameserver":
             continue
-        addr = _unicast(words[1].split("%", 1)[0] if words[1].lower().startswith("fe80:") else words[1])
+        text, zoned, _ = words[1].partition("%")
+        addr = _unicast(text)
+        if zoned and not (addr is not None and _link_local6(addr)):
+            continue  # a zone index means something only on a link-local address
         if addr is not None and len(found) < MAX_SERVERS:
             found.setdefault(addr, None)
     return tuple(found)
@@ -77,7 +82,8 @@ def parse_resolved_dns(reply: str) -> tuple[Address, ...]:
         if not (isinstance(entry, list) and len(entry) == 3):
             continue
         ifindex, family, raw = entry
-        if family not in RAW_SIZE or not isinstance(raw, list) or len(raw) != RAW_SIZE[family]:
+        if type(family) is not int or family not in RAW_SIZE or not isinstance(raw, list) \
+                or len(raw) != RAW_SIZE[family]:
             continue
         if not isinstance(ifindex, int) or not all(isinstance(b, int) and 0 <= b <= 255 for b in raw):
             continue
