@@ -262,3 +262,18 @@ def test_check_reports_the_ipv6_rules(single, backend):
     assert check.returncode == 1, check.stderr
     assert check.stdout.splitlines() == expected
     assert single.run().returncode == 0 and single.run("--check").returncode == 0
+
+
+def test_the_seeds_mangle_guard_is_removed(single, backend):
+    """An upgrade: the seed's always-present guard (mangle, DROP) would drop what a
+    Qubes R4 ProxyVM DNATs to the same address; the first run removes it."""
+    if backend == "nft":
+        pytest.skip("the old guard was an iptables chain")
+    single.ns.sh(f"iptables -t mangle -N QBS-DNS-GUARD && iptables -t mangle -A QBS-DNS-GUARD -d {R4_DNS1}/32 "
+                 "-p udp -m udp --dport 53 -j DROP && iptables -t mangle -A FORWARD -j QBS-DNS-GUARD"
+                 " && iptables -t mangle -A INPUT -j QBS-DNS-GUARD")
+    single.resolv.write_text(f"{V4_UP}\n{V6_UP}\n")
+    assert single.run("--check").returncode == 1  # the old chain is a difference to repair
+    assert single.run().returncode == 0
+    assert "QBS-DNS-GUARD" not in single.ns.out("iptables-save -t mangle")
+    assert single.run().returncode == 100 and single.run("--check").returncode == 0
