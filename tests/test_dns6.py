@@ -277,3 +277,19 @@ def test_the_seeds_mangle_guard_is_removed(single, backend):
     assert single.run().returncode == 0
     assert "QBS-DNS-GUARD" not in single.ns.out("iptables-save -t mangle")
     assert single.run().returncode == 100 and single.run("--check").returncode == 0
+
+
+def test_init_after_the_dns_command_keeps_the_refusal_first(single, backend):
+    """`init` inserts its base jumps after the DNS refusal, not above it, so a
+    query with no upstream never meets the base ruleset's accept first."""
+    if backend == "nft":
+        pytest.skip("nft refuses in dnat-dns, before any filter chain")
+    single.resolv.write_text("# no resolver\n")
+    assert single.run().returncode == 0
+    init = run_cmd(single.ns, ["vif-route-qubes", "init", "--backend", "iptables"], single.env)
+    assert init.returncode == 0, init.stderr
+    for tool in ("iptables", "ip6tables"):
+        for builtin, base in (("INPUT", "QBS-BASE-INPUT"), ("FORWARD", "QBS-BASE-FORWARD")):
+            rules = [r for r in single.ns.out(f"{tool} -S {builtin}").splitlines() if r.startswith("-A")]
+            assert rules == [f"-A {builtin} -j QBS-DNS-GUARD", f"-A {builtin} -j {base}"], (tool, rules)
+    assert single.run().returncode == 100
