@@ -18,13 +18,13 @@ def run_dns(params: dict) -> int:
     if params.get("check"):
         from vif_route_qubes.check_dns import run_dns_check
 
-        return run_dns_check(lambda: _virtual(params["dns1"], params["dns2"]), params["resolv_conf"],
+        return run_dns_check(lambda: _virtual(params), params["resolv_conf"],
                              params["as_json"], params["backend"], params["lock_file"], params["lock_timeout"])
     if action is not None and action not in ACTIONS:
         log.debug("%s %s: nothing to do", params["iface"], action)
         return 0
     try:
-        return _run(dispatcher=action is not None, dns1=params["dns1"], dns2=params["dns2"],
+        return _run(dispatcher=action is not None, params=params,
                     resolv_conf=params["resolv_conf"], firewall_flag=params["firewall_flag"],
                     dry_run=params["dry_run"], backend=params["backend"], lock_file=params["lock_file"],
                     lock_timeout=params["lock_timeout"])
@@ -33,12 +33,18 @@ def run_dns(params: dict) -> int:
         return exc.exit_code
 
 
-def _virtual(dns1, dns2):
+QDB_DNS6 = ("/qubes-netvm-primary-dns6", "/qubes-netvm-secondary-dns6")
+
+
+def _virtual(params: dict) -> tuple:
+    """The virtual DNS addresses, IPv4 then IPv6 (options first, else qubesdb, one read)."""
     from vif_route_qubes import parse, sources
     from vif_route_qubes.errors import VifError
     from vif_route_qubes.inputs import QDB_DNS
 
-    wanted = [key for key, given in zip(QDB_DNS, (dns1, dns2)) if given is None]
+    keys = [(QDB_DNS[0], "dns1", 4), (QDB_DNS[1], "dns2", 4),
+            (QDB_DNS6[0], "dns6_1", 6), (QDB_DNS6[1], "dns6_2", 6)]
+    wanted = [key for key, name, _ in keys if params.get(name) is None]
     qdb = {}
     if wanted:
         try:
@@ -46,36 +52,52 @@ def _virtual(dns1, dns2):
         except VifError as exc:
             if "is not installed" not in str(exc):
                 raise
-    texts = [given if given is not None else qdb.get(key) for key, given in zip(QDB_DNS, (dns1, dns2))]
-    found = [parse.address_of(t, 4, source=f"virtual DNS {i}") for i, t in enumerate(texts, 1) if t]
+    found = []
+    for key, name, version in keys:
+        text = params.get(name) if params.get(name) is not None else qdb.get(key)
+        if text:
+            label = f"virtual {'IPv6 ' if version == 6 else ''}DNS {name[-1]}"
+            found.append(parse.address_of(text, version, source=label))
     return tuple(dict.fromkeys(found))
 
 
-def _run(*, dispatcher, dns1, dns2, resolv_conf, firewall_flag, dry_run, backend, lock_file, lock_timeout):
+def _ratemask() -> tuple:
+    """The ICMP rate masks of this namespace (IPv4, IPv6); None where unreadable."""
+    from setup_dnat_to_ns.plan import RATEMASK
+
+    out = []
+    for version in (4, 6):
+        try:
+            with open(f"/proc/sys/{RATEMASK[version]}", encoding="ascii") as handle:
+                out.append(handle.read(4096).strip())
+        except (OSError, UnicodeDecodeError):
+            out.append(None)
+    return tuple(out)
+
+
+def _run(*, dispatcher, params, resolv_conf, firewall_flag, dry_run, backend, lock_file, lock_timeout):
     from contextlib import nullcontext
 
     from setup_dnat_to_ns.plan import DnsInputs, plan_dns, plan_dns_nft
     from setup_dnat_to_ns.resolvers import upstream_servers
-    from vif_route_qubes import ipt_state
     from vif_route_qubes.lock import locked
 
     from vif_route_qubes import backend as backends
 
     firewall = backends.resolve(backend)
-    virtual = _virtual(dns1, dns2)
+    virtual = _virtual(params)
     if not virtual:
         return 0  # this VM provides no network: nothing to do
     inp = DnsInputs(virtual=virtual, upstream=upstream_servers(resolv_conf), dispatcher=dispatcher,
-                    firewall_running=os.path.exists(firewall_flag))
+                    firewall_running=os.path.exists(firewall_flag), ratemask=_ratemask())
     with nullcontext() if dry_run else locked(lock_file, lock_timeout, "DNS rules") as lock_fd:
         if firewall == "nft":
             from vif_route_qubes import netlink, nft
 
-            batch = plan_dns_nft(inp, nft.current_dnat_rules(), netlink.nft_table_exists(nft.TABLE, 4))
+            batch = plan_dns_nft(inp, {v: nft.current_dnat_rules(v) for v in (4, 6)},
+                                 {v: netlink.nft_table_exists(nft.TABLE, v) for v in (4, 6)})
         else:
-            mangle, nat = ipt_state.save([(4, "mangle"), (4, "nat")])
-            tables = {"mangle": ipt_state.table(mangle, "mangle"), "nat": ipt_state.table(nat, "nat")}
-            batch = plan_dns(inp, tables)
+            batch = plan_dns(inp, read_tables())
         if not batch.changes:
             return EXIT_UNCHANGED
         if dry_run:
@@ -86,3 +108,15 @@ def _run(*, dispatcher, dns1, dns2, resolv_conf, firewall_flag, dry_run, backend
         with Applier(lock_fd) as applier:
             applier.run(batch)
     return 0
+
+
+def read_tables() -> dict:
+    """filter, nat and mangle of both families, as the iptables planner wants them."""
+    from vif_route_qubes import ipt_state
+
+    jobs = [(v, name) for v in (4, 6) for name in ("filter", "nat", "mangle")]
+    texts = ipt_state.save(jobs)
+    tables: dict = {4: {}, 6: {}}
+    for (version, name), text in zip(jobs, texts):
+        tables[version][name] = ipt_state.table(text, name)
+    return tables

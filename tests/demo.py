@@ -23,8 +23,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from netns import RUN_PREFIX  # noqa: E402
-from walkthrough import (ANSWER, APP_IP, DNS_A, DNS_B, ECHO_PORT, HOST, NAME, NET_UPLINK,  # noqa: E402
-                         PROG_BIN, PROXY_GW, Flow, Walkthrough)
+from walkthrough import (ANSWER, ANSWER6, APP6, APP_IP, DNS6_A, DNS_A, DNS_B, ECHO_PORT, HOST, NAME,  # noqa: E402
+                         NET_UPLINK, PROG_BIN, PROXY_GW, VDNS6, Flow, Walkthrough)
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -93,9 +93,9 @@ def hop_by_hop(walk: Walkthrough, proto: str, dst: str, sport: str = "",
     return p, n
 
 
-def dnat_summary(walk: Walkthrough, vm) -> str:
-    rules = vm.ns.out("iptables -t nat -S PR-QBS")
-    pairs = dict.fromkeys(re.findall(r"-d (\S+)/32 .* --to-destination (\S+)", rules))
+def dnat_summary(walk: Walkthrough, vm, tool: str = "iptables") -> str:
+    rules = vm.ns.out(f"{tool} -t nat -S PR-QBS")
+    pairs = dict.fromkeys(re.findall(r"-d (\S+)/(?:32|128) .* --to-destination (\S+)", rules))
     return ", ".join(f"{a} -> {b}" for a, b in pairs) or "(none)"
 
 
@@ -115,11 +115,16 @@ def demo(walk: Walkthrough) -> None:
     print("Qubes OS networking walk-through, live in network namespaces (nothing outside them is touched)")
     print("  AppVM 10.137.7.27 -> ProxyVM (vif37.0 gw 10.137.7.1 | eth0 10.137.1.26)"
           " -> NetVM (vif5.0 gw 10.137.1.1 | eth0 192.0.2.2) -> upstream")
+    print("  dual-stack: AppVM fd09:24ef:4179::a89:71b, virtual IPv6 DNS fd09:24ef:4179::a8b:1 and ::a8b:2,"
+          " upstream resolver 2001:db8:53::53")
     print("\nBring-up, in the order the system runs it (Xen hotplug form for each vif):")
     walk.build()
     print("  DNS DNAT in place (nat PR-QBS, udp and tcp port 53):")
     print(f"    ProxyVM: {dnat_summary(walk, walk.proxy)}")
     print(f"    NetVM:   {dnat_summary(walk, walk.net)}")
+    print("  and for IPv6 (ip6tables nat PR-QBS; the ProxyVM's resolv.conf names the virtual addresses):")
+    print(f"    ProxyVM: {dnat_summary(walk, walk.proxy, 'ip6tables')}")
+    print(f"    NetVM:   {dnat_summary(walk, walk.net, 'ip6tables')}")
 
     print(f"\n1. The AppVM pings {HOST}")
     ping = walk.ping(walk.app, HOST)
@@ -152,6 +157,21 @@ def demo(walk: Walkthrough) -> None:
         print(f"    {line}")
     print(f"  The answer reaches the AppVM from {PROXY_GW}:53: no VM names the real resolver in its configuration.")
 
+    v6 = VDNS6[0]
+    print(f"\n3. The AppVM asks the IPv6 virtual DNS address {v6} for {NAME} (AAAA, UDP)")
+    answer6, outcome6 = walk.dns(walk.app, v6, aaaa=True)
+    check(answer6 == ANSWER6[DNS6_A][1], f"AAAA query to {v6}: {outcome6}")
+    print(f"  app$ python3 tests/dnsq.py --aaaa {v6} {NAME}  ->  {answer6}")
+    p = find(walk.flows(walk.proxy.ns), "udp", APP6, v6)
+    n = find(walk.flows(walk.net.ns), "udp", p.reply_dst, p.reply_src, p.reply_dport)
+    print("  ProxyVM: DNAT to the same address (its resolv.conf names it) + MASQUERADE; conntrack -L:")
+    print(f"    {ct_text(p)}")
+    print(f"  NetVM: DNAT to the real resolver {n.reply_src} + MASQUERADE; conntrack -L:")
+    print(f"    {ct_text(n)}")
+    check(n.reply_src == DNS6_A, f"the NetVM sent the IPv6 query to {n.reply_src}, not {DNS6_A}")
+    check(dnsmasq_lines(walk, DNS6_A, n.reply_dst), f"dnsmasq on {DNS6_A} logged no query from {n.reply_dst}")
+    print(f"  Answered by the dnsmasq on {DNS6_A}; an uplink with no IPv6 resolver would refuse it at once.")
+
 
 def preflight() -> str | None:
     if os.geteuid() != 0:
@@ -176,7 +196,7 @@ def main() -> int:
         return 2
     started = time.monotonic()
     root = Path(tempfile.mkdtemp(prefix="qubes-walkthrough-"))
-    walk = Walkthrough(root, say=print)
+    walk = Walkthrough(root, say=print, ipv6=True)
     for sig in SIGNALS:
         signal.signal(sig, _interrupt)
     status = 1

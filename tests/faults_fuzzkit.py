@@ -143,12 +143,13 @@ def check_script(script, allowed, what):
 
 
 def resolved_addresses(reply):
-    """The IPv4 addresses a resolved reply spells as four integers 0..255."""
+    """The addresses a resolved reply spells as 4 (IPv4) or 16 (IPv6) integers 0..255."""
     found = []
 
     def walk(node):
-        if isinstance(node, list) and len(node) == 4 and all(type(b) is int and 0 <= b <= 255 for b in node):
-            found.append(".".join(map(str, node)))
+        if (isinstance(node, list) and len(node) in (4, 16)
+                and all(type(b) is int and 0 <= b <= 255 for b in node)):
+            found.append(str(ipaddress.ip_address(bytes(node))))
         for item in node.values() if isinstance(node, dict) else node if isinstance(node, list) else ():
             walk(item)
 
@@ -158,9 +159,10 @@ def resolved_addresses(reply):
 
 
 def check_servers(servers, source):
-    """What the pure parsers return: distinct unicast IPv4 addresses of the source, 16 at most."""
-    assert len(servers) == len(set(servers)) <= 16
-    assert all(type(a) is ipaddress.IPv4Address and not (a.is_multicast or a.is_unspecified or a.is_reserved)
+    """What the pure parsers return: distinct unicast addresses of the source, 16 at most per family."""
+    assert len(servers) == len(set(servers))
+    assert all(sum(a.version == v for a in servers) <= 16 for v in (4, 6)), servers
+    assert all(not (a.is_multicast or a.is_unspecified or (a.version == 4 and a.is_reserved))
                and a in addresses_in([source]) for a in servers), servers
 
 

@@ -260,23 +260,30 @@ def test_dns_clean_and_old_server(dns):
 
 def test_dns_no_upstream_and_two_upstreams(dns):
     dns.resolv.write_text("# no resolver\n")
+    reject = {"udp": "icmp-port-unreachable", "tcp": "tcp-reset"}
     assert drifts(dns.run("--check")) == [
-        f"DNS: {v} is DNATed to 203.0.113.53, should be dropped (no upstream resolver)" for v in VIRTUAL]
+        f"DNS: filter QBS-DNS-GUARD rule missing: -A QBS-DNS-GUARD -d {v}/32 -p {p} -m {p} --dport 53 "
+        f"-j REJECT --reject-with {reject[p]}" for v in VIRTUAL for p in ("udp", "tcp")] + [
+        f"DNS: {v} is DNATed to 203.0.113.53, should be refused (no upstream resolver)" for v in VIRTUAL]
     assert dns.run().returncode == 0
     clean(dns.run("--check"))
     dns.resolv.write_text("nameserver 203.0.113.53\nnameserver 203.0.113.54\n")
     assert drifts(dns.run("--check")) == [
-        f"DNS: {v} is not DNATed, should be {s}" for v, s in zip(VIRTUAL, ("203.0.113.53", "203.0.113.54"))]
+        f"DNS: {v} is not DNATed, should be {s}" for v, s in zip(VIRTUAL, ("203.0.113.53", "203.0.113.54"))] + [
+        f"DNS: unexpected filter QBS-DNS-GUARD rule: -A QBS-DNS-GUARD -d {v}/32 -p {p} -m {p} --dport 53 "
+        f"-j REJECT --reject-with {reject[p]}" for v in VIRTUAL for p in ("udp", "tcp")]
     assert dns.run().returncode == 0
     clean(dns.run("--check"))
 
 
 DNS_DRIFTS = {
-    "guard-jump-deleted": ("iptables -t mangle -D FORWARD -j QBS-DNS-GUARD",
-                           ["DNS: jump missing (mangle): -A FORWARD -j QBS-DNS-GUARD"]),
-    "guard-rule-deleted": ("iptables -t mangle -D QBS-DNS-GUARD -d 10.139.1.2/32 -p tcp -m tcp --dport 53 -j DROP",
-                           ["DNS: mangle QBS-DNS-GUARD rule missing: "
-                            "-A QBS-DNS-GUARD -d 10.139.1.2/32 -p tcp -m tcp --dport 53 -j DROP"]),
+    "guard-jump-deleted": ("iptables -t filter -D FORWARD -j QBS-DNS-GUARD",
+                           ["DNS: jump missing (filter): -A FORWARD -j QBS-DNS-GUARD"]),
+    "guard-rule-added": ("iptables -t filter -A QBS-DNS-GUARD -d 10.139.1.2/32 -p tcp -m tcp --dport 53 -j DROP",
+                         ["DNS: unexpected filter QBS-DNS-GUARD rule: "
+                          "-A QBS-DNS-GUARD -d 10.139.1.2/32 -p tcp -m tcp --dport 53 -j DROP"]),
+    "custom-jump-deleted": ("iptables -t nat -D PR-QBS -j custom-dnat-dns",
+                            ["DNS: nat PR-QBS rule missing: -A PR-QBS -j custom-dnat-dns"]),
     "dnat-rule-deleted": ("iptables -t nat -D PR-QBS -d 10.139.1.1/32 -p udp -m udp --dport 53 "
                           "-j DNAT --to-destination 203.0.113.53",
                           ["DNS: 10.139.1.1 is DNATed to 203.0.113.53 (tcp only), should be 203.0.113.53"]),
@@ -309,8 +316,11 @@ def test_dns_duplicated_jump_is_a_change(dns):
 
 
 def test_dns_check_backend_nft(dns):
+    """The DNS check reads nft too: here nothing is installed on nft (the rules are iptables')."""
     result = dns.run("--check", "--backend", "nft")
-    assert result.returncode == 2 and "check: nft backend not supported yet" in result.stderr
+    assert result.returncode == 1 and result.stdout.splitlines() == ["DNS: chain ip qubes dnat-dns missing"]
+    assert dns.run("--backend", "nft").returncode == 0
+    clean(dns.run("--check", "--backend", "nft"))
 
 
 # -- dual stack and hardening, --all from the rules, the lock -------------------
@@ -400,7 +410,7 @@ def test_pure_comparisons():
                              ("-A C -s a -j RETURN", "-A C -j DROP"), ordered=True)[0].kind == "rules-out-of-order"
     inp = DnsInputs(virtual=(ip_address("10.139.1.1"),), upstream=(ip_address("203.0.113.53"),))
     missing = check_dns.dns_drift(inp, {})
-    assert {d.kind for d in missing} == {"chain-missing", "jump-missing"} and len(missing) == 5
+    assert {d.kind for d in missing} == {"chain-missing", "jump-missing"} and len(missing) == 6
     raw = ipt_state.parse_save("*raw\n:QBS-AS-vif40.0 - [0:0]\n-A QBS-AS-vif40.0 -s 10.137.7.40/32 -j RETURN\nCOMMIT\n")
     net = check.NetState({}, {}, (), {}, {4: raw["raw"], 6: ipt_state.EMPTY_TABLE}, {})
     assert check.discover(net) == ["vif40.0"]

@@ -227,8 +227,9 @@ def dnat_lines(ns) -> list[str]:
 
 
 def expected_dnat(server: str) -> list[str]:
-    return sorted(f"-A PR-QBS -d {virtual}/32 -p {proto} -m {proto} --dport 53 -j DNAT --to-destination {server}"
-                  for virtual in ("10.139.1.1", "10.139.1.2") for proto in ("udp", "tcp"))
+    return sorted([f"-A PR-QBS -d {virtual}/32 -p {proto} -m {proto} --dport 53 -j DNAT --to-destination {server}"
+                   for virtual in ("10.139.1.1", "10.139.1.2") for proto in ("udp", "tcp")]
+                  + ["-A PR-QBS -j custom-dnat-dns"])
 
 
 def test_dispatcher_hook(root, netns, xen, tmp_path):

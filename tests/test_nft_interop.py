@@ -357,7 +357,7 @@ def test_auto_with_the_qubes_table_uses_nft(netns, xen, base, auto):
     ok(proxy.hotplug("online", vif, backend=auto))
     assert antispoof_sources(proxy.ns, "nft", vif) == {"10.137.7.27"}
     ok(proxy.dnat(RESOLVER_A, backend=auto))
-    assert chain_rules(proxy.ns, "dnat-dns")[0] == f"ip daddr {DNS1} udp dport 53 dnat to {RESOLVER_A}"
+    assert chain_rules(proxy.ns, "dnat-dns")[1] == f"ip daddr {DNS1} udp dport 53 dnat to {RESOLVER_A}"
     ok(proxy.hotplug("offline", vif, backend=auto))
     assert "QBS" not in proxy.ns.out("iptables-save") + proxy.ns.out("ip6tables-save")
     assert link_group(proxy.ns, vif) == "default" and not ruleset(proxy.ns)[1]
@@ -366,7 +366,12 @@ def test_auto_with_the_qubes_table_uses_nft(netns, xen, base, auto):
 # -- (f) the DNS rules ---------------------------------------------------------------
 
 def dnat_rules(*pairs):
-    return [f"ip daddr {virtual} {proto} dport 53 {target}" for virtual, target in pairs for proto in ("udp", "tcp")]
+    """The user's chain first, then each pair's udp and tcp rules ("refuse": udp
+    port unreachable, tcp reset)."""
+    def target(value, proto):
+        return value if value != "refuse" else ("reject" if proto == "udp" else "reject with tcp reset")
+    return ["jump custom-dnat-dns"] + [f"ip daddr {virtual} {proto} dport 53 {target(t, proto)}"
+                                       for virtual, t in pairs for proto in ("udp", "tcp")]
 
 
 def test_dns_rules_are_replaced_in_dnat_dns_and_unchanged_is_100(qubes):
@@ -388,11 +393,11 @@ def test_dns_rules_are_replaced_in_dnat_dns_and_unchanged_is_100(qubes):
     assert len(dnat_dns) == 1 and (dnat_dns[0]["hook"], dnat_dns[0]["prio"]) == ("prerouting", -100)
 
 
-def test_no_upstream_drops_dns_to_the_virtual_addresses(qubes):
+def test_no_upstream_refuses_dns_to_the_virtual_addresses(qubes):
     ok(qubes.dnat(RESOLVER_A))
     qubes.resolv.write_text("# nothing usable\nnameserver 2001:db8::53\nnameserver not-an-address\n")
     ok(qubes.run(str(BIN / "qubes-setup-dnat-to-ns")))
-    assert chain_rules(qubes.ns, "dnat-dns") == dnat_rules((DNS1, "drop"), (DNS2, "drop"))
+    assert chain_rules(qubes.ns, "dnat-dns") == dnat_rules((DNS1, "refuse"), (DNS2, "refuse"))
     assert qubes.run(str(BIN / "qubes-setup-dnat-to-ns")).returncode == 100
     ok(qubes.dnat(RESOLVER_B))  # and back
     assert chain_rules(qubes.ns, "dnat-dns") == dnat_rules((DNS1, f"dnat to {RESOLVER_B}"),

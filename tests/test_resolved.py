@@ -131,17 +131,21 @@ def _lines(ns, table: str, prefix: str) -> list[str]:
 
 
 def _dnat(target1: str, target2: str) -> list[str]:
-    return [f"-A PR-QBS -d {virtual}/32 -p {proto} -m {proto} --dport 53 -j DNAT --to-destination {target}"
-            for virtual, target in ((DNS1, target1), (DNS2, target2)) for proto in ("udp", "tcp")]
+    return ["-A PR-QBS -j custom-dnat-dns"] + [
+        f"-A PR-QBS -d {virtual}/32 -p {proto} -m {proto} --dport 53 -j DNAT --to-destination {target}"
+        for virtual, target in ((DNS1, target1), (DNS2, target2)) for proto in ("udp", "tcp")]
 
 
-def _assert_guarded(ns) -> None:
-    """Untranslated DNS to either virtual address is dropped, in FORWARD and INPUT."""
-    guard = _lines(ns, "mangle", "-A QBS-DNS-GUARD")
-    assert guard == [f"-A QBS-DNS-GUARD -d {virtual}/32 -p {proto} -m {proto} --dport 53 -j DROP"
-                     for virtual in (DNS1, DNS2) for proto in ("udp", "tcp")]
-    jumps = _lines(ns, "mangle", "-A ")
-    assert "-A FORWARD -j QBS-DNS-GUARD" in jumps and "-A INPUT -j QBS-DNS-GUARD" in jumps, jumps
+def _assert_guarded(ns, refused: bool = True) -> None:
+    """With no upstream, DNS to either virtual address is refused in FORWARD and
+    INPUT (port unreachable, reset); with one, the guard is empty."""
+    guard = _lines(ns, "filter", "-A QBS-DNS-GUARD")
+    want = "-j REJECT --reject-with {}"
+    assert guard == ([f"-A QBS-DNS-GUARD -d {virtual}/32 -p {proto} -m {proto} --dport 53 "
+                      + want.format("icmp-port-unreachable" if proto == "udp" else "tcp-reset")
+                      for virtual in (DNS1, DNS2) for proto in ("udp", "tcp")] if refused else [])
+    jumps = _lines(ns, "filter", "-A ")
+    assert jumps[:1] == ["-A INPUT -j QBS-DNS-GUARD"] and "-A FORWARD -j QBS-DNS-GUARD" in jumps, jumps
 
 
 def test_busctl_reaches_the_private_bus(vm, bus):
@@ -169,31 +173,52 @@ def test_resolved_servers_are_dnat_targets(vm, bus, dnat, servers, as_json, targ
     assert bus.asked() == [ASKED], "qubes-setup-dnat-to-ns did not ask the stand-in resolved"
     assert _lines(vm, "nat", "-A PR-QBS") == _dnat(*targets)
     assert "-A PREROUTING -j PR-QBS" in _lines(vm, "nat", "-A PREROUTING")
-    _assert_guarded(vm)
+    _assert_guarded(vm, refused=False)
     # the same answer again: nothing to change
     again = dnat()
     assert again.returncode == 100, again.stderr
 
 
 @pytest.mark.parametrize("servers", [[], ["0=2001:db8::53", "2=2001:db8::54"]], ids=["none", "ipv6-only"])
-def test_no_usable_server_drops_dns(vm, bus, dnat, servers):
+def test_no_usable_server_refuses_dns(vm, bus, dnat, servers):
     """(c) no servers, (d) IPv6 servers only (the virtual addresses are IPv4): nothing to
-    forward to, so queries to the virtual addresses are dropped inside the VM."""
+    forward to, so queries to the virtual addresses are refused inside the VM."""
     bus.serve(servers)
     result = dnat()
     assert result.returncode == 0, result.stderr
     assert bus.asked() == [ASKED]
-    assert _lines(vm, "nat", "-A PR-QBS") == []
+    assert _lines(vm, "nat", "-A PR-QBS") == ["-A PR-QBS -j custom-dnat-dns"]
     assert not [line for line in _lines(vm, "nat", "-A ") if "DNAT" in line]
     _assert_guarded(vm)
 
 
-def test_resolved_not_on_the_bus_drops_dns(vm, dnat):
+def test_resolved_not_on_the_bus_refuses_dns(vm, dnat):
     """(e) resolv.conf names the stub but nobody owns org.freedesktop.resolve1: one clear
-    line, and DNS is dropped, never forwarded untranslated."""
+    line, and DNS is refused, never forwarded untranslated."""
     result = dnat()
     assert result.returncode in (0, 1), result.stderr
     message = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(message) == 1 and "resolve" in message[0], result.stderr
     assert not [line for line in _lines(vm, "nat", "-A ") if "DNAT" in line]
     _assert_guarded(vm)
+
+
+def test_resolved_ipv6_servers_are_dnat_targets_link_local_skipped(vm, bus, xen, tmp_path):
+    """Family 10: per family, the global servers if any, else the per-link ones; a
+    link-local server (usable only with its interface) is skipped with a log line."""
+    bus.serve(["0=203.0.113.53", "2=fe80::53", "2=2001:db8:53::54", "3=2001:db8:53::55"])
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("nameserver 127.0.0.53\n")
+    env = xen.env(DBUS_SYSTEM_BUS_ADDRESS=bus.address, QUBES_RESOLV_CONF=str(resolv),
+                  QUBES_FIREWALL_FLAG=str(tmp_path / "no-qubes-firewall"))
+    v6 = ("fd09:24ef:4179::a8b:1", "fd09:24ef:4179::a8b:2")
+    result = run_cmd(vm, ["qubes-setup-dnat-to-ns", "--dns1", DNS1, "--dns6-1", v6[0], "--dns6-2", v6[1]], env)
+    assert result.returncode == 0, result.stderr
+    assert "fe80::53" in result.stderr and "link-local" in result.stderr, result.stderr
+    rules = [line for line in vm.out("ip6tables-save -t nat").splitlines() if line.startswith("-A PR-QBS")]
+    assert rules == ["-A PR-QBS -j custom-dnat-dns"] + [
+        f"-A PR-QBS -d {virtual}/128 -p {proto} -m {proto} --dport 53 -j DNAT --to-destination {target}"
+        for virtual, target in zip(v6, ("2001:db8:53::54", "2001:db8:53::55")) for proto in ("udp", "tcp")]
+    assert _lines(vm, "nat", "-A PR-QBS -d") == [
+        f"-A PR-QBS -d {DNS1}/32 -p {proto} -m {proto} --dport 53 -j DNAT --to-destination 203.0.113.53"
+        for proto in ("udp", "tcp")]

@@ -1,8 +1,10 @@
-"""The seed's three-hop walk-through, end to end: AppVM -> ProxyVM -> NetVM -> upstream.
+"""The three-hop walk-through, end to end: AppVM -> ProxyVM -> NetVM -> upstream.
 
 The topology (tests/walkthrough.py) is built once for the module per firewall
-backend; a test that changes it (a second AppVM, another resolver) puts it
-back before it ends.
+backend and per layout: the seed's addresses, and Qubes R4's, where every
+virtual DNS address is 10.139.1.1/.2 and the ProxyVM DNATs them to themselves
+(its resolv.conf names them).  A test that changes the topology (a second
+AppVM, another resolver) puts it back before it ends.
 """
 
 import re
@@ -12,15 +14,16 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from firewall import antispoof_sources
-from walkthrough import (ANSWER, APP2_DOMID, APP2_IP, APP2_MAC, APP_IP, DNS_A, DNS_B, ECHO_PORT, HOST,
-                         NET_DNS2, NET_GW, NET_UPLINK, PROXY_DNS2, PROXY_GW, PROXY_IP, Walkthrough)
+from walkthrough import (ANSWER, APP2_DOMID, APP2_IP, APP2_MAC, APP_IP, DNS_A, DNS_B, ECHO_PORT, HOST, LAYOUTS,
+                         NET_UPLINK, PROXY_IP, R4_DNS1, R4_DNS2, Walkthrough)
 
 UPDATES_PROXY = "--no-block try-restart qubes-updates-proxy.service"
 
 
-@pytest.fixture(scope="module")
-def walk(tmp_path_factory, backend):
-    topo = Walkthrough(tmp_path_factory.mktemp(f"walkthrough-{backend}"), firewall=backend)
+@pytest.fixture(scope="module", params=LAYOUTS)
+def walk(tmp_path_factory, backend, request):
+    topo = Walkthrough(tmp_path_factory.mktemp(f"walkthrough-{backend}-{request.param}"), firewall=backend,
+                       layout=request.param)
     try:
         topo.build()  # raises when a bring-up step (init, online, first DNS run) fails
         yield topo
@@ -40,7 +43,7 @@ def restore_net_resolver(walk):
     yield
     result = use_resolvers(walk, walk.net, f"nameserver {DNS_A}")
     assert result.returncode in (0, 100), result.stderr
-    assert walk.dns(walk.app, PROXY_GW)[0] == ANSWER[DNS_A]
+    assert walk.dns(walk.app, walk.app_dns[0])[0] == ANSWER[DNS_A]
 
 
 # 1 --------------------------------------------------------------------------------
@@ -65,10 +68,23 @@ def test_ping_upstream_is_masqueraded_at_every_hop(walk):
 # 2 --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("tcp", [False, True], ids=["udp", "tcp"])
-@pytest.mark.parametrize("server", [PROXY_GW, PROXY_DNS2])
-def test_dns_through_both_dnat_hops(walk, server, tcp):
+@pytest.mark.parametrize("which", [0, 1], ids=["dns1", "dns2"])
+def test_dns_through_both_dnat_hops(walk, which, tcp):
+    server = walk.app_dns[which]
     address, outcome = walk.dns(walk.app, server, tcp=tcp)
     assert address == ANSWER[DNS_A], f"query to {server}: {outcome}"
+
+
+def test_r4_proxyvm_translates_to_the_same_address(walk):
+    """Qubes R4: the ProxyVM's DNAT maps each virtual address to itself; the query
+    is forwarded (not dropped as untranslated) and the NetVM translates it."""
+    if walk.layout != "r4":
+        pytest.skip("the seed's layout has no identity DNAT")
+    assert walk.dns(walk.app, R4_DNS2, tcp=True)[0] == ANSWER[DNS_A]
+    proxy = [f for f in walk.flows(walk.proxy.ns) if f.proto == "tcp" and f.dst == R4_DNS2 and f.src == APP_IP]
+    assert proxy and all(f.reply_src == R4_DNS2 and f.reply_dst == PROXY_IP for f in proxy), proxy
+    net = [f for f in walk.flows(walk.net.ns) if f.proto == "tcp" and f.dst == R4_DNS2 and f.src == PROXY_IP]
+    assert net and all(f.reply_src == DNS_A for f in net), net
 
 
 # 3 --------------------------------------------------------------------------------
@@ -119,9 +135,10 @@ def test_resolver_change_reaches_the_appvm(walk, restore_net_resolver):
     calls_before = _systemctl_calls(walk.net).count(UPDATES_PROXY)
     result = use_resolvers(walk, walk.net, f"nameserver {DNS_B}")
     assert result.returncode == 0, result.stderr
-    for server in (PROXY_GW, PROXY_DNS2):
-        address, outcome = walk.dns(walk.app, server)
-        assert address == ANSWER[DNS_B], f"query to {server} after the switch: {outcome}"
+    for server in walk.app_dns:
+        for tcp in (False, True):
+            address, outcome = walk.dns(walk.app, server, tcp=tcp)
+            assert address == ANSWER[DNS_B], f"query to {server} (tcp={tcp}) after the switch: {outcome}"
     assert _systemctl_calls(walk.net).count(UPDATES_PROXY) == calls_before + 1
 
 
@@ -134,18 +151,20 @@ def test_no_usable_resolver_keeps_dns_inside(walk, restore_net_resolver):
                                "nameserver 2001:db8::53", "search walk.test")
         assert result.returncode == 0, result.stderr
         up.sh("iptables -t raw -Z PREROUTING")
-        queries = [(server, tcp) for server in (PROXY_GW, PROXY_DNS2) for tcp in (False, True)]
+        queries = [(server, tcp) for server in walk.app_dns for tcp in (False, True)]
         answers = _parallel([lambda q=q: walk.dns(walk.app, q[0], tcp=q[1], timeout=1) for q in queries])
         for (server, tcp), (address, outcome) in zip(queries, answers):
             assert address is None, f"{'TCP' if tcp else 'UDP'} query to {server} was answered: {outcome}"
-            if not tcp:  # UDP gets nothing back at all
+            if tcp:  # refused at once by the NetVM (a reset), not a timeout
+                assert "refused" in outcome.lower(), f"TCP query to {server}: {outcome}"
+            else:  # no DNS answer: an unconnected socket does not see the ICMP error
                 assert outcome == "timeout", f"UDP query to {server}: {outcome}"
         time.sleep(0.2)  # a late retransmission would still be counted
         assert _dns_packets_seen_upstream(walk) == {"udp": 0, "tcp": 0}
 
         # The counters do count: with a resolver again, the same query reaches upstream.
         assert use_resolvers(walk, walk.net, f"nameserver {DNS_A}").returncode == 0
-        assert walk.dns(walk.app, PROXY_GW)[0] == ANSWER[DNS_A]
+        assert walk.dns(walk.app, walk.app_dns[0])[0] == ANSWER[DNS_A]
         assert _dns_packets_seen_upstream(walk)["udp"] >= 1
     finally:
         for proto in ("udp", "tcp"):
@@ -164,18 +183,18 @@ def test_two_simultaneous_runs_leave_one_rule_set(walk, resolver):
 
     ns = walk.net.ns
     if walk.firewall == "nft":  # one chain by name: the rules are what can be doubled
-        expected = [f"ip daddr {virtual} {proto} dport 53 dnat to {resolver}"
-                    for virtual in (NET_GW, NET_DNS2) for proto in ("udp", "tcp")]
+        expected = ["jump custom-dnat-dns"] + [f"ip daddr {virtual} {proto} dport 53 dnat to {resolver}"
+                                               for virtual in walk.net_dns for proto in ("udp", "tcp")]
         assert _nft_rules(ns, "dnat-dns") == expected
     else:
-        expected = [f"-A PR-QBS -d {virtual}/32 -p {proto} -m {proto} --dport 53 -j DNAT --to-destination {resolver}"
-                    for virtual in (NET_GW, NET_DNS2) for proto in ("udp", "tcp")]
+        expected = ["-A PR-QBS -j custom-dnat-dns"] + [
+            f"-A PR-QBS -d {virtual}/32 -p {proto} -m {proto} --dport 53 -j DNAT --to-destination {resolver}"
+            for virtual in walk.net_dns for proto in ("udp", "tcp")]
         assert _rules(ns, "nat", "PR-QBS") == expected
-        guard = _rules(ns, "mangle", "QBS-DNS-GUARD")
-        assert len(guard) == 4 and all(rule.endswith("--dport 53 -j DROP") for rule in guard), guard
+        assert _rules(ns, "filter", "QBS-DNS-GUARD") == []  # a guard only when nothing is translated
         assert _rules(ns, "nat", "PREROUTING").count("-A PREROUTING -j PR-QBS") == 1
-        assert _rules(ns, "mangle", "FORWARD").count("-A FORWARD -j QBS-DNS-GUARD") == 1
-    assert walk.dns(walk.app, PROXY_DNS2)[0] == ANSWER[resolver]
+        assert _rules(ns, "filter", "FORWARD").count("-A FORWARD -j QBS-DNS-GUARD") == 1
+    assert walk.dns(walk.app, walk.app_dns[1])[0] == ANSWER[resolver]
 
 
 # helpers ----------------------------------------------------------------------------

@@ -117,8 +117,17 @@ def _filter(state: TableState, family: int, routed: bool) -> list[str]:
     out += sync_chain(state, "QBS-BASE-INPUT", base_input(family, routed))
     out += sync_chain(state, "QBS-BASE-FORWARD", base_forward(family, routed))
     for builtin, ours in (("INPUT", "QBS-BASE-INPUT"), ("FORWARD", "QBS-BASE-FORWARD")):
-        out += ensure_jumps(state, builtin, (f"-A {builtin} -j {USER_CHAINS[builtin]}", f"-A {builtin} -j {ours}"))
+        jumps = (f"-A {builtin} -j {USER_CHAINS[builtin]}", f"-A {builtin} -j {ours}")
+        out += ensure_jumps(state, builtin, _dns_guard_jump(state, builtin) + jumps)
     return out
+
+
+def _dns_guard_jump(state: TableState, builtin: str) -> tuple[str, ...]:
+    """qubes-setup-dnat-to-ns's refusal of DNS with no upstream (filter
+    QBS-DNS-GUARD), when it is there: it must see queries before any accept,
+    so the user's and our jumps go after it."""
+    jump = f"-A {builtin} -j QBS-DNS-GUARD"
+    return (jump,) if jump in state.rules_of(builtin) else ()
 
 
 def plan_base(tables: dict[str, TableState], family: int, routed: bool) -> str | None:

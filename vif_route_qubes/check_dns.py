@@ -5,26 +5,30 @@ import re
 import sys
 
 from vif_route_qubes import ipt_state
-from vif_route_qubes.check import Drift, lines_drift, refuse_nft, report, shared_lock
+from vif_route_qubes.check import Drift, lines_drift, report, shared_lock
 
-_DNAT = re.compile(r"-A \S+ -d (\S+)/32 -p (udp|tcp) -m \2 --dport 53 -j DNAT --to-destination (\S+)")
+_DNAT = re.compile(r"-A \S+ -d (\S+)/(?:32|128) -p (udp|tcp) -m \2 --dport 53 -j DNAT --to-destination (\S+)")
 
 
-def dns_drift(inp, tables: dict) -> list[Drift]:
-    """Our DNS chains and their jumps, against what the DNS planner installs on empty tables."""
+def dns_drift(inp, tables: dict, version: int = 4) -> list[Drift]:
+    """One family's DNS chains and their jumps, against what the DNS planner installs on empty tables."""
     from setup_dnat_to_ns import plan as dns_plan
 
-    text = dns_plan.rules_text(inp, {}) or ""
+    text = dns_plan.rules_text(inp, {}, version) or ""
+    tool = "ip6tables" if version == 6 else "iptables"
     out: list[Drift] = []
     for name, want in ipt_state.parse_save(text).items():
         have = tables.get(name, ipt_state.EMPTY_TABLE)
         for chain in sorted(want.chains):
             if chain not in have.chains:
-                out.append(Drift("DNS", "chain-missing", f"chain {name} {chain} missing"))
+                out.append(Drift("DNS", "chain-missing", f"chain {_where(name, version)} {chain} missing"))
+            elif chain == dns_plan.CUSTOM_CHAIN:
+                continue  # the user's: only its existence is ours
             elif chain == dns_plan.DNAT_CHAIN:
-                out += _dnat_drift(inp, have.rules_of(chain), want.rules_of(chain))
+                out += _dnat_drift(inp, have.rules_of(chain), want.rules_of(chain), version)
             else:
-                out += lines_drift("DNS", f"{name} {chain}", have.rules_of(chain), want.rules_of(chain))
+                out += lines_drift("DNS", f"{_where(name, version)} {chain}", have.rules_of(chain),
+                                   want.rules_of(chain))
     table = None
     for line in text.splitlines():  # the planner's check-then-insert jumps: -I BUILTIN POS ...
         table = line[1:] if line.startswith("*") else table
@@ -35,15 +39,26 @@ def dns_drift(inp, tables: dict) -> list[Drift]:
             if count != 1:
                 what = "missing" if not count else f"duplicated {count} times"
                 out.append(Drift("DNS", "jump-missing" if not count else "jump-duplicated",
-                                 f"jump {what} ({table}): {jump}"))
-    if not out and dns_plan.rules_text(inp, tables) is not None:
-        out.append(Drift("DNS", "rules-differ", "DNS rules differ from what qubes-setup-dnat-to-ns would install"))
+                                 f"jump {what} ({_where(table, version)}): {jump}"))
+    if not out and dns_plan.rules_text(inp, tables, version) is not None:
+        out.append(Drift("DNS", "rules-differ", f"DNS rules ({tool}) differ from what qubes-setup-dnat-to-ns "
+                                                "would install"))
     return out
 
 
-def _dnat_drift(inp, current: tuple, wanted: tuple) -> list[Drift]:
+def _where(table: str, version: int) -> str:
+    """The table's name as the messages show it: `nat`, or `ip6 nat` for IPv6."""
+    return f"ip6 {table}" if version == 6 else table
+
+
+def _dnat_drift(inp, current: tuple, wanted: tuple, version: int) -> list[Drift]:
     """Per virtual address: where it is DNATed to, and where it should be."""
-    out = [d for d in lines_drift("DNS", "nat PR-QBS", current, wanted) if d.kind == "rule-duplicated"]
+    from setup_dnat_to_ns.plan import CUSTOM_CHAIN, DNAT_CHAIN
+
+    jump = f"-A {DNAT_CHAIN} -j {CUSTOM_CHAIN}"
+    out = [d for d in lines_drift("DNS", f"{_where('nat', version)} PR-QBS", current, wanted)
+           if d.kind == "rule-duplicated" or jump in d.detail]
+    current, wanted = tuple(r for r in current if r != jump), tuple(r for r in wanted if r != jump)
     have: dict = {}
     want: dict = {}
     for lines, into in ((current, have), (wanted, want)):
@@ -51,19 +66,19 @@ def _dnat_drift(inp, current: tuple, wanted: tuple) -> list[Drift]:
             if match := _DNAT.fullmatch(line):
                 into.setdefault(match.group(1), {}).setdefault(match.group(2), set()).add(match.group(3))
             else:
-                out.append(Drift("DNS", "rule-unexpected", f"unexpected nat PR-QBS rule: {line}"))
+                out.append(Drift("DNS", "rule-unexpected", f"unexpected {_where('nat', version)} PR-QBS rule: {line}"))
 
     def where(protos: dict) -> str:  # "203.0.113.53", or "203.0.113.53 (tcp only)"
         targets = ", ".join(sorted(set().union(*protos.values())))
         return targets if len(protos) == 2 else f"{targets} ({' and '.join(protos)} only)"
 
-    virtual = [str(v) for v in inp.virtual]
+    virtual = [str(v) for v in inp.of(version)[0]]
     for addr in dict.fromkeys([*virtual, *have]):
         h, w = have.get(addr, {}), want.get(addr, {})
         if h != w:
             is_now = f"is DNATed to {where(h)}" if h else "is not DNATed"
             should = ("but it is not a virtual DNS address" if addr not in virtual
-                      else f"should be {where(w) if w else 'dropped (no upstream resolver)'}")
+                      else f"should be {where(w) if w else 'refused (no upstream resolver)'}")
             out.append(Drift("DNS", "dns-target", f"{addr} {is_now}, {should}"))
     return out
 
@@ -75,13 +90,38 @@ def run_dns_check(read_virtual, resolv_conf: str, as_json: bool, backend: str, l
     from setup_dnat_to_ns.resolvers import upstream_servers
 
     def collect() -> list[Drift]:
-        refuse_nft(backend)
+        from vif_route_qubes.backend import resolve
+
         virtual = read_virtual()
         if not virtual:
             return []  # this VM provides no network: nothing is expected
         inp = DnsInputs(virtual=virtual, upstream=upstream_servers(resolv_conf))
+        if resolve(backend) == "nft":
+            with shared_lock(lock_file, lock_timeout):
+                return nft_dns_drift(inp)
+        from setup_dnat_to_ns.run import read_tables
+
         with shared_lock(lock_file, lock_timeout):
-            mangle, nat = ipt_state.save([(4, "mangle"), (4, "nat")])
-        return dns_drift(inp, {"mangle": ipt_state.table(mangle, "mangle"), "nat": ipt_state.table(nat, "nat")})
+            tables = read_tables()
+        return [d for version in (4, 6) for d in dns_drift(inp, tables[version], version)]
 
     return report("qubes-setup-dnat-to-ns", collect, as_json, out)
+
+
+def nft_dns_drift(inp) -> list[Drift]:
+    """nft backend: each family's `dnat-dns` chain against what the planner installs."""
+    from vif_route_qubes import nft
+
+    out: list[Drift] = []
+    for version in (4, 6):
+        wanted = nft.dnat_rules(version, *inp.of(version))
+        current = nft.current_dnat_rules(version)
+        where = f"{nft.FAMILIES[version]} {nft.TABLE} dnat-dns"
+        if current is None:
+            if wanted:
+                out.append(Drift("DNS", "chain-missing", f"chain {where} missing"))
+            continue
+        out += lines_drift("DNS", where, tuple(current), tuple(wanted))
+        if not out and current != wanted:
+            out.append(Drift("DNS", "rules-out-of-order", f"{where} rules out of order"))
+    return out

@@ -96,6 +96,10 @@ VIF = (
 DNS = (
     DNS1,
     DNS2,
+    Opt("dns6_1", ("--dns6-1",), "VIF_ROUTE_DNS6_1",
+        "Virtual IPv6 DNS 1 [default: qubesdb /qubes-netvm-primary-dns6]."),
+    Opt("dns6_2", ("--dns6-2",), "VIF_ROUTE_DNS6_2",
+        "Virtual IPv6 DNS 2 [default: qubesdb /qubes-netvm-secondary-dns6]."),
     Opt("resolv_conf", ("--resolv-conf",), "QUBES_RESOLV_CONF",
         "Where the upstream resolvers are read (nameserver lines); when it names 127.0.0.53, "
         "systemd-resolved is asked over D-Bus.", default="/etc/resolv.conf", show_default=True),
