@@ -289,7 +289,9 @@ def test_init_after_the_dns_command_keeps_the_refusal_first(single, backend):
     init = run_cmd(single.ns, ["vif-route-qubes", "init", "--backend", "iptables"], single.env)
     assert init.returncode == 0, init.stderr
     for tool in ("iptables", "ip6tables"):
-        for builtin, base in (("INPUT", "QBS-BASE-INPUT"), ("FORWARD", "QBS-BASE-FORWARD")):
+        for builtin, user, base in (("INPUT", "custom-input", "QBS-BASE-INPUT"),
+                                    ("FORWARD", "custom-forward", "QBS-BASE-FORWARD")):
             rules = [r for r in single.ns.out(f"{tool} -S {builtin}").splitlines() if r.startswith("-A")]
-            assert rules == [f"-A {builtin} -j QBS-DNS-GUARD", f"-A {builtin} -j {base}"], (tool, rules)
+            assert rules == [f"-A {builtin} -j QBS-DNS-GUARD", f"-A {builtin} -j {user}",
+                             f"-A {builtin} -j {base}"], (tool, rules)
     assert single.run().returncode == 100
