@@ -35,17 +35,16 @@ def run_dns(params: dict) -> int:
 
 def _virtual(dns1, dns2):
     from vif_route_qubes import parse, sources
-    from vif_route_qubes.errors import VifError
     from vif_route_qubes.inputs import QDB_DNS
+    from vif_route_qubes.system.tools import ToolMissing
 
     wanted = [key for key, given in zip(QDB_DNS, (dns1, dns2)) if given is None]
     qdb = {}
     if wanted:
         try:
             qdb = sources.qubesdb_read(wanted)
-        except VifError as exc:
-            if "is not installed" not in str(exc):
-                raise
+        except ToolMissing:
+            pass  # no qubesdb (not on Qubes): only the options' addresses
     texts = [given if given is not None else qdb.get(key) for key, given in zip(QDB_DNS, (dns1, dns2))]
     found = [parse.address_of(t, 4, source=f"virtual DNS {i}") for i, t in enumerate(texts, 1) if t]
     return tuple(dict.fromkeys(found))
@@ -69,9 +68,10 @@ def _run(*, dispatcher, dns1, dns2, resolv_conf, firewall_flag, dry_run, backend
                     firewall_running=os.path.exists(firewall_flag))
     with nullcontext() if dry_run else locked(lock_file, lock_timeout, "DNS rules") as lock_fd:
         if firewall == "nft":
-            from vif_route_qubes import netlink, nft
+            from vif_route_qubes import nft
+            from vif_route_qubes.system import ip
 
-            batch = plan_dns_nft(inp, nft.current_dnat_rules(), netlink.nft_table_exists(nft.TABLE, 4))
+            batch = plan_dns_nft(inp, nft.current_dnat_rules(), ip.nft_table_exists(nft.TABLE, 4))
         else:
             mangle, nat = ipt_state.save([(4, "mangle"), (4, "nat")])
             tables = {"mangle": ipt_state.table(mangle, "mangle"), "nat": ipt_state.table(nat, "nat")}

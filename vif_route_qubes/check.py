@@ -17,7 +17,6 @@ import ipaddress
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -231,13 +230,9 @@ def _read_proc(path: str) -> str | None:
 
 
 def _ip_json(*args: str) -> list:
-    try:
-        result = subprocess.run(["ip", "-j", *args], capture_output=True, text=True, timeout=30)
-    except FileNotFoundError:
-        raise VifError("ip is not installed") from None
-    if result.returncode != 0:
-        raise VifError(f"ip {' '.join(args)} failed: {' '.join(result.stderr.split())[:200]}")
-    return json.loads(result.stdout or "[]")
+    from vif_route_qubes.system import tools
+
+    return json.loads(tools.run(["ip", "-j", *args], timeout=30, what=f"ip {' '.join(args)}").stdout or "[]")
 
 
 def read_state(extra: tuple = ()) -> NetState:

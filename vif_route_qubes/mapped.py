@@ -11,7 +11,6 @@ towards the visible gateway) and drops all IPv6.
 """
 
 import os
-import subprocess
 from ipaddress import IPv4Address
 
 from vif_route_qubes.batch import Exec, ReturnLink
@@ -49,8 +48,13 @@ def read_facts(inp: VifInputs) -> MappedFacts:
     name = netns_name(inp)
     if not os.path.exists(f"/run/netns/{name}"):
         return MappedFacts(False, False, _private_mounts())
-    found = subprocess.run(["ip", "-n", name, "link", "show", "dev", inp.vif], capture_output=True)
-    return MappedFacts(True, found.returncode == 0, _private_mounts())
+    from vif_route_qubes.system import ip
+
+    try:
+        found = ip.link_in_netns(name, inp.vif)
+    except OSError:
+        found = False  # a namespace file that is no namespace: nothing of ours inside
+    return MappedFacts(True, found, _private_mounts())
 
 
 def _netns(facts: MappedFacts, *argv: str) -> Exec:
