@@ -23,9 +23,10 @@ DEFAULT_TIMEOUT = 30.0  # seconds
 
 
 class ToolError(VifError):
-    def __init__(self, message: str, program: str, exit_code: int | None = None, stderr: str = "") -> None:
+    # `status`, not `exit_code`: that one is VifError's, the exit status of our own command.
+    def __init__(self, message: str, program: str, status: int | None = None, stderr: str = "") -> None:
         super().__init__(message)
-        self.program, self.exit_code, self.stderr = program, exit_code, stderr
+        self.program, self.status, self.stderr = program, status, stderr
 
 
 class ToolMissing(ToolError):
