@@ -12,8 +12,9 @@ import os
 import time
 
 from vif_route_qubes import logsetup, sources
-from vif_route_qubes.batch import (Addr, Batch, ConntrackPurge, Exec, Group, Hook, Link, Neigh, Note, Nft, RawDelete,
-                                   Rename, Restore, ReturnLink, Route, Run, Sysctl, XenstoreWrite)
+from vif_route_qubes.batch import (Addr, Batch, ConntrackPurge, Exec, Group, Hook, Link, LinkDel, MoveLink, Neigh, Note,
+                                   Nft, RawDelete, Rename, Restore, ReturnLink, Route, Run, Sysctl, VethAdd,
+                                   XenstoreWrite)
 from vif_route_qubes.errors import VifError
 from vif_route_qubes.system import ip, tools
 
@@ -80,7 +81,21 @@ def _exec(app: Applier, step: Exec) -> None:
 
 
 def _returnlink(app: Applier, step: ReturnLink) -> None:
-    _exec(app, Exec(("ip", "-n", step.netns, "link", "set", "dev", step.ifname, "netns", str(os.getpid()))))
+    ip.link_return_from_netns(step.netns, step.ifname)
+
+
+def _movelink(app: Applier, step: MoveLink) -> None:
+    ip.link_move_to_netns(_index(step.ifname, True), step.netns)
+
+
+def _vethadd(app: Applier, step: VethAdd) -> None:
+    ip.veth_add(step.ifname, step.address, step.peer, step.peer_address, step.netns)
+
+
+def _linkdel(app: Applier, step: LinkDel) -> None:
+    index = _index(step.ifname, False)
+    if index is not None:
+        ip.link_del(index)
 
 
 def _nft(app: Applier, step: Nft) -> None:
@@ -196,6 +211,7 @@ def _xenstorewrite(app: Applier, step: XenstoreWrite) -> None:
 
 STEPS = {
     Note: _note, Restore: _restore, RawDelete: _rawdelete, Exec: _exec, ReturnLink: _returnlink, Nft: _nft,
+    MoveLink: _movelink, VethAdd: _vethadd, LinkDel: _linkdel,
     Group: _group, Sysctl: _sysctl, Rename: _rename, Link: _link, Addr: _addr, Route: _route, Neigh: _neigh,
     ConntrackPurge: _conntrackpurge, Hook: _hook, Run: _run, XenstoreWrite: _xenstorewrite,
 }

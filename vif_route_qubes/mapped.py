@@ -13,7 +13,7 @@ towards the visible gateway) and drops all IPv6.
 import os
 from ipaddress import IPv4Address
 
-from vif_route_qubes.batch import Exec, ReturnLink
+from vif_route_qubes.batch import Exec, LinkDel, MoveLink, ReturnLink, VethAdd
 from vif_route_qubes.model import VifInputs
 from vif_route_qubes.records import NamedTuple
 
@@ -134,11 +134,9 @@ def plan_online(inp: VifInputs, facts: MappedFacts, vif_in_main: bool) -> list:
     if not facts.netns_exists:
         steps.append(_netns(facts, "add", name))
     if not facts.vif_in_netns:
-        steps.append(Exec(("ip", "link", "set", "dev", inp.vif, "netns", name)))
+        steps.append(MoveLink(inp.vif, name))
     if not (facts.vif_in_netns and vif_in_main):
-        peer_mac = ("address", inp.mac) if inp.mac else ()
-        steps.append(Exec(("ip", "link", "add", inp.vif, "address", VIF_MAC, "type", "veth",
-                           "peer", "name", UPLINK, *peer_mac, "netns", name)))
+        steps.append(VethAdd(inp.vif, VIF_MAC, UPLINK, inp.mac or None, name))
     steps.append(Exec(("ip", "netns", "exec", name, "sh", "-e"), inside_script(inp)))
     return steps
 
@@ -151,7 +149,7 @@ def plan_offline(inp: VifInputs, facts: MappedFacts, vif_in_main: bool) -> list:
     steps = []
     if facts.vif_in_netns:
         if vif_in_main:  # the main end of our veth pair (its peer goes with it)
-            steps.append(Exec(("ip", "link", "del", "dev", inp.vif)))
+            steps.append(LinkDel(inp.vif))
         steps.append(ReturnLink(name, inp.vif))
     steps.append(_netns(facts, "del", name))
     return steps

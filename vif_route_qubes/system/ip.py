@@ -110,6 +110,42 @@ def links_in_group(group: int) -> list[str]:
 
 
 @_mapped
+def link_move_to_netns(index: int, netns: str) -> None:
+    """Into the named namespace (/run/netns/NAME, as `ip link set ... netns NAME`)."""
+    fd = os.open(f"/run/netns/{netns}", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _socket().link("set", index=index, net_ns_fd=fd)
+    finally:
+        os.close(fd)
+
+
+@_mapped
+def link_return_from_netns(netns: str, ifname: str) -> None:
+    """Move an interface of the named namespace into ours (over a socket opened there)."""
+    with IPRoute(netns=netns, flags=0) as ipr:
+        found = ipr.link_lookup(ifname=ifname)
+        if not found:
+            raise OSError(errno.ENODEV, f"no {ifname} in namespace {netns}")
+        ipr.link("set", index=found[0], net_ns_pid=os.getpid())
+
+
+@_mapped
+def veth_add(ifname: str, address: str, peer: str, peer_address: str | None, netns: str) -> None:
+    """A veth pair, its peer created straight in the named namespace."""
+    fd = os.open(f"/run/netns/{netns}", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        far = {"ifname": peer, "net_ns_fd": fd, **({"address": peer_address} if peer_address else {})}
+        _socket().link("add", ifname=ifname, address=address, kind="veth", peer=far)
+    finally:
+        os.close(fd)
+
+
+@_tolerant
+def link_del(index: int) -> None:
+    _socket().link("del", index=index)
+
+
+@_mapped
 def link_in_netns(netns: str, ifname: str) -> bool:
     """Whether the named namespace holds the interface (the namespace must exist)."""
     # flags=0: never create the namespace (pyroute2 would by default).
