@@ -179,7 +179,8 @@ def route_replace(index: int, address: str, metric: int) -> None:
 
 @_tolerant
 def route_del(index: int, address: str, metric: int) -> None:
-    _socket().route("del", **_route(address, index, metric))
+    # Scope "nowhere": any scope matches (pyroute2's default, universe, would miss a link-scope route).
+    _socket().route("del", scope=255, **_route(address, index, metric))
 
 
 @_mapped
