@@ -26,6 +26,7 @@ RT_TABLE_MAIN, RTPROT_KERNEL, RTN_UNICAST, NUD_PERMANENT = 254, 2, 1, 0x80
 FULL = {socket.AF_INET: 32, socket.AF_INET6: 128}
 
 _ipr: IPRoute | None = None
+_owner = 0  # the pid that opened it: a forked child (the command server's) opens its own
 
 
 def _family(address: str) -> int:
@@ -37,17 +38,17 @@ def _version(family: int) -> int:
 
 
 def _socket() -> IPRoute:
-    global _ipr
-    if _ipr is None:
-        _ipr = IPRoute(strict_check=True)
+    global _ipr, _owner
+    if _ipr is None or _owner != os.getpid():
+        _ipr, _owner = IPRoute(strict_check=True), os.getpid()
     return _ipr
 
 
 def close() -> None:
     global _ipr
-    if _ipr is not None:
+    if _ipr is not None and _owner == os.getpid():
         _ipr.close()
-        _ipr = None
+    _ipr = None
 
 
 def _oserror(exc: NetlinkError) -> OSError:
