@@ -9,9 +9,9 @@ cannot carry: it is skipped, with a log line.
 
 import ipaddress
 import json
-import subprocess
 
 from vif_route_qubes import logsetup
+from vif_route_qubes.system import tools
 
 log = logsetup.get_logger("qubes-setup-dnat-to-ns")
 RESOLVED_STUB = ipaddress.IPv4Address("127.0.0.53")
@@ -102,15 +102,15 @@ def read_resolved() -> tuple[Address, ...]:
     argv = ["busctl", "--system", "--json=short", "get-property", "org.freedesktop.resolve1",
             "/org/freedesktop/resolve1", "org.freedesktop.resolve1.Manager", "DNS"]
     try:
-        result = subprocess.run(argv, capture_output=True, text=True, errors="replace", timeout=10)
-    except FileNotFoundError:
+        result = tools.run(argv, timeout=10, check=False)
+    except tools.ToolMissing:
         log.error("resolv.conf points at systemd-resolved, but busctl is not installed")
         return ()
-    except subprocess.TimeoutExpired:
+    except tools.ToolTimeout:
         log.error("systemd-resolved did not answer within 10 s")
         return ()
-    if result.returncode != 0:
-        log.error("systemd-resolved: %s", " ".join(result.stderr.split())[:200])
+    if result.exit_code != 0:
+        log.error("systemd-resolved: %s", tools.one_line(result.stderr, 200))
         return ()
     return parse_resolved_dns(result.stdout)
 

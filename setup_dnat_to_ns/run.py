@@ -39,8 +39,8 @@ QDB_DNS6 = ("/qubes-netvm-primary-dns6", "/qubes-netvm-secondary-dns6")
 def _virtual(params: dict) -> tuple:
     """The virtual DNS addresses, IPv4 then IPv6 (options first, else qubesdb, one read)."""
     from vif_route_qubes import parse, sources
-    from vif_route_qubes.errors import VifError
     from vif_route_qubes.inputs import QDB_DNS
+    from vif_route_qubes.system.tools import ToolMissing
 
     keys = [(QDB_DNS[0], "dns1", 4), (QDB_DNS[1], "dns2", 4),
             (QDB_DNS6[0], "dns6_1", 6), (QDB_DNS6[1], "dns6_2", 6)]
@@ -49,9 +49,8 @@ def _virtual(params: dict) -> tuple:
     if wanted:
         try:
             qdb = sources.qubesdb_read(wanted)
-        except VifError as exc:
-            if "is not installed" not in str(exc):
-                raise
+        except ToolMissing:
+            pass  # no qubesdb (not on Qubes): only the options' addresses
     found = []
     for key, name, version in keys:
         text = params.get(name) if params.get(name) is not None else qdb.get(key)
@@ -92,10 +91,11 @@ def _run(*, dispatcher, params, resolv_conf, firewall_flag, dry_run, backend, lo
                     firewall_running=os.path.exists(firewall_flag), ratemask=_ratemask())
     with nullcontext() if dry_run else locked(lock_file, lock_timeout, "DNS rules") as lock_fd:
         if firewall == "nft":
-            from vif_route_qubes import netlink, nft
+            from vif_route_qubes import nft
+            from vif_route_qubes.system import ip
 
             batch = plan_dns_nft(inp, {v: nft.current_dnat_rules(v) for v in (4, 6)},
-                                 {v: netlink.nft_table_exists(nft.TABLE, v) for v in (4, 6)})
+                                 {v: ip.nft_table_exists(nft.TABLE, v) for v in (4, 6)})
         else:
             batch = plan_dns(inp, read_tables())
         if not batch.changes:

@@ -14,7 +14,11 @@ Prints, for each target, the median and the min-max spread of N runs (>= 10):
   dns       qubes-setup-dnat-to-ns with unchanged inputs (exit 100)
 and the in-process split (imports, inputs, lock, facts, plan, apply, and
 each applied step) from VIF_ROUTE_TIMING, the interpreter's bare start-up,
-and the five most expensive imports (python -X importtime).
+the five most expensive imports (python -X importtime), and the split of a
+library call (`libraries`, in-process, in the namespace): importing pyroute2
+and sh, opening pyroute2's IPRoute, one route replace (+ del) over it, one
+sh call of `true` through system.tools and bare, sh's own `_timeout`, and
+the same `true` through subprocess for comparison.
 """
 
 import argparse
@@ -121,6 +125,44 @@ def top_imports(ns, env) -> list[list]:
             if cumulative_us.strip().isdigit():
                 rows.append([name.strip(), round(int(cumulative_us) / 1000, 2)])
     return sorted(rows, key=lambda r: -r[1])[:5]
+
+
+LIBRARY_PROBE = r"""
+import json, os, statistics, subprocess, sys, time
+def median_ms(f, n):
+    f()
+    samples = []
+    for _ in range(n):
+        start = time.perf_counter(); f(); samples.append(time.perf_counter() - start)
+    return round(statistics.median(samples) * 1000, 3)
+out = {}
+start = time.perf_counter(); import pyroute2; out["import_pyroute2_ms"] = round((time.perf_counter() - start) * 1000, 2)
+start = time.perf_counter(); import sh; out["import_sh_ms"] = round((time.perf_counter() - start) * 1000, 2)
+from vif_route_qubes.system import ip, tools
+runs = int(sys.argv[1])
+out["iproute_open_close_ms"] = median_ms(lambda: pyroute2.IPRoute(strict_check=True).close(), runs)
+lo = ip.link_index("lo")
+def route():
+    ip.route_replace(lo, "192.0.2.77", 99)
+    ip.route_del(lo, "192.0.2.77", 99)
+out["route_replace_and_del_ms"] = median_ms(route, runs)
+out["host_routes_dump_ms"] = median_ms(lambda: ip.host_routes(lo), runs)
+out["sh_true_via_tools_ms"] = median_ms(lambda: tools.run(["true"]), runs)
+true = sh.Command("true")
+out["sh_true_bare_ms"] = median_ms(lambda: true(_tty_out=False), runs)
+out["sh_true_with_sh_timeout_ms"] = median_ms(lambda: true(_tty_out=False, _timeout=10), max(3, runs // 3))
+out["subprocess_true_ms"] = median_ms(lambda: subprocess.run(["true"]), runs)
+print(json.dumps(out))
+"""
+
+
+def library_calls(ns, env, runs) -> dict:
+    """What one pyroute2 request and one sh call cost in-process (in the namespace)."""
+    result = subprocess.run(in_ns(ns, [sys.executable, "-c", LIBRARY_PROBE, str(runs)]), env=env,
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"bench: the library probe failed: {result.stderr.strip()}")
+    return json.loads(result.stdout)
 
 
 def startup(env, runs) -> dict:
@@ -244,6 +286,7 @@ def main() -> None:
             report["split_online"] = median_split([s[0] for s in splits])
             report["split_offline"] = median_split([s[1] for s in splits])
             report["top_imports_cumulative_ms"] = top_imports(provider, env)
+            report["libraries"] = library_calls(provider, env, runs)
             path = xen.backend(37, ip="10.137.7.27", mac="00:16:3e:5e:6c:19")
             xen.qdb_write("/qubes-netvm-gateway", "10.137.7.1")
             hot_env = dict(env, vif="vif37.0", XENBUS_PATH=path)

@@ -11,14 +11,13 @@ import re
 import subprocess
 import sys
 import tempfile
-import types
 from pathlib import Path
 
 from hypothesis import strategies as st
 
-from setup_dnat_to_ns import resolvers
 from vif_route_qubes import (apply, cli as vif_cli, init, ipt_state, lock, logsetup, raw_index, sources, vif)
 from vif_route_qubes.model import VifFacts
+from vif_route_qubes.system import tools
 
 PATH = "/local/domain/0/backend/vif/37/0"
 XS_GOOD = {"ip": "10.137.7.27 fd09:24ef:4179::a89:71b", "mac": "00:16:3e:5e:6c:19", "type": "vif"}
@@ -175,7 +174,7 @@ def fake_tool(store):
         if name == "xenstore-read":
             for path in args:
                 if path not in store:
-                    return subprocess.CompletedProcess(argv, 1, out, f"xenstore-read: couldn't read path {path}\n")
+                    return tools.Result(1, out, f"xenstore-read: couldn't read path {path}\n")
                 out += store[path] + "\n"
         elif name == "qubesdb-read":
             for path in (a for a in args if not a.startswith("-")):
@@ -186,7 +185,7 @@ def fake_tool(store):
                     status = 2
         elif name != "xenstore-write":
             raise AssertionError(f"unexpected program {argv}")
-        return subprocess.CompletedProcess(argv, status, out, err)
+        return tools.Result(status, out, err)
     return run
 
 
@@ -250,9 +249,9 @@ class Sandbox:
         monkeypatch.setattr(init, "run_init", lambda *a, **k: 0)
         # As if /dev/log were there: records go through StrictSyslog.
         monkeypatch.setattr(logsetup, "_Syslog", StrictSyslog)
-        monkeypatch.setattr(resolvers, "subprocess", types.SimpleNamespace(
-            TimeoutExpired=subprocess.TimeoutExpired,
-            run=lambda argv, **k: subprocess.CompletedProcess(argv, 0, self.reply, "")))
+        # Every program goes through system.tools: busctl answers with the reply, any other is refused.
+        monkeypatch.setattr(tools, "run", lambda argv, **k: (tools.Result(0, self.reply, "") if argv[0] == "busctl"
+                                                             else forbid_fork(argv)))
         monkeypatch.setattr(subprocess, "Popen", forbid_fork)  # the safety net: nothing forks here
         # On tmpfs when there is one: a file write on ext4 costs more than the rest of a case.
         self.folder = tempfile.mkdtemp(dir="/dev/shm" if os.path.isdir("/dev/shm") else tmp_path)

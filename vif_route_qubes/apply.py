@@ -1,23 +1,22 @@
 """The applier: the only code that changes the system.
 
 It carries out a Batch step by step, in order, and stops at the first step
-that fails (raising VifError with the step's rendered line).  Netlink is used
-for links, addresses, routes, neighbours and conntrack; /proc/sys for sysctls;
-iptables-restore, hooks and xenstore-write are forked.
+that fails (raising VifError with the step's rendered line).  Each step type
+has one function (STEPS below).  Kernel requests go through system.ip
+(pyroute2: links, addresses, routes, neighbours, conntrack), /proc/sys is
+written directly, and every program (iptables-restore, nft, ip netns, hooks,
+xenstore-write, systemctl) runs through system.tools (sh).
 """
 
-import errno
 import os
-import signal
-import socket
-import subprocess
 import time
 
-from vif_route_qubes import logsetup, netlink, sources
-from vif_route_qubes.batch import (Addr, Batch, ConntrackPurge, Exec, Group, Hook, Link, Neigh, Note, Nft, RawDelete,
-                                   Rename, ReturnLink,
-                                   Restore, Route, Run, Sysctl, XenstoreWrite)
+from vif_route_qubes import logsetup, sources
+from vif_route_qubes.batch import (Addr, Batch, ConntrackPurge, Exec, Group, Hook, Link, LinkDel, MoveLink, Neigh, Note,
+                                   Nft, RawDelete, Rename, Restore, ReturnLink, Route, Run, Sysctl, VethAdd,
+                                   XenstoreWrite)
 from vif_route_qubes.errors import VifError
+from vif_route_qubes.system import ip, tools
 
 log = logsetup.get_logger("vif-route-qubes")
 RESTORE_TIMEOUT = 30.0
@@ -25,9 +24,8 @@ RESTORE_TIMEOUT = 30.0
 
 class Applier:
     def __init__(self, lock_fd: int | None = None) -> None:
-        self._rtnl = None
         # Children that change the system keep the lock alive if we are killed.
-        self._fds = (lock_fd,) if lock_fd is not None else ()
+        self.fds = (lock_fd,) if lock_fd is not None else ()
         self.timings: list[tuple[str, float]] = []  # (step kind, seconds), for the benchmark
         # Processes whose nftables commits are ours: raw_index follows their changes.
         self.nft_writers: set[int] = {os.getpid()}
@@ -36,20 +34,13 @@ class Applier:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._rtnl is not None:
-            self._rtnl.close()
-
-    @property
-    def rtnl(self) -> netlink.Netlink:
-        if self._rtnl is None:
-            self._rtnl = netlink.Netlink(netlink.NETLINK_ROUTE)
-        return self._rtnl
+        ip.close()
 
     def run(self, batch: Batch) -> None:
         for step in batch.steps:
             started = time.perf_counter()
             try:
-                getattr(self, "_" + type(step).__name__.lower())(step)
+                STEPS[type(step)](self, step)
                 self.timings.append((type(step).__name__, time.perf_counter() - started))
             except VifError:
                 raise
@@ -57,150 +48,170 @@ class Applier:
                 reason = exc.strerror or os.strerror(exc.errno or 0) or str(exc)
                 raise VifError(f"{step.render().splitlines()[0]}: {reason}") from None
 
-    # -- one method per step type ------------------------------------------
+    def tool(self, argv, stdin: str | None = None, what: str | None = None) -> tools.Result:
+        """A program that changes the system: it inherits the lock."""
+        return tools.run(argv, stdin=stdin, timeout=RESTORE_TIMEOUT, pass_fds=self.fds, what=what)
 
-    def _note(self, step: Note) -> None:
-        (log.error if step.error else log.info)("%s", step.message)
 
-    def _restore(self, step: Restore) -> None:
-        tool = "ip6tables-restore" if step.family == 6 else "iptables-restore"
-        try:
-            proc = subprocess.Popen([tool, "-w", "10", "--noflush"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True, pass_fds=self._fds)
-        except FileNotFoundError:
-            raise VifError(f"{tool} is not installed") from None
-        self.nft_writers.add(proc.pid)
-        try:
-            _, stderr = proc.communicate(step.text, timeout=RESTORE_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            raise VifError(f"{tool} did not finish within {RESTORE_TIMEOUT:g} s") from None
-        if proc.returncode != 0:
-            detail = " ".join(stderr.split())[:300] or f"exit {proc.returncode}"
-            raise VifError(f"{tool} failed: {detail}")
+# -- one function per step type ----------------------------------------------
 
-    def _rawdelete(self, step: RawDelete) -> None:
-        from vif_route_qubes.ipt_netlink import raw_delete
+def _note(app: Applier, step: Note) -> None:
+    (log.error if step.error else log.info)("%s", step.message)
 
-        try:
-            raw_delete(step.ops)
-        except OSError as exc:
-            chains = sorted({chain for _, _, chain, _ in step.ops})
-            raise VifError(f"deleting rules of {', '.join(chains)} (one nftables transaction, nothing applied) "
-                           f"failed: {exc.strerror or exc}") from None
 
-    def _exec(self, step: Exec) -> None:
-        try:
-            result = subprocess.run(step.argv, input=step.stdin, capture_output=True, text=True,
-                                    errors="replace", timeout=RESTORE_TIMEOUT, pass_fds=self._fds)
-        except FileNotFoundError:
-            raise VifError(f"{step.argv[0]} is not installed") from None
-        except subprocess.TimeoutExpired:
-            raise VifError(f"{' '.join(step.argv)} did not finish within {RESTORE_TIMEOUT:g} s") from None
-        if result.returncode != 0:
-            raise VifError(f"{' '.join(step.argv)} failed: {' '.join(result.stderr.split())[:300]}")
+def _restore(app: Applier, step: Restore) -> None:
+    tool = "ip6tables-restore" if step.family == 6 else "iptables-restore"
+    result = app.tool([tool, "-w", "10", "--noflush"], stdin=step.text)
+    app.nft_writers.add(result.pid)
 
-    def _returnlink(self, step: ReturnLink) -> None:
-        self._exec(Exec(("ip", "-n", step.netns, "link", "set", "dev", step.ifname, "netns", str(os.getpid()))))
 
-    def _nft(self, step: Nft) -> None:
-        from vif_route_qubes.nft import run_nft
+def _rawdelete(app: Applier, step: RawDelete) -> None:
+    from vif_route_qubes.ipt_netlink import raw_delete
 
-        run_nft(["-f", "-"], stdin=step.text, pass_fds=self._fds)
+    try:
+        raw_delete(step.ops)
+    except OSError as exc:
+        chains = sorted({chain for _, _, chain, _ in step.ops})
+        raise VifError(f"deleting rules of {', '.join(chains)} (one nftables transaction, nothing applied) "
+                       f"failed: {exc.strerror or exc}") from None
 
-    def _group(self, step: Group) -> None:
-        index = self._index(step.ifname, not step.tolerant)
-        if index is not None:
-            self.rtnl.link_set(index, group=step.group)
 
-    def _sysctl(self, step: Sysctl) -> None:
-        path = "/proc/sys/" + step.path
-        try:
-            with open(path) as handle:
-                if handle.read().strip() == step.value:
-                    return
-            with open(path, "w") as handle:
-                handle.write(step.value)
-        except FileNotFoundError:
-            if not step.tolerant:
-                raise
+def _exec(app: Applier, step: Exec) -> None:
+    app.tool(step.argv, stdin=step.stdin, what=" ".join(step.argv))
 
-    def _index(self, ifname: str, required: bool) -> int | None:
-        """The interface's index; None (nothing to do) for a removal when it is gone."""
-        try:
-            return socket.if_nametoindex(ifname)
-        except OSError:
-            if required:
-                raise VifError(f"{ifname}: no such interface") from None
-            return None
 
-    def _tolerant(self, call, add: bool, *args) -> None:
-        try:
-            call(add, *args)
-        except OSError as exc:
-            if add or exc.errno not in netlink.GONE | {errno.EINVAL}:
-                raise
+def _returnlink(app: Applier, step: ReturnLink) -> None:
+    ip.link_return_from_netns(step.netns, step.ifname)
 
-    def _rename(self, step: Rename) -> None:
-        self.rtnl.link_set(self._index(step.old, True), name=step.new)
 
-    def _link(self, step: Link) -> None:
-        index = self._index(step.ifname, not step.tolerant)
-        if index is not None:
-            self.rtnl.link_set(index, up=step.up)
+def _movelink(app: Applier, step: MoveLink) -> None:
+    ip.link_move_to_netns(_index(step.ifname, True), step.netns)
 
-    def _addr(self, step: Addr) -> None:
-        index = self._index(step.ifname, step.add)
-        if index is not None:
-            self._tolerant(self.rtnl.addr, step.add, index, step.family, step.address, step.prefixlen)
 
-    def _route(self, step: Route) -> None:
-        index = self._index(step.ifname, step.add)
-        if index is not None:
-            self._tolerant(self.rtnl.route, step.add, index, step.family, step.address, step.metric)
+def _vethadd(app: Applier, step: VethAdd) -> None:
+    ip.veth_add(step.ifname, step.address, step.peer, step.peer_address, step.netns)
 
-    def _neigh(self, step: Neigh) -> None:
-        index = self._index(step.ifname, step.add)
-        if index is not None:
-            self._tolerant(self.rtnl.neigh, step.add, index, step.family, step.address, step.mac)
 
-    def _conntrackpurge(self, step: ConntrackPurge) -> None:
-        count = netlink.conntrack_purge(step.addresses)
-        if count:
-            log.info("purged %d connection tracking entries of %s", count, ", ".join(step.addresses))
+def _linkdel(app: Applier, step: LinkDel) -> None:
+    index = _index(step.ifname, False)
+    if index is not None:
+        ip.link_del(index)
 
-    def _hook(self, step: Hook) -> None:
-        what = " ".join((step.path, *step.args))
-        try:
-            # A session of its own, so that a timeout kills the hook's children too.
-            proc = subprocess.Popen([step.path, *step.args], stdin=subprocess.DEVNULL,
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                    start_new_session=True)
-        except OSError as exc:
-            log.error("hook %s: %s", what, exc.strerror)
-            return
-        try:
-            _, err = proc.communicate(timeout=step.timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-            log.error("hook %s: killed after %g s", what, step.timeout)
-            return
-        if proc.returncode != 0:
-            detail = " ".join(err.decode(errors="replace").split())[:200]
-            log.error("hook %s failed with exit %d%s", what, proc.returncode, f": {detail}" if detail else "")
 
-    def _run(self, step: Run) -> None:
-        try:
-            result = subprocess.run(step.argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                                    errors="replace", timeout=30)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            log.error("%s: %s", " ".join(step.argv), getattr(exc, "strerror", None) or exc)
-            return
-        if result.returncode != 0:
-            log.error("%s failed with exit %d: %s", " ".join(step.argv), result.returncode,
-                      " ".join(result.stderr.split())[:200])
+def _nft(app: Applier, step: Nft) -> None:
+    from vif_route_qubes.nft import run_nft
 
-    def _xenstorewrite(self, step: XenstoreWrite) -> None:
-        sources.xenstore_write(dict(step.pairs))
+    run_nft(["-f", "-"], stdin=step.text, pass_fds=app.fds)
+
+
+def _index(ifname: str, required: bool) -> int | None:
+    """The interface's index; None (nothing to do) for a removal when it is gone."""
+    index = ip.link_index(ifname)
+    if index is None and required:
+        raise VifError(f"{ifname}: no such interface")
+    return index
+
+
+def _group(app: Applier, step: Group) -> None:
+    index = _index(step.ifname, not step.tolerant)
+    if index is not None:
+        ip.link_set_group(index, step.group)
+
+
+def _sysctl(app: Applier, step: Sysctl) -> None:
+    path = "/proc/sys/" + step.path
+    try:
+        with open(path) as handle:
+            if handle.read().strip() == step.value:
+                return
+        with open(path, "w") as handle:
+            handle.write(step.value)
+    except FileNotFoundError:
+        if not step.tolerant:
+            raise
+
+
+def _rename(app: Applier, step: Rename) -> None:
+    ip.link_rename(_index(step.old, True), step.new)
+
+
+def _link(app: Applier, step: Link) -> None:
+    index = _index(step.ifname, not step.tolerant)
+    if index is not None:
+        ip.link_set_up(index, step.up)
+
+
+def _addr(app: Applier, step: Addr) -> None:
+    index = _index(step.ifname, step.add)
+    if index is None:
+        return
+    if step.add:
+        ip.addr_replace(index, step.address, step.prefixlen)
+    else:
+        ip.addr_del(index, step.address, step.prefixlen)
+
+
+def _route(app: Applier, step: Route) -> None:
+    index = _index(step.ifname, step.add)
+    if index is None:
+        return
+    if step.add:
+        ip.route_replace(index, step.address, step.metric)
+    else:
+        ip.route_del(index, step.address, step.metric)
+
+
+def _neigh(app: Applier, step: Neigh) -> None:
+    index = _index(step.ifname, step.add)
+    if index is None:
+        return
+    if step.add:
+        ip.neigh_replace(index, step.address, step.mac)
+    else:
+        ip.neigh_del(index, step.address)
+
+
+def _conntrackpurge(app: Applier, step: ConntrackPurge) -> None:
+    count = ip.conntrack_purge(step.addresses)
+    if count:
+        log.info("purged %d connection tracking entries of %s", count, ", ".join(step.addresses))
+
+
+def _hook(app: Applier, step: Hook) -> None:
+    """A failing or hanging hook is logged, never fatal (killed with its children)."""
+    what = " ".join((step.path, *step.args))
+    try:
+        result = tools.run([step.path, *step.args], timeout=step.timeout, check=False, discard_stdout=True)
+    except tools.ToolTimeout:
+        log.error("hook %s: killed after %g s", what, step.timeout)
+        return
+    except tools.ToolError as exc:
+        log.error("hook %s: %s", what, exc)
+        return
+    if result.exit_code != 0:
+        detail = tools.one_line(result.stderr, 200)
+        log.error("hook %s failed with exit %d%s", what, result.exit_code, f": {detail}" if detail else "")
+
+
+def _run(app: Applier, step: Run) -> None:
+    """A program whose failure is logged, never fatal (service reloads)."""
+    try:
+        result = tools.run(step.argv, timeout=30, check=False)
+    except tools.ToolError as exc:
+        log.error("%s: %s", " ".join(step.argv), exc)
+        return
+    if result.exit_code != 0:
+        log.error("%s failed with exit %d: %s", " ".join(step.argv), result.exit_code,
+                  tools.one_line(result.stderr, 200))
+
+
+def _xenstorewrite(app: Applier, step: XenstoreWrite) -> None:
+    sources.xenstore_write(dict(step.pairs))
+
+
+STEPS = {
+    Note: _note, Restore: _restore, RawDelete: _rawdelete, Exec: _exec, ReturnLink: _returnlink, Nft: _nft,
+    MoveLink: _movelink, VethAdd: _vethadd, LinkDel: _linkdel,
+    Group: _group, Sysctl: _sysctl, Rename: _rename, Link: _link, Addr: _addr, Route: _route, Neigh: _neigh,
+    ConntrackPurge: _conntrackpurge, Hook: _hook, Run: _run, XenstoreWrite: _xenstorewrite,
+}

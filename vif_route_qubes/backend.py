@@ -2,7 +2,7 @@
 
 `auto` picks nft when the nftables table `ip qubes` exists (Qubes R4.2 and
 later, or a VM that ran `init --backend nft`), iptables otherwise.  The check
-is one netlink request, not a fork of nft.
+is one nftables netlink dump (pyroute2), not a fork of nft.
 """
 
 from vif_route_qubes.errors import InputError
@@ -15,6 +15,6 @@ def resolve(choice: str) -> str:
         raise InputError(f"unknown backend {choice!r} (auto, iptables or nft)")
     if choice != "auto":
         return choice
-    from vif_route_qubes import netlink
+    from vif_route_qubes.system import ip
 
-    return "nft" if netlink.nft_table_exists("qubes", 4) else "iptables"
+    return "nft" if ip.nft_table_exists("qubes", 4) else "iptables"

@@ -71,6 +71,38 @@ class ReturnLink(NamedTuple):
         return f"ip -n {quote(self.netns)} link set dev {quote(self.ifname)} netns $$"
 
 
+class MoveLink(NamedTuple):
+    """Move an interface from this namespace into a named one."""
+
+    ifname: str
+    netns: str
+
+    def render(self) -> str:
+        return f"ip link set dev {quote(self.ifname)} netns {quote(self.netns)}"
+
+
+class VethAdd(NamedTuple):
+    """A veth pair: `ifname` here, `peer` in the named namespace."""
+
+    ifname: str
+    address: str
+    peer: str
+    peer_address: str | None
+    netns: str
+
+    def render(self) -> str:
+        peer_mac = f" address {quote(self.peer_address)}" if self.peer_address else ""
+        return (f"ip link add {quote(self.ifname)} address {quote(self.address)} type veth "
+                f"peer name {quote(self.peer)}{peer_mac} netns {quote(self.netns)}")
+
+
+class LinkDel(NamedTuple):
+    ifname: str
+
+    def render(self) -> str:
+        return f"ip link del dev {quote(self.ifname)}"
+
+
 class Nft(NamedTuple):
     """One atomic nftables transaction."""
 
@@ -203,7 +235,7 @@ class Note(NamedTuple):
         return "# " + self.message.replace("\n", " ")
 
 
-Step = (Restore | RawDelete | Nft | Group | Exec | ReturnLink | Sysctl | Rename | Link | Addr | Route | Neigh
+Step = (Restore | RawDelete | Nft | Group | Exec | ReturnLink | MoveLink | VethAdd | LinkDel | Sysctl | Rename | Link | Addr | Route | Neigh
         | ConntrackPurge | Hook | XenstoreWrite | Run | Note)
 
 

@@ -5,8 +5,8 @@ between the system and what the inputs say it should be.  Read-only.
 plans for it (plan_vif.plan_online: sysctls, link, gateway addresses, routes,
 neighbours), its rules are antispoof_ipt.desired_rules, and the DNS chains and
 jumps are what the DNS planner installs on empty tables.  The comparisons are
-pure functions of the inputs and of a NetState read once (ip -j,
-iptables-save, /proc/sys) under the events' lock taken shared.
+pure functions of the inputs and of a NetState read once (pyroute2
+dumps, iptables-save, /proc/sys) under the events' lock taken shared.
 
 Exit status: 0 as it should be, 1 differences (one line each, or --json),
 2 usage error, refused input or nft backend, 3 the system could not be read.
@@ -17,7 +17,6 @@ import ipaddress
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -235,26 +234,34 @@ def _read_proc(path: str) -> str | None:
         return None
 
 
-def _ip_json(*args: str) -> list:
-    try:
-        result = subprocess.run(["ip", "-j", *args], capture_output=True, text=True, timeout=30)
-    except FileNotFoundError:
-        raise VifError("ip is not installed") from None
-    if result.returncode != 0:
-        raise VifError(f"ip {' '.join(args)} failed: {' '.join(result.stderr.split())[:200]}")
-    return json.loads(result.stdout or "[]")
+def _route_text(version: int, dst_len: int, dst: str | None) -> str:
+    """A destination as `ip route` prints it: host routes without /32, /128."""
+    if not dst_len or dst is None:
+        return "default"
+    return _norm(dst) if dst_len == (128 if version == 6 else 32) else f"{_norm(dst)}/{dst_len}"
 
 
 def read_state(extra: tuple = ()) -> NetState:
-    links, addrs = {}, {}
-    for link in _ip_json("addr", "show"):
-        links[link["ifname"]] = "UP" in link.get("flags", ())
-        addrs[link["ifname"]] = frozenset(f"{_norm(a['local'])}/{a['prefixlen']}"
-                                          for a in link.get("addr_info", ()) if "local" in a)
-    routes = tuple((_norm(r["dst"]), r.get("dev"), r.get("metric", 0))
-                   for version in ("-4", "-6") for r in _ip_json(version, "route", "show", "table", "main"))
-    neighs = {(n["dev"], _norm(n["dst"])): (n.get("lladdr"), "PERMANENT" in n.get("state", ()))
-              for n in _ip_json("neigh", "show") if "dev" in n}
+    from vif_route_qubes.system import ip_dumps
+
+    try:
+        by_index = ip_dumps.link_states()
+        found_addrs = ip_dumps.addresses()
+        found_routes = ip_dumps.main_routes()
+        found_neighs = ip_dumps.neighbours()
+    except OSError as exc:
+        raise VifError(f"reading links, addresses, routes and neighbours failed: {exc.strerror or exc}") from None
+    links = {name: up for name, up in by_index.values()}
+    addrs = {name: set() for name in links}
+    for index, address, prefixlen in found_addrs:
+        if index in by_index:
+            addrs[by_index[index][0]].add(f"{_norm(address)}/{prefixlen}")
+    addrs = {name: frozenset(found) for name, found in addrs.items()}
+    name_of = {index: name for index, (name, _) in by_index.items()}
+    routes = tuple((_route_text(version, dst_len, dst), name_of.get(oif), metric)
+                   for version, dst_len, dst, oif, metric in found_routes)
+    neighs = {(name_of[index], _norm(dst)): (lladdr, permanent)
+              for index, dst, lladdr, permanent in found_neighs if index in name_of}
     save4, save6 = ipt_state.save_both("raw")
     names = [n for n in links if VIF_NAME.fullmatch(n)] + [n for n in extra if n]
     sysctl = {path: _read_proc(path) for name in names for family, keys in _SYSCTLS for key in keys

@@ -5,7 +5,6 @@ from typing import NamedTuple
 
 from vif_route_qubes import base_ipt, ipt_state, logsetup, parse, sources
 from vif_route_qubes.batch import Batch, Nft, Restore, Sysctl
-from vif_route_qubes.errors import VifError
 from vif_route_qubes.lock import locked
 
 log = logsetup.get_logger("vif-route-qubes")
@@ -18,11 +17,12 @@ class InitInputs(NamedTuple):
 
 def read_init_inputs(gateway6: str | None) -> InitInputs:
     if gateway6 is None:
+        from vif_route_qubes.system.tools import ToolMissing
+
         try:
             gateway6 = sources.qubesdb_read([QDB_GATEWAY6]).get(QDB_GATEWAY6)
-        except VifError as exc:
-            if "is not installed" not in str(exc):
-                raise
+        except ToolMissing:
+            pass  # no qubesdb (not on Qubes): IPv6 not routed
     if gateway6:
         parse.address_of(gateway6, 6, source="IPv6 gateway")
     return InitInputs(ipv6=bool(gateway6))

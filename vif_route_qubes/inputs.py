@@ -48,12 +48,12 @@ def harden_flag(text: str | None) -> bool:
 
 
 def _qubesdb(keys: list[str]) -> dict[str, str]:
+    from vif_route_qubes.system.tools import ToolMissing
+
     try:
         return sources.qubesdb_read(keys)
-    except VifError as exc:
-        if "is not installed" in str(exc):
-            return {}  # a Xen driver domain without Qubes: only options apply
-        raise
+    except ToolMissing:
+        return {}  # a Xen driver domain without Qubes: only options apply
 
 
 def read_vif_inputs(args: VifArgs) -> VifInputs:

@@ -4,10 +4,10 @@ Rules are kept exactly as iptables-save prints them (`-A CHAIN ...`), so that
 planners can write their rules in the same form and compare them as text.
 """
 
-import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
-from vif_route_qubes.errors import VifError
+from vif_route_qubes.system import tools
 
 
 class TableState(NamedTuple):
@@ -87,25 +87,12 @@ def ensure_jump(state: TableState, builtin: str, jump: str, position: int = 1) -
 
 def save(jobs: list[tuple[int, str | None]]) -> list[str]:
     """`iptables-save [-t TABLE]` for each (family, table), all run side by side."""
-    procs = []
-    for family, name in jobs:
-        tool = "ip6tables-save" if family == 6 else "iptables-save"
-        try:
-            procs.append((tool, subprocess.Popen([tool, *(["-t", name] if name else [])], stdout=subprocess.PIPE,
-                                                 stderr=subprocess.PIPE, text=True)))
-        except FileNotFoundError:
-            raise VifError(f"{tool} is not installed") from None
-    outputs = []
-    for tool, proc in procs:
-        try:
-            out, err = proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise VifError(f"{tool} did not finish within 30 s") from None
-        if proc.returncode != 0:
-            raise VifError(f"{tool} failed: {' '.join(err.split())[:200]}")
-        outputs.append(out)
-    return outputs
+    argvs = [["ip6tables-save" if family == 6 else "iptables-save", *(["-t", name] if name else [])]
+             for family, name in jobs]
+    if len(argvs) == 1:
+        return [tools.run(argvs[0], timeout=30).stdout]
+    with ThreadPoolExecutor(len(argvs)) as pool:
+        return [result.stdout for result in pool.map(lambda argv: tools.run(argv, timeout=30), argvs)]
 
 
 def save_both(table_name: str | None = None) -> tuple[str, str]:

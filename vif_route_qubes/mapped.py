@@ -11,11 +11,10 @@ towards the visible gateway) and drops all IPv6.
 """
 
 import os
-import subprocess
 from ipaddress import IPv4Address
 from typing import NamedTuple
 
-from vif_route_qubes.batch import Exec, ReturnLink
+from vif_route_qubes.batch import Exec, LinkDel, MoveLink, ReturnLink, VethAdd
 from vif_route_qubes.model import VifInputs
 
 UPLINK = "uplink"
@@ -49,8 +48,13 @@ def read_facts(inp: VifInputs) -> MappedFacts:
     name = netns_name(inp)
     if not os.path.exists(f"/run/netns/{name}"):
         return MappedFacts(False, False, _private_mounts())
-    found = subprocess.run(["ip", "-n", name, "link", "show", "dev", inp.vif], capture_output=True)
-    return MappedFacts(True, found.returncode == 0, _private_mounts())
+    from vif_route_qubes.system import ip
+
+    try:
+        found = ip.link_in_netns(name, inp.vif)
+    except OSError:
+        found = False  # a namespace file that is no namespace: nothing of ours inside
+    return MappedFacts(True, found, _private_mounts())
 
 
 def _netns(facts: MappedFacts, *argv: str) -> Exec:
@@ -130,11 +134,9 @@ def plan_online(inp: VifInputs, facts: MappedFacts, vif_in_main: bool) -> list:
     if not facts.netns_exists:
         steps.append(_netns(facts, "add", name))
     if not facts.vif_in_netns:
-        steps.append(Exec(("ip", "link", "set", "dev", inp.vif, "netns", name)))
+        steps.append(MoveLink(inp.vif, name))
     if not (facts.vif_in_netns and vif_in_main):
-        peer_mac = ("address", inp.mac) if inp.mac else ()
-        steps.append(Exec(("ip", "link", "add", inp.vif, "address", VIF_MAC, "type", "veth",
-                           "peer", "name", UPLINK, *peer_mac, "netns", name)))
+        steps.append(VethAdd(inp.vif, VIF_MAC, UPLINK, inp.mac or None, name))
     steps.append(Exec(("ip", "netns", "exec", name, "sh", "-e"), inside_script(inp)))
     return steps
 
@@ -147,7 +149,7 @@ def plan_offline(inp: VifInputs, facts: MappedFacts, vif_in_main: bool) -> list:
     steps = []
     if facts.vif_in_netns:
         if vif_in_main:  # the main end of our veth pair (its peer goes with it)
-            steps.append(Exec(("ip", "link", "del", "dev", inp.vif)))
+            steps.append(LinkDel(inp.vif))
         steps.append(ReturnLink(name, inp.vif))
     steps.append(_netns(facts, "del", name))
     return steps

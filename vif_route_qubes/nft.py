@@ -15,10 +15,9 @@ Every change is one `nft -f` transaction: all of it applies, or none.
 """
 
 import json
-import subprocess
 from typing import NamedTuple
 
-from vif_route_qubes.errors import VifError
+from vif_route_qubes.system import tools
 
 TABLE = "qubes"
 VIF_GROUP = 2
@@ -43,16 +42,7 @@ class NftState(NamedTuple):
 
 
 def run_nft(args: list[str], stdin: str | None = None, pass_fds: tuple = ()) -> str:
-    try:
-        result = subprocess.run(["nft", *args], input=stdin, capture_output=True, text=True, timeout=30,
-                                pass_fds=pass_fds)
-    except FileNotFoundError:
-        raise VifError("nft is not installed") from None
-    except subprocess.TimeoutExpired:
-        raise VifError("nft did not finish within 30 s") from None
-    if result.returncode != 0:
-        raise VifError(f"nft failed: {' '.join(result.stderr.split())[:300]}")
-    return result.stdout
+    return tools.run(["nft", *args], stdin=stdin, timeout=30, pass_fds=pass_fds).stdout
 
 
 def parse_ruleset(text: str) -> NftState:
@@ -220,12 +210,8 @@ def dnat_rules(version: int, virtual: tuple, upstream: tuple) -> list[str]:
 
 def current_dnat_rules(version: int = 4) -> list[str] | None:
     """The rules of `F qubes dnat-dns` as nft prints them; None when the chain is missing."""
-    try:
-        result = subprocess.run(["nft", "list", "chain", FAMILIES[version], TABLE, "dnat-dns"],
-                                capture_output=True, text=True, timeout=30)
-    except FileNotFoundError:
-        raise VifError("nft is not installed") from None
-    if result.returncode != 0:
+    result = tools.run(["nft", "list", "chain", FAMILIES[version], TABLE, "dnat-dns"], timeout=30, check=False)
+    if result.exit_code != 0:
         return None
     lines = [line.strip() for line in result.stdout.splitlines()]
     # The rules are the lines after the chain's `type nat hook ...` line.

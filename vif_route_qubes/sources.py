@@ -4,12 +4,10 @@ Both tools are called once for several keys.  What they print is untrusted
 text: it is returned raw here and parsed strictly by the callers.
 """
 
-import os
 import re
-import signal
-import subprocess
 
 from vif_route_qubes.errors import VifError
+from vif_route_qubes.system import tools
 
 TOOL_TIMEOUT = 10.0  # seconds (--tool-timeout); a hung xenstore or qubesdb must not hang udev
 _XS_MISSING = re.compile(r"couldn't read path (\S+)")
@@ -20,20 +18,9 @@ def set_timeout(seconds: float) -> None:
     TOOL_TIMEOUT = seconds
 
 
-def _run(argv: list[str]) -> subprocess.CompletedProcess:
-    """Run a tool; on a timeout its whole session is killed (children too)."""
-    try:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, errors="replace", start_new_session=True)
-    except FileNotFoundError:
-        raise VifError(f"{argv[0]} is not installed") from None
-    try:
-        out, err = proc.communicate(timeout=TOOL_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise VifError(f"{argv[0]} did not answer within {TOOL_TIMEOUT:g} s") from None
-    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+def _run(argv: list[str]) -> tools.Result:
+    """Run a tool, its exit status left to the caller; on a timeout its whole group is killed."""
+    return tools.run(argv, timeout=TOOL_TIMEOUT, check=False)
 
 
 def xenstore_read(paths: list[str]) -> dict[str, str]:
@@ -48,14 +35,14 @@ def xenstore_read(paths: list[str]) -> dict[str, str]:
     while pending:
         result = _run(["xenstore-read", *pending])
         lines = result.stdout.split("\n")
-        if result.returncode == 0:
+        if result.exit_code == 0:
             if len(lines) < len(pending):
                 raise VifError(f"xenstore-read printed {len(lines)} lines for {len(pending)} paths")
             values.update(zip(pending, lines))
             return values
         missing = _XS_MISSING.search(result.stderr)
         if not missing or missing.group(1) not in pending:
-            raise VifError(f"xenstore-read failed: {result.stderr.strip() or 'exit ' + str(result.returncode)}")
+            raise VifError(f"xenstore-read failed: {result.stderr.strip() or 'exit ' + str(result.exit_code)}")
         index = pending.index(missing.group(1))
         values.update(zip(pending[:index], lines[:index]))
         pending = pending[index + 1 :]
@@ -67,8 +54,8 @@ def xenstore_write(pairs: dict[str, str]) -> None:
     for path, value in pairs.items():
         argv += [path, value]
     result = _run(argv)
-    if result.returncode != 0:
-        raise VifError(f"xenstore-write failed: {result.stderr.strip() or 'exit ' + str(result.returncode)}")
+    if result.exit_code != 0:
+        raise VifError(f"xenstore-write failed: {result.stderr.strip() or 'exit ' + str(result.exit_code)}")
 
 
 def qubesdb_read(paths: list[str]) -> dict[str, str]:
@@ -83,14 +70,14 @@ def qubesdb_read(paths: list[str]) -> dict[str, str]:
     if not paths:
         return {}
     result = _run(["qubesdb-read", "-f", *paths])
-    if result.returncode not in (0, 2):
-        raise VifError(f"qubesdb-read failed: {result.stderr.strip() or 'exit ' + str(result.returncode)}")
+    if result.exit_code not in (0, 2):
+        raise VifError(f"qubesdb-read failed: {result.stderr.strip() or 'exit ' + str(result.exit_code)}")
     missing = {line[len("Failed to read "):] for line in result.stderr.splitlines()
                if line.startswith("Failed to read ")}
     found = [path for path in paths if path not in missing]
     text = result.stdout[:-1] if result.stdout.endswith("\n") else result.stdout
     lines = text.split("\n") if text else []
-    if len(lines) != len(found) or (result.returncode == 2) == (len(found) == len(paths)):
+    if len(lines) != len(found) or (result.exit_code == 2) == (len(found) == len(paths)):
         raise VifError(f"qubesdb-read printed {len(lines)} lines for {len(found)} keys found of {len(paths)}"
                        " (a value with a line break in it?)")
     values: dict[str, str] = {}

@@ -31,19 +31,15 @@ def _read_proc(path: str) -> str | None:
 def _routes_and_neighbours(vif: str) -> dict:
     """What the vif routes and knows now: old entries of addresses the VM no
     longer has (or stray metrics) are removed by online, all by offline."""
-    import socket
+    from vif_route_qubes.system import ip
 
-    from vif_route_qubes import netlink
-
-    try:
-        index = socket.if_nametoindex(vif)
-    except OSError:
+    index = ip.link_index(vif)
+    if index is None:
         return {}
-    nl = netlink.Netlink(netlink.NETLINK_ROUTE)
     try:
-        return {"host_routes": tuple(nl.host_routes(index)), "neighbours": tuple(nl.permanent_neighbours(index))}
-    finally:
-        nl.close()
+        return {"host_routes": tuple(ip.host_routes(index)), "neighbours": tuple(ip.permanent_neighbours(index))}
+    except OSError as exc:
+        raise VifError(f"{vif}: reading its routes and neighbours failed: {exc.strerror or exc}") from None
 
 
 def _harden_defaults(vif: str) -> tuple:
