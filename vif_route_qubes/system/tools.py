@@ -13,11 +13,11 @@ unexpected exit status ToolFailed with the tool's own stderr in the message.
 import os
 import signal
 import threading
+from typing import NamedTuple
 
 import sh
 
 from vif_route_qubes.errors import VifError
-from vif_route_qubes.records import NamedTuple
 
 DEFAULT_TIMEOUT = 30.0  # seconds
 
