@@ -1,0 +1,280 @@
+"""`vif-route-qubes serve`: the engine imported once, a child forked per event.
+
+Single-threaded: one poll loop over the listening socket, the connections
+of running children (readable = the client is gone) and the children's
+pidfds (readable = exited; then reaped and the status sent).  Nothing opens
+a netlink socket, a thread or an event loop before a fork: the warm-up only
+imports.  Each request: SO_PEERCRED uid 0, the installed code unchanged
+(else refuse and exit once the running children are done), hello, the
+request with its descriptors (read with a short timeout: a stuck client
+delays the loop by at most that), fork.
+"""
+
+import os
+import selectors
+import signal
+import socket
+import struct
+import sys
+import time
+
+from vif_route_qubes.server import child, protocol, reaper, warm
+
+REQUEST_TIMEOUT = 2.0
+_CRED = struct.Struct("3i")  # pid, uid, gid
+
+
+def systemd_listener() -> socket.socket | None:
+    """The socket systemd passes (sd_listen_fds: LISTEN_PID is us, fd 3)."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return None
+    count = int(os.environ.get("LISTEN_FDS", "0") or 0)
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)
+    if count < 1:
+        return None
+    os.set_inheritable(3, False)
+    return socket.socket(fileno=3)
+
+
+def bound_listener(path: str) -> socket.socket:
+    """A 0600 socket at `path`; a stale one (nobody answering) is replaced."""
+    os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+        raise SystemExit(f"vif-route-qubes serve: a server already listens on {path}")
+    except (FileNotFoundError, ConnectionRefusedError):
+        pass
+    finally:
+        probe.close()
+    if os.path.exists(path):
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    mask = os.umask(0o177)
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(mask)
+    sock.listen(1024)
+    return sock
+
+
+class Job:
+    def __init__(self, pid: int, conn: socket.socket, entry: str) -> None:
+        self.pid, self.conn, self.entry = pid, conn, entry
+        self.pidfd = os.pidfd_open(pid)
+        self.started = time.monotonic()
+        self.client_gone = False
+
+
+class Server:
+    def __init__(self, listener: socket.socket, idle: float, path: str | None) -> None:
+        self.listener, self.idle, self.path = listener, idle, path
+        self.listener.setblocking(False)
+        self.selector = selectors.PollSelector()  # no descriptor of its own for the children to inherit
+        self.selector.register(listener, selectors.EVENT_READ, ("accept", None))
+        self.jobs: dict[int, Job] = {}
+        self.endings: list[reaper.Ending] = []
+        self.accepting = True
+        self.last_request = time.monotonic()
+        self.files = warm.loaded_files()
+        self.fingerprint = warm.fingerprint(self.files)
+        self.log_fd = os.dup(2)
+        os.set_inheritable(self.log_fd, False)
+        self.served = 0
+        self.stopping = False
+        self.wakeup_r, self.wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.selector.register(self.wakeup_r, selectors.EVENT_READ, ("signal", None))
+
+    def log(self, text: str) -> None:
+        try:
+            os.write(self.log_fd, f"vif-route-qubes serve[{os.getpid()}]: {text}\n".encode(errors="replace"))
+        except OSError:
+            pass
+
+    def run(self) -> None:
+        self.log(f"listening on {self.listener.getsockname() or 'fd 3'}, idle timeout {self.idle:g} s")
+        signal.set_wakeup_fd(self.wakeup_w)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_signal)
+        while self.accepting or self.jobs or self.endings:
+            events = self.selector.select(self._timeout())
+            if self.stopping and self.accepting:
+                self.log("stopping: no new requests; waiting for the running ones")
+                self._stop_accepting()
+            for key, _ in events:
+                kind, job = key.data
+                if kind == "signal":
+                    self._drain_wakeup()
+                elif kind == "accept":
+                    if self.accepting:
+                        self._accept()
+                elif kind == "exit":
+                    self._reap(job)
+                else:
+                    self._client_readable(job)
+            self._end_overdue()
+            if self.accepting and not self.jobs and time.monotonic() - self.last_request >= self.idle:
+                self.log(f"idle for {self.idle:g} s: exiting")
+                self._stop_accepting()
+        self.log(f"exit after {self.served} events")
+
+    def _on_signal(self, signum, frame) -> None:
+        self.stopping = True
+
+    def _drain_wakeup(self) -> None:
+        try:
+            while os.read(self.wakeup_r, 256):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _timeout(self) -> float:
+        now = time.monotonic()
+        due = [e.deadline - now for e in self.endings]
+        if self.accepting and not self.jobs:
+            due.append(self.last_request + self.idle - now)
+        return max(0.0, min(due)) if due else None
+
+    def _stop_accepting(self) -> None:
+        if not self.accepting:
+            return
+        self.accepting = False
+        self.selector.unregister(self.listener)
+        if self.path:  # our own socket: later clients find none and run in-process
+            try:
+                if os.stat(self.path).st_ino == os.fstat(self.listener.fileno()).st_ino:
+                    os.unlink(self.path)
+            except OSError:
+                pass
+        self.listener.close()
+
+    def _accept(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        conn.setblocking(True)
+        conn.settimeout(REQUEST_TIMEOUT)
+        fds: list[int] = []
+        try:
+            pid, uid, _ = _CRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
+            if uid != 0:
+                raise protocol.ProtocolError(f"peer pid {pid} uid {uid} is not root")
+            if warm.fingerprint(self.files) != self.fingerprint:
+                self.log("installed code changed since the start: refusing, exiting")
+                self._refuse(conn, "installed code changed since the server started")
+                self._stop_accepting()
+                return
+            protocol.send(conn, {"hello": protocol.NAME, "version": protocol.VERSION, "pid": os.getpid()})
+            message, fds = protocol.receive(conn, protocol.REQUEST_CAP, len(protocol.FD_NAMES))
+            if len(fds) != len(protocol.FD_NAMES):
+                raise protocol.ProtocolError(f"{len(fds)} descriptors, not {len(protocol.FD_NAMES)}")
+            request = child.decode(message)
+        except (protocol.ProtocolError, OSError) as exc:
+            for fd in fds:
+                os.close(fd)
+            self.log(f"refused a connection: {exc}")
+            self._refuse(conn, str(exc))
+            return
+        self.last_request = time.monotonic()
+        self._fork(conn, request, fds)
+
+    def _refuse(self, conn: socket.socket, why: str) -> None:
+        try:
+            conn.settimeout(0.2)
+            protocol.send(conn, {"refused": why})
+        except OSError:
+            pass
+        conn.close()
+
+    def _fork(self, conn: socket.socket, request: dict, fds: list[int]) -> None:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        pid = os.fork()
+        if pid == 0:
+            self._close_for_child(conn)
+            child.run(request, fds, os.getppid())
+        for fd in fds:
+            os.close(fd)
+        job = Job(pid, conn, request["entry"])
+        self.jobs[pid] = job
+        self.selector.register(job.pidfd, selectors.EVENT_READ, ("exit", job))
+        try:
+            protocol.send(conn, {"accepted": pid})
+            self.selector.register(conn, selectors.EVENT_READ, ("client", job))
+        except OSError:
+            self._client_gone(job)
+
+    def _close_for_child(self, conn: socket.socket) -> None:
+        conn.close()
+        if self.accepting:
+            self.listener.close()
+        for job in self.jobs.values():
+            job.conn.close()
+            os.close(job.pidfd)
+        os.close(self.log_fd)
+        os.close(self.wakeup_r)
+        os.close(self.wakeup_w)
+        signal.set_wakeup_fd(-1)
+
+    def _client_readable(self, job: Job) -> None:
+        try:
+            if job.conn.recv(4096):
+                return  # nothing is expected; not a close
+        except OSError:
+            pass
+        self._client_gone(job)
+
+    def _client_gone(self, job: Job) -> None:
+        if job.client_gone:
+            return
+        job.client_gone = True
+        try:
+            self.selector.unregister(job.conn)
+        except (KeyError, ValueError):
+            pass
+        self.log(f"client of child {job.pid} is gone: ending the child and its programs")
+        self.endings.append(reaper.Ending(job.pid))
+
+    def _end_overdue(self) -> None:
+        now = time.monotonic()
+        for ending in [e for e in self.endings if e.deadline <= now]:
+            ending.finish()
+            self.endings.remove(ending)
+
+    def _reap(self, job: Job) -> None:
+        _, status = os.waitpid(job.pid, 0)
+        self.selector.unregister(job.pidfd)
+        os.close(job.pidfd)
+        del self.jobs[job.pid]
+        if os.WIFEXITED(status):
+            code = os.WEXITSTATUS(status)
+            reply = {"status": code}
+            outcome = f"status {code}"
+        else:
+            signum = os.WTERMSIG(status)
+            reply = {"failed": f"child {job.pid} killed by signal {signum}"}
+            outcome = f"killed by signal {signum}"
+        took = (time.monotonic() - job.started) * 1000
+        if not job.client_gone:
+            try:
+                job.conn.settimeout(1.0)
+                protocol.send(job.conn, reply)
+            except OSError:
+                pass
+            self.selector.unregister(job.conn)
+        job.conn.close()
+        self.served += 1
+        self.log(f"served {job.entry} by child {job.pid}: {outcome}, {took:.1f} ms"
+                 + (" (client gone)" if job.client_gone else ""))
+
+
+def serve(socket_path: str, idle: float) -> None:
+    listener = systemd_listener()
+    path = None
+    if listener is None:
+        listener, path = bound_listener(socket_path), socket_path
+    warm.load()
+    Server(listener, idle, path).run()
