@@ -95,6 +95,27 @@ def receive(sock: socket.socket, cap: int, max_fds: int = 0) -> tuple[dict, list
         raise
 
 
+def parse(buffer: bytes, cap: int) -> dict | None:
+    """The message in `buffer` once it is whole (None before); ProtocolError
+    as soon as its length is over `cap` or its body is not a JSON object."""
+    if len(buffer) < _HEAD:
+        return None
+    size = int.from_bytes(buffer[:_HEAD], "big")
+    if size > cap:
+        raise ProtocolError(f"message of {size} bytes is over the limit of {cap}")
+    if len(buffer) < _HEAD + size:
+        return None
+    if len(buffer) > _HEAD + size:
+        raise ProtocolError("bytes after the message")
+    try:
+        message = json.loads(buffer[_HEAD:])
+    except (ValueError, UnicodeDecodeError):
+        raise ProtocolError("message is not JSON") from None
+    if not isinstance(message, dict):
+        raise ProtocolError("message is not a JSON object")
+    return message
+
+
 def _close(fd: int) -> None:
     import os
 

@@ -60,6 +60,14 @@ def bound_listener(path: str) -> socket.socket:
     return sock
 
 
+class Reading:
+    """A connection whose request is still arriving."""
+
+    def __init__(self, conn: socket.socket) -> None:
+        self.conn, self.buffer, self.fds = conn, b"", []
+        self.deadline = time.monotonic() + REQUEST_TIMEOUT
+
+
 class Job:
     def __init__(self, pid: int, conn: socket.socket, entry: str) -> None:
         self.pid, self.conn, self.entry = pid, conn, entry
@@ -75,6 +83,7 @@ class Server:
         self.selector = selectors.PollSelector()  # no descriptor of its own for the children to inherit
         self.selector.register(listener, selectors.EVENT_READ, ("accept", None))
         self.jobs: dict[int, Job] = {}
+        self.readings: list[Reading] = []
         self.endings: list[reaper.Ending] = []
         self.accepting = True
         self.last_request = time.monotonic()
@@ -98,7 +107,7 @@ class Server:
         signal.set_wakeup_fd(self.wakeup_w)
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
-        while self.accepting or self.jobs or self.endings:
+        while self.accepting or self.jobs or self.endings or self.readings:
             events = self.selector.select(self._timeout())
             if self.stopping and self.accepting:
                 self.log("stopping: no new requests; waiting for the running ones")
@@ -110,12 +119,14 @@ class Server:
                 elif kind == "accept":
                     if self.accepting:
                         self._accept()
+                elif kind == "request":
+                    self._read_request(job)
                 elif kind == "exit":
                     self._reap(job)
                 else:
                     self._client_readable(job)
             self._end_overdue()
-            if self.accepting and not self.jobs and time.monotonic() - self.last_request >= self.idle:
+            if self.accepting and not self.jobs and not self.readings and time.monotonic() - self.last_request >= self.idle:
                 self.log(f"idle for {self.idle:g} s: exiting")
                 self._stop_accepting()
         self.log(f"exit after {self.served} events")
@@ -132,8 +143,8 @@ class Server:
 
     def _timeout(self) -> float:
         now = time.monotonic()
-        due = [e.deadline - now for e in self.endings]
-        if self.accepting and not self.jobs:
+        due = [e.deadline - now for e in self.endings] + [r.deadline - now for r in self.readings]
+        if self.accepting and not self.jobs and not self.readings:
             due.append(self.last_request + self.idle - now)
         return max(0.0, min(due)) if due else None
 
@@ -155,9 +166,6 @@ class Server:
             conn, _ = self.listener.accept()
         except (BlockingIOError, InterruptedError):
             return
-        conn.setblocking(True)
-        conn.settimeout(REQUEST_TIMEOUT)
-        fds: list[int] = []
         try:
             pid, uid, _ = _CRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
             if uid != 0:
@@ -167,19 +175,53 @@ class Server:
                 self._refuse(conn, "installed code changed since the server started")
                 self._stop_accepting()
                 return
+            conn.settimeout(0.2)
             protocol.send(conn, {"hello": protocol.NAME, "version": protocol.VERSION, "pid": os.getpid()})
-            message, fds = protocol.receive(conn, protocol.REQUEST_CAP, len(protocol.FD_NAMES))
-            if len(fds) != len(protocol.FD_NAMES):
-                raise protocol.ProtocolError(f"{len(fds)} descriptors, not {len(protocol.FD_NAMES)}")
-            request = child.decode(message)
         except (protocol.ProtocolError, OSError) as exc:
-            for fd in fds:
-                os.close(fd)
             self.log(f"refused a connection: {exc}")
             self._refuse(conn, str(exc))
             return
+        conn.setblocking(False)
+        reading = Reading(conn)
+        self.readings.append(reading)
+        self.selector.register(conn, selectors.EVENT_READ, ("request", reading))
+
+    def _read_request(self, reading: "Reading") -> None:
+        """More of a request (non-blocking: a slow client never stalls the loop)."""
+        try:
+            data, fds, flags, _ = socket.recv_fds(reading.conn, 1 << 16, len(protocol.FD_NAMES))
+            reading.fds += fds
+            if flags & socket.MSG_CTRUNC or len(reading.fds) > len(protocol.FD_NAMES):
+                raise protocol.ProtocolError("too many descriptors")
+            if not data:
+                raise protocol.ProtocolError(f"connection closed after {len(reading.buffer)} bytes of the request")
+            reading.buffer += data
+            message = protocol.parse(reading.buffer, protocol.REQUEST_CAP)
+            if message is None:
+                return
+            if len(reading.fds) != len(protocol.FD_NAMES):
+                raise protocol.ProtocolError(f"{len(reading.fds)} descriptors, not {len(protocol.FD_NAMES)}")
+            request = child.decode(message)
+        except BlockingIOError:
+            return
+        except (protocol.ProtocolError, OSError) as exc:
+            self._drop_reading(reading, str(exc))
+            return
+        self._forget_reading(reading)
         self.last_request = time.monotonic()
-        self._fork(conn, request, fds)
+        reading.conn.setblocking(True)
+        self._fork(reading.conn, request, reading.fds)
+
+    def _forget_reading(self, reading: "Reading") -> None:
+        self.selector.unregister(reading.conn)
+        self.readings.remove(reading)
+
+    def _drop_reading(self, reading: "Reading", why: str) -> None:
+        self._forget_reading(reading)
+        for fd in reading.fds:
+            os.close(fd)
+        self.log(f"refused a connection: {why}")
+        self._refuse(reading.conn, why)
 
     def _refuse(self, conn: socket.socket, why: str) -> None:
         try:
@@ -214,6 +256,10 @@ class Server:
         for job in self.jobs.values():
             job.conn.close()
             os.close(job.pidfd)
+        for reading in self.readings:
+            reading.conn.close()
+            for fd in reading.fds:
+                os.close(fd)
         os.close(self.log_fd)
         os.close(self.wakeup_r)
         os.close(self.wakeup_w)
@@ -240,6 +286,8 @@ class Server:
 
     def _end_overdue(self) -> None:
         now = time.monotonic()
+        for reading in [r for r in self.readings if r.deadline <= now]:
+            self._drop_reading(reading, f"no whole request within {REQUEST_TIMEOUT:g} s")
         for ending in [e for e in self.endings if e.deadline <= now]:
             ending.finish()
             self.endings.remove(ending)
@@ -258,6 +306,9 @@ class Server:
             reply = {"failed": f"child {job.pid} killed by signal {signum}"}
             outcome = f"killed by signal {signum}"
         took = (time.monotonic() - job.started) * 1000
+        self.served += 1
+        self.log(f"served {job.entry} by child {job.pid}: {outcome}, {took:.1f} ms"
+                 + (" (client gone)" if job.client_gone else ""))  # before the reply: tests count it
         if not job.client_gone:
             try:
                 job.conn.settimeout(1.0)
@@ -266,9 +317,6 @@ class Server:
                 pass
             self.selector.unregister(job.conn)
         job.conn.close()
-        self.served += 1
-        self.log(f"served {job.entry} by child {job.pid}: {outcome}, {took:.1f} ms"
-                 + (" (client gone)" if job.client_gone else ""))
 
 
 def serve(socket_path: str, idle: float) -> None:
