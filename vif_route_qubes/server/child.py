@@ -95,6 +95,7 @@ def become_client(request: dict, fds: list[int], server_pid: int) -> None:
     for fd in fds:
         os.close(fd)
     os.umask(request["umask"])
+    os.setpriority(os.PRIO_PROCESS, 0, request["nice"])  # the server may run at a higher priority
     _environment(request["env"])
     _signals(request["ignored"], request["blocked"])
     sys.argv = [os.fsdecode(a) for a in request["argv"]]
@@ -163,8 +164,10 @@ def decode(request: dict) -> dict:
     if not all(isinstance(pair, list) and len(pair) == 2 for pair in env):
         raise protocol.ProtocolError("env is not a list of pairs")
     umask, started, stdio = request.get("umask"), request.get("started"), request.get("stdio")
-    if not (isinstance(umask, int) and 0 <= umask <= 0o777 and isinstance(started, (int, float))):
-        raise protocol.ProtocolError("bad umask or start time")
+    nice = request.get("nice")
+    if not (isinstance(umask, int) and 0 <= umask <= 0o777 and isinstance(started, (int, float))
+            and isinstance(nice, int) and -20 <= nice <= 19):
+        raise protocol.ProtocolError("bad umask, nice or start time")
     if not (isinstance(stdio, list) and len(stdio) == 3
             and all(isinstance(s, list) and len(s) == 2 and all(isinstance(x, str) for x in s) for s in stdio)):
         raise protocol.ProtocolError("bad stdio")
@@ -177,6 +180,6 @@ def decode(request: dict) -> dict:
         except LookupError:
             raise protocol.ProtocolError("unknown stdio encoding") from None
     return {"entry": request["entry"], "argv": [protocol.unb64(a) for a in argv],
-            "env": [(protocol.unb64(k), protocol.unb64(v)) for k, v in env], "umask": umask,
+            "env": [(protocol.unb64(k), protocol.unb64(v)) for k, v in env], "umask": umask, "nice": nice,
             "started": float(started), "stdio": stdio, "ignored": ints(request.get("ignored"), "ignored"),
             "blocked": ints(request.get("blocked"), "blocked")}

@@ -110,7 +110,7 @@ def request_of(entry: str) -> dict:
     return {"version": protocol.VERSION, "entry": entry,
             "argv": [protocol.b64(os.fsencode(a)) for a in sys.argv],
             "env": [[protocol.b64(k), protocol.b64(v)] for k, v in os.environb.items()],
-            "umask": _umask(), "started": timing._START, "ignored": ignored,
+            "umask": _umask(), "nice": os.getpriority(os.PRIO_PROCESS, 0), "started": timing._START, "ignored": ignored,
             "blocked": sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])),
             "stdio": [[s.encoding, s.errors] for s in (sys.stdin, sys.stdout, sys.stderr)]}
 

@@ -77,8 +77,9 @@ class Job:
 
 
 class Server:
-    def __init__(self, listener: socket.socket, idle: float, path: str | None) -> None:
+    def __init__(self, listener: socket.socket, idle: float, path: str | None, early: bool = False) -> None:
         self.listener, self.idle, self.path = listener, idle, path
+        self.path_ino = os.stat(path).st_ino if path else None
         self.listener.setblocking(False)
         self.selector = selectors.PollSelector()  # no descriptor of its own for the children to inherit
         self.selector.register(listener, selectors.EVENT_READ, ("accept", None))
@@ -89,9 +90,10 @@ class Server:
         self.last_request = time.monotonic()
         self.files = warm.loaded_files()
         self.fingerprint = warm.fingerprint(self.files)
-        self.log_fd = os.dup(2)
+        self.log_fd = 2 if early else os.dup(2)
         os.set_inheritable(self.log_fd, False)
         self.served = 0
+        self.turn, self.checked_turn, self.changed = 0, -1, False
         self.stopping = False
         self.wakeup_r, self.wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.selector.register(self.wakeup_r, selectors.EVENT_READ, ("signal", None))
@@ -109,6 +111,7 @@ class Server:
             signal.signal(signum, self._on_signal)
         while self.accepting or self.jobs or self.endings or self.readings:
             events = self.selector.select(self._timeout())
+            self.turn += 1
             if self.stopping and self.accepting:
                 self.log("stopping: no new requests; waiting for the running ones")
                 self._stop_accepting()
@@ -130,6 +133,22 @@ class Server:
                 self.log(f"idle for {self.idle:g} s: exiting")
                 self._stop_accepting()
         self.log(f"exit after {self.served} events")
+
+    def adopt(self, early: "Server") -> None:
+        """The connections greeted before the warm-up: their requests are read now."""
+        for reading in early.readings:
+            reading.deadline = time.monotonic() + REQUEST_TIMEOUT
+            self.readings.append(reading)
+            self.selector.register(reading.conn, selectors.EVENT_READ, ("request", reading))
+        early.selector.close()
+        os.close(early.wakeup_r)
+        os.close(early.wakeup_w)
+
+    def _code_changed(self) -> bool:
+        """Compared for every request; one comparison serves the requests of one loop turn."""
+        if self.checked_turn != self.turn:
+            self.checked_turn, self.changed = self.turn, warm.fingerprint(self.files) != self.fingerprint
+        return self.changed
 
     def _on_signal(self, signum, frame) -> None:
         self.stopping = True
@@ -155,7 +174,7 @@ class Server:
         self.selector.unregister(self.listener)
         if self.path:  # our own socket: later clients find none and run in-process
             try:
-                if os.stat(self.path).st_ino == os.fstat(self.listener.fileno()).st_ino:
+                if os.stat(self.path).st_ino == self.path_ino:  # not a later server's
                     os.unlink(self.path)
             except OSError:
                 pass
@@ -166,11 +185,23 @@ class Server:
             conn, _ = self.listener.accept()
         except (BlockingIOError, InterruptedError):
             return
+        self.greet(conn)
+        for _ in range(64):  # a burst (a host starting many VMs): greet it before anything else
+            if not self.accepting:
+                return
+            try:
+                conn, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            self.greet(conn)
+
+    def greet(self, conn: socket.socket) -> None:
+        """Peer check, code check, hello; then the request is read as it comes."""
         try:
             pid, uid, _ = _CRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
             if uid != 0:
                 raise protocol.ProtocolError(f"peer pid {pid} uid {uid} is not root")
-            if warm.fingerprint(self.files) != self.fingerprint:
+            if self._code_changed():
                 self.log("installed code changed since the start: refusing, exiting")
                 self._refuse(conn, "installed code changed since the server started")
                 self._stop_accepting()
@@ -324,5 +355,19 @@ def serve(socket_path: str, idle: float) -> None:
     path = None
     if listener is None:
         listener, path = bound_listener(socket_path), socket_path
+    # Socket activation: the client that started us waits about a second for
+    # its hello, and the warm-up may take longer; greet those waiting now.
+    listener.setblocking(False)
+    waiting = []
+    while True:
+        try:
+            waiting.append(listener.accept()[0])
+        except (BlockingIOError, InterruptedError):
+            break
+    early = Server(listener, idle, path, early=True)
+    for conn in waiting:
+        early.greet(conn)
     warm.load()
-    Server(listener, idle, path).run()
+    server = Server(listener, idle, path)
+    server.adopt(early)
+    server.run()

@@ -5,8 +5,8 @@ every module their code imports (also the imports inside functions, found
 in the source), so that a forked child imports nothing.  It only imports:
 no netlink socket, thread or event loop exists before a fork.
 
-fingerprint() is what a request compares: the interpreter's and every
-loaded module file's (mtime, size, inode).  An upgrade changes it, and the
+fingerprint() is what a request compares: the (mtime, size, inode) of the
+interpreter, of our modules and of the libraries' packages.  An upgrade changes it, and the
 server refuses and exits rather than serve old code with new files beside.
 """
 
@@ -67,12 +67,14 @@ def load() -> None:
 
 
 def loaded_files() -> list[str]:
-    """The interpreter and the files of every module loaded now (the list a
-    server takes once, after load(): later imports must not look like changes)."""
+    """The interpreter, every loaded module file of ours and the libraries'
+    packages (their __init__: an upgrade rewrites it too), taken once after
+    load(); about 50 stats a request (all 440 loaded modules would cost 4 ms)."""
     files = {os.path.realpath(sys.executable)}
-    for module in list(sys.modules.values()):
+    for name, module in list(sys.modules.items()):
         path = getattr(module, "__file__", None)
-        if path:
+        top = name.split(".")[0]
+        if path and (top in PACKAGES or name in LIBRARIES):
             files.add(path)
     return sorted(files)
 
