@@ -150,7 +150,9 @@ def offer(entry: str) -> int:
     if sys.stdin is None or sys.stdout is None or sys.stderr is None:
         raise Unserved("a standard stream is missing")
     path = socket_path()
+    marks = [("client_start", timing.time.perf_counter())]
     sock, hello = _connect(path)
+    marks.append(("connect_hello", timing.time.perf_counter()))
     with sock:
         data = protocol.frame(request_of(entry))
         if len(data) > protocol.REQUEST_CAP:
@@ -166,10 +168,24 @@ def offer(entry: str) -> int:
         finally:
             for fd in fds:
                 os.close(fd)
-        return _outcome(sock, hello)
+        return _outcome(sock, hello, marks)
 
 
-def _outcome(sock: socket.socket, hello: dict) -> int:
+def _report(marks: list) -> None:
+    """With VIF_ROUTE_TIMING (the benchmark): the client's split of a served
+    event, one JSON line on stderr (client_start: from its first import)."""
+    if not os.environ.get("VIF_ROUTE_TIMING"):
+        return
+    import json
+
+    last, split = timing._START, {}
+    for name, when in marks:
+        split[name] = round((when - last) * 1000, 3)
+        last = when
+    sys.stderr.write("client-timing " + json.dumps(split) + "\n")
+
+
+def _outcome(sock: socket.socket, hello: dict, marks: list) -> int:
     """After the request: every failure from here on is the event's failure."""
     server = f"vif-route-qubes server pid {hello.get('pid')}"
     try:
@@ -178,7 +194,10 @@ def _outcome(sock: socket.socket, hello: dict) -> int:
             raise Unserved(f"server refused the request: {reply['refused']}")
         if "accepted" not in reply:
             raise protocol.ProtocolError(f"unexpected reply {sorted(reply)}")
+        marks.append(("fork", timing.time.perf_counter()))
         reply, _ = protocol.receive(sock, protocol.REPLY_CAP)
+        marks.append(("child", timing.time.perf_counter()))
+        _report(marks)
     except (OSError, protocol.ProtocolError) as exc:
         sys.stderr.write(f"{_prog()}: the event failed: {server}: {getattr(exc, 'strerror', None) or exc}\n")
         return 1

@@ -324,7 +324,7 @@ class Server:
             self.endings.remove(ending)
 
     def _reap(self, job: Job) -> None:
-        _, status = os.waitpid(job.pid, 0)
+        _, status, usage = os.wait4(job.pid, 0)
         self.selector.unregister(job.pidfd)
         os.close(job.pidfd)
         del self.jobs[job.pid]
@@ -338,7 +338,7 @@ class Server:
             outcome = f"killed by signal {signum}"
         took = (time.monotonic() - job.started) * 1000
         self.served += 1
-        self.log(f"served {job.entry} by child {job.pid}: {outcome}, {took:.1f} ms"
+        self.log(f"served {job.entry} by child {job.pid}: {outcome}, {took:.1f} ms, peak {usage.ru_maxrss} kB"
                  + (" (client gone)" if job.client_gone else ""))  # before the reply: tests count it
         if not job.client_gone:
             try:
