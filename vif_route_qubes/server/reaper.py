@@ -45,24 +45,29 @@ def _signal(pid: int, signum: int) -> None:
         pass
 
 
+def _freeze(roots: set[int], known: dict[int, str]) -> dict[int, str]:
+    """Stop `roots` and their descendants, again until the stopped tree has no
+    new member (a process stopped between two scans cannot fork after them)."""
+    stopped = dict(known)
+    for _ in range(20):
+        procs = _processes()
+        new = {pid for pid in _tree(roots | set(stopped), procs) if pid in procs} - set(stopped)
+        if not new:
+            break
+        for pid in new:
+            _signal(pid, signal.SIGSTOP)
+            stopped[pid] = procs[pid][1]
+    return stopped
+
+
 class Ending:
     """One tree being ended: SIGTERM sent, SIGKILL due at `deadline`."""
 
     def __init__(self, root: int, grace: float = GRACE) -> None:
-        stopped: dict[int, str] = {}
-        for _ in range(20):  # until the stopped tree has no new member
-            procs = _processes()
-            new = _tree({root, *stopped}, procs) - set(stopped)
-            new = {pid for pid in new if pid in procs}
-            if not new:
-                break
-            for pid in new:
-                _signal(pid, signal.SIGSTOP)
-                stopped[pid] = procs[pid][1]
-        for pid in stopped:
+        self.members = _freeze({root}, {})
+        for pid in self.members:
             _signal(pid, signal.SIGTERM)
             _signal(pid, signal.SIGCONT)
-        self.members = stopped
         self.deadline = time.monotonic() + grace
 
     def alive(self) -> list[int]:
@@ -72,5 +77,6 @@ class Ending:
     def finish(self) -> None:
         """SIGKILL for every member still there and whatever it started since."""
         alive = self.alive()
-        for pid in _tree(set(alive), _processes()) if alive else ():
-            _signal(pid, signal.SIGKILL)
+        if alive:
+            for pid in _freeze(set(alive), {}):
+                _signal(pid, signal.SIGKILL)

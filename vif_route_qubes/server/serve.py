@@ -281,6 +281,8 @@ class Server:
             self._client_gone(job)
 
     def _close_for_child(self, conn: socket.socket) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):  # the server's handlers: a TERM must end a child
+            signal.signal(signum, signal.SIG_DFL)
         conn.close()
         if self.accepting:
             self.listener.close()
