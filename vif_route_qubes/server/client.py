@@ -53,7 +53,12 @@ def _run(entry: str) -> None:
         in_process(entry, str(exc))
     except KeyboardInterrupt:
         status = 130
-    sys.exit(status)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            status = status or 120
+    os._exit(status)  # nothing to tear down: the event ran in the server's child
 
 
 def in_process(entry: str, reason: str) -> None:

@@ -18,46 +18,10 @@ import struct
 import sys
 import time
 
-from vif_route_qubes.server import child, protocol, reaper, warm
+from vif_route_qubes.server import child, listen, protocol, reaper, warm
 
 REQUEST_TIMEOUT = 2.0
 _CRED = struct.Struct("3i")  # pid, uid, gid
-
-
-def systemd_listener() -> socket.socket | None:
-    """The socket systemd passes (sd_listen_fds: LISTEN_PID is us, fd 3)."""
-    if os.environ.get("LISTEN_PID") != str(os.getpid()):
-        return None
-    count = int(os.environ.get("LISTEN_FDS", "0") or 0)
-    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
-        os.environ.pop(name, None)
-    if count < 1:
-        return None
-    os.set_inheritable(3, False)
-    return socket.socket(fileno=3)
-
-
-def bound_listener(path: str) -> socket.socket:
-    """A 0600 socket at `path`; a stale one (nobody answering) is replaced."""
-    os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-        raise SystemExit(f"vif-route-qubes serve: a server already listens on {path}")
-    except (FileNotFoundError, ConnectionRefusedError):
-        pass
-    finally:
-        probe.close()
-    if os.path.exists(path):
-        os.unlink(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    mask = os.umask(0o177)
-    try:
-        sock.bind(path)
-    finally:
-        os.umask(mask)
-    sock.listen(1024)
-    return sock
 
 
 class Reading:
@@ -353,21 +317,14 @@ class Server:
 
 
 def serve(socket_path: str, idle: float) -> None:
-    listener = systemd_listener()
+    listener = listen.systemd_listener()
     path = None
     if listener is None:
-        listener, path = bound_listener(socket_path), socket_path
+        listener, path = listen.bound_listener(socket_path), socket_path
     # Socket activation: the client that started us waits about a second for
     # its hello, and the warm-up may take longer; greet those waiting now.
-    listener.setblocking(False)
-    waiting = []
-    while True:
-        try:
-            waiting.append(listener.accept()[0])
-        except (BlockingIOError, InterruptedError):
-            break
     early = Server(listener, idle, path, early=True)
-    for conn in waiting:
+    for conn in listen.waiting(listener):
         early.greet(conn)
     warm.load()
     server = Server(listener, idle, path)
