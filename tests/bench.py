@@ -2,6 +2,7 @@
 """Benchmark of vif-route-qubes and qubes-setup-dnat-to-ns, in namespaces (root).
 
     .venv/bin/python tests/bench.py [--runs N] [--json] [--skip-scale] [--skip-storm]
+                                    [--backend iptables|nft] [--mode server|in-process|both]
 
 Prints, for each target, the median and the min-max spread of N runs (>= 10):
   pair      online+offline of one vif (manual form: no xenstore/qubesdb stand-ins,
@@ -19,6 +20,14 @@ library call (`libraries`, in-process, in the namespace): importing pyroute2
 and sh, opening pyroute2's IPRoute, one route replace (+ del) over it, one
 sh call of `true` through system.tools and bare, sh's own `_timeout`, and
 the same `true` through subprocess for comparison.
+
+Each mode (issue 16) is measured alike: `server` through one
+`vif-route-qubes serve` started for the run in a namespace of its own
+(VIF_ROUTE_SERVER=require: an event no server took fails the benchmark),
+`in-process` with VIF_ROUTE_SERVER=off.  Server mode adds the client's split
+of one event (client start, connect and hello, fork, child's work) and the
+memory: the server's resident size after start and after 1,000 events, and
+each child's peak (the server logs it per event).
 """
 
 import argparse
@@ -34,7 +43,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from netns import BIN, Namespaces, XenEnv  # noqa: E402
+from netns import BIN, RUN_PREFIX, Namespaces, XenEnv  # noqa: E402
+from server_mode import TestServer  # noqa: E402
 
 VIF = str(BIN / "vif-route-qubes")
 DNS = str(BIN / "qubes-setup-dnat-to-ns")
@@ -86,11 +96,38 @@ def inside(ns):
         os.close(target)
 
 
-def split_of(stderr: str) -> dict | None:
+def split_of(stderr: str, prefix: str = "timing ") -> dict | None:
     for line in stderr.splitlines():
-        if line.startswith("timing "):
-            return json.loads(line[7:])
+        if line.startswith(prefix):
+            return json.loads(line[len(prefix):])
     return None
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def served_bench(ns, env, server, runs, events=1000):
+    """The client's split of one served event, and the memory figures."""
+    splits = []
+    with inside(ns):
+        for _ in range(runs):
+            _, err = timed([VIF, "online", "vif37.0", "10.137.7.27", *MANUAL], env)
+            splits.append(split_of(err, "client-timing "))
+            timed([VIF, "offline", "vif37.0", "10.137.7.27", *MANUAL], env)
+        after_start = rss_kb(server.pid)
+        for i in range(events // 2):
+            timed([VIF, "online", "vif37.0", "10.137.7.27", *MANUAL], env)
+            timed([VIF, "offline", "vif37.0", "10.137.7.27", *MANUAL], env)
+    after = rss_kb(server.pid)
+    peaks = [int(line.rsplit("peak ", 1)[1].split()[0]) for line in server.log().splitlines() if " peak " in line]
+    return {"client_split_ms": {k: round(statistics.median(s[k] for s in splits), 2) for k in splits[0]},
+            "server_rss_kb": {"after_start": after_start, f"after_{events}_more_events": after,
+                              "growth_pct": round(100 * (after / after_start - 1), 1)},
+            "child_peak_rss_kb": {"median": statistics.median(peaks), "max": max(peaks), "events": len(peaks)}}
 
 
 def pair_bench(ns, env, runs: int, vif="vif37.0", addr="10.137.7.27"):
@@ -251,62 +288,88 @@ def dns_bench(netns, env, runs):
         return stats([timed(argv, env, ok=(100,))[0] for _ in range(runs)])
 
 
+def measure(netns, env, args, runs, xen, server=None) -> dict:
+    provider, vm = netns.make("prov"), netns.make("vm")
+    netns.vif(provider, vm, "vif37.0")
+    report = {"interpreter_startup": startup(env, runs)}
+    pairs, onlines, splits = pair_bench(provider, env, runs)
+    report["pair"] = stats(pairs)
+    report["online"] = stats(onlines)
+    report["split_online"] = median_split([s[0] for s in splits])
+    report["split_offline"] = median_split([s[1] for s in splits])
+    if server is None:
+        report["top_imports_cumulative_ms"] = top_imports(provider, env)
+        report["libraries"] = library_calls(provider, env, runs)
+    path = xen.backend(37, ip="10.137.7.27", mac="00:16:3e:5e:6c:19")
+    xen.qdb_write("/qubes-netvm-gateway", "10.137.7.1")
+    hot_env = dict(env, vif="vif37.0", XENBUS_PATH=path)
+    with inside(provider):
+        hot = [timed([VIF, "online", "type_if=vif"], hot_env)[0]
+               + timed([VIF, "offline", "type_if=vif"], hot_env)[0] for _ in range(runs)]
+    report["hotplug_pair_with_standins"] = stats(hot)
+    report["dns_unchanged"] = dns_bench(netns, env, runs)
+    if not args.skip_scale:
+        report["scale"] = scale_bench(netns, env, runs)
+    if not args.skip_storm:
+        report["storm_100"] = storm_bench(netns, env)
+    if server is not None:
+        report.update(served_bench(provider, env, server, runs, 0 if args.skip_memory else 1000))
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--skip-scale", action="store_true")
     parser.add_argument("--skip-storm", action="store_true")
+    parser.add_argument("--skip-memory", action="store_true", help="no 1,000 events for the server's memory")
+    parser.add_argument("--mode", choices=("server", "in-process", "both"), default="both")
     parser.add_argument("--backend", choices=("iptables", "nft"), default="iptables",
                         help="firewall backend measured (nft: each namespace gets `init --backend nft`)")
     args = parser.parse_args()
     runs = max(args.runs, 10)
-    netns = Namespaces()
-    with tempfile.TemporaryDirectory() as tmp:
-        xen = XenEnv(Path(tmp))
-        env = xen.env(VIF_ROUTE_TIMING="1", QUBES_RESOLV_CONF=str(Path(tmp) / "resolv.conf"),
-                      QUBES_NET_BACKEND=args.backend)
-        if args.backend == "nft":
-            # Every namespace starts as a VM that ran `init --backend nft` at boot.
-            make = netns.make
+    report = {"backend": args.backend}
+    for mode in (("in-process", "server") if args.mode == "both" else (args.mode,)):
+        netns = Namespaces()
+        home, server = f"{RUN_PREFIX}-bsrv", None
+        with tempfile.TemporaryDirectory() as tmp:
+            xen = XenEnv(Path(tmp))
+            env = xen.env(VIF_ROUTE_TIMING="1", QUBES_RESOLV_CONF=str(Path(tmp) / "resolv.conf"),
+                          QUBES_NET_BACKEND=args.backend, VIF_ROUTE_SERVER="off")
+            if args.backend == "nft":
+                # Every namespace starts as a VM that ran `init --backend nft` at boot.
+                make = netns.make
 
-            def make_with_base(role):
-                ns = make(role)
-                timed(in_ns(ns, [VIF, "init", "--gateway6", ""]), env)
-                return ns
+                def make_with_base(role, make=make):
+                    ns = make(role)
+                    timed(in_ns(ns, [VIF, "init", "--gateway6", ""]), env)
+                    return ns
 
-            netns.make = make_with_base
-        try:
-            provider, vm = netns.make("prov"), netns.make("vm")
-            netns.vif(provider, vm, "vif37.0")
-            report = {"interpreter_startup": startup(env, runs)}
-            pairs, onlines, splits = pair_bench(provider, env, runs)
-            report["pair"] = stats(pairs)
-            report["online"] = stats(onlines)
-            report["split_online"] = median_split([s[0] for s in splits])
-            report["split_offline"] = median_split([s[1] for s in splits])
-            report["top_imports_cumulative_ms"] = top_imports(provider, env)
-            report["libraries"] = library_calls(provider, env, runs)
-            path = xen.backend(37, ip="10.137.7.27", mac="00:16:3e:5e:6c:19")
-            xen.qdb_write("/qubes-netvm-gateway", "10.137.7.1")
-            hot_env = dict(env, vif="vif37.0", XENBUS_PATH=path)
-            with inside(provider):
-                hot = [timed([VIF, "online", "type_if=vif"], hot_env)[0]
-                       + timed([VIF, "offline", "type_if=vif"], hot_env)[0] for _ in range(runs)]
-            report["hotplug_pair_with_standins"] = stats(hot)
-            report["dns_unchanged"] = dns_bench(netns, env, runs)
-            if not args.skip_scale:
-                report["scale"] = scale_bench(netns, env, runs)
-            if not args.skip_storm:
-                report["storm_100"] = storm_bench(netns, env)
-        finally:
-            netns.cleanup()
-    report = {"backend": args.backend, **report}
+                netns.make = make_with_base
+            try:
+                if mode == "server":
+                    subprocess.run(["ip", "netns", "add", home], check=True)
+                    folder = Path(tmp) / "server"
+                    folder.mkdir()
+                    server = TestServer(BIN, home, folder)
+                    env.update(server.env())
+                report[mode] = measure(netns, env, args, runs, xen, server)
+            finally:
+                netns.cleanup()
+                if server:
+                    server.stop()
+                    subprocess.run(["ip", "netns", "del", home], capture_output=True)
     if args.json:
         print(json.dumps(report, indent=2))
         return
-    for key, value in report.items():
-        print(f"{key:28} {json.dumps(value)}")
+    for mode, figures in report.items():
+        if not isinstance(figures, dict):
+            print(f"{mode:28} {figures}")
+            continue
+        print(f"-- {mode}")
+        for key, value in figures.items():
+            print(f"{key:28} {json.dumps(value)}")
 
 
 if __name__ == "__main__":

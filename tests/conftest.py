@@ -8,11 +8,13 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from firewall import BACKENDS  # noqa: E402
-from netns import BIN, Namespaces, XenEnv  # noqa: E402
+from netns import BIN, RUN_PREFIX, Namespace, Namespaces, XenEnv, sh  # noqa: E402
+import server_mode  # noqa: E402
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running test")
+    config.addinivalue_line("markers", "no_event: runs no command, though it takes a fixture that could")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -24,6 +26,48 @@ def _needs_root():
             pytest.exit(f"{tool} is missing: install iproute2, iptables and nftables", returncode=2)
     if not (BIN / "vif-route-qubes").exists():
         pytest.exit(f"vif-route-qubes is not installed beside {sys.executable}", returncode=2)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def command_server(_needs_root, tmp_path_factory):
+    """Server mode (tests/server_mode.py): ONE server for the run, in a network
+    namespace made for it, so that a bug acting in the server's own namespace
+    hits a test namespace, never the root one; stopped by its pid at the end."""
+    if server_mode.MODE != "server":
+        server_mode.use(None)
+        yield None
+        return
+    home = Namespace(f"{RUN_PREFIX}-server")
+    sh(f"ip netns add {home.name}")
+    server = None
+    try:
+        server = server_mode.TestServer(BIN, home.name, tmp_path_factory.mktemp("server"))
+        server_mode.use(server)
+        os.environ.update(server.env())  # environments the tests copy from ours
+        yield server
+    finally:
+        if server:
+            server.stop()
+        sh(f"ip netns del {home.name}", check=False)
+
+
+# A test that takes one of these runs our commands: in server mode its events must be served.
+RUNS_COMMANDS = {"vifcmd", "xen", "box"}
+
+
+@pytest.fixture(autouse=True)
+def _events_served(request, command_server):
+    import inspect
+
+    names = set(request.fixturenames)
+    own = set(inspect.signature(request.function).parameters)
+    if command_server is None or not RUNS_COMMANDS & names or ("own_server" in own and "command_server" not in own):
+        yield
+        return
+    before = command_server.served()
+    yield
+    if request.node.get_closest_marker("no_event") is None:
+        assert command_server.served() > before, "server mode: no event of this test was served"
 
 
 @pytest.fixture

@@ -14,6 +14,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from server_mode import mode_env
+
 FAKEBIN = Path(__file__).parent / "fakebin"
 BIN = Path(sys.executable).parent
 RUN_PREFIX = "vrq" + uuid.uuid4().hex[:5]
@@ -164,6 +166,7 @@ class XenEnv:
             "VIF_ROUTE_LOCK_FILE": str(self.lock),
             "VIF_ROUTE_HOOKS_DIR": str(self.hooks),
         })
+        env.update(mode_env())  # the server's socket, or VIF_ROUTE_SERVER=off
         env.update(extra)
         return env
 

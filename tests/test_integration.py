@@ -26,6 +26,8 @@ FILES = {
     HOOK: ("50-qubes-setup-dnat-to-ns.in", 0o755),
     XEN: ("xen-vif-route-qubes.in", 0o755),
     UNIT: ("vif-route-qubes-init.service.in", 0o644),
+    "etc/systemd/system/vif-route-qubes.socket": ("vif-route-qubes.socket.in", 0o644),  # the command server
+    "etc/systemd/system/vif-route-qubes.service": ("vif-route-qubes.service.in", 0o644),
 }
 VM_MAC = "00:16:3e:5e:6c:19"
 VM_IP = "10.137.7.27"

@@ -444,6 +444,7 @@ print(json.dumps({"mine": shown(mine), "theirs": shown(theirs)}))
 """
 
 
+@pytest.mark.no_event  # a control: runs none of our commands (server mode counts them)
 def test_netlink_reader_sees_what_nft_lists(qubes):
     """nft_state.read_state (per-vif events, no nft fork) against `nft -j list
     ruleset`: every element of `allowed` (long interface names, both families),

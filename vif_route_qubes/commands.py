@@ -82,3 +82,4 @@ def check_command(every, as_json, **params):
     from vif_route_qubes.check import run_vif_check
 
     sys.exit(run_vif_check(params, every, as_json))
+import vif_route_qubes.server.command  # noqa: E402,F401  (registers `serve`; last: it imports cli)

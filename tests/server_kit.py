@@ -1,0 +1,83 @@
+"""Helpers of the server tests (test_server.py, test_server_life.py): a server of
+the test's own, in a namespace of its own, and small waits on processes."""
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+import server_mode
+from netns import BIN, RUN_PREFIX, sh
+
+PY = str(BIN / "python")
+VIFCMD = str(BIN / "vif-route-qubes")
+HEAVY = ("click", "pyroute2", "sh")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def own_server(tmp_path):
+    """A server of the test's own (its own namespace, socket and log), stopped by pid."""
+    made = []
+
+    def start(idle=3600.0, folder=None, **env):
+        home = f"{RUN_PREFIX}-srv{len(made)}"
+        sh(f"ip netns add {home}")
+        if folder is None:
+            folder = tmp_path / f"server{len(made)}"
+            folder.mkdir()
+        try:
+            server = server_mode.TestServer(BIN, home, folder, idle=idle, extra_env=env)
+        except BaseException:
+            sh(f"ip netns del {home}", check=False)
+            raise
+        made.append((server, home))
+        return server
+
+    yield start
+    for server, home in made:
+        server.stop()
+        sh(f"ip netns del {home}", check=False)
+
+
+def served_env(server, **extra):
+    return {**{k: v for k, v in os.environ.items() if not k.startswith("VIF_ROUTE_")}, **server.env(), **extra}
+
+
+def alive(pid):
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+def pids_in(ns):
+    """Processes in a namespace (asked from outside it)."""
+    return subprocess.run(["ip", "netns", "pids", ns.name], capture_output=True, text=True).stdout.split()
+
+
+def cmdline(pid):
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def wait_for(predicate, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+
+def run_help(server, **extra):
+    return subprocess.run([VIFCMD, "--version"], capture_output=True, text=True,
+                          env=served_env(server, **extra), timeout=30)
+
+

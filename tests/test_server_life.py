@@ -1,0 +1,148 @@
+"""The command server's life (issue 16): the client's death ends its child and the
+child's programs, idle exit, systemd socket activation, a hundred clients at
+once, and the units udev/install puts in place.  Every server made here runs
+in a network namespace of its own; every event runs in test namespaces."""
+
+import os
+import re
+import subprocess
+import time
+
+import pytest  # noqa: F401
+
+from netns import BIN, RUN_PREFIX, Namespace, run_cmd, sh
+from server_kit import ROOT, VIFCMD, alive, own_server, pids_in, run_help, served_env, wait_for  # noqa: F401
+from test_vif_behaviour import PATH37, is_up, vrq
+from test_vif_behaviour import setup as provider_with_vif
+
+def test_the_clients_death_ends_the_child_and_its_programs(netns, xen, vifcmd, command_server, own_server, tmp_path):
+    server = command_server or own_server()
+    proxy, path = provider_with_vif(netns, xen)
+    pids = tmp_path / "pids"
+    # A hook that starts a program in a session of its own, then waits.
+    (xen.hooks / "50-stays").write_text(f"#!/bin/sh\necho $$ >> {pids}\nsetsid sleep 60 &\necho $! >> {pids}\nwait\n")
+    (xen.hooks / "50-stays").chmod(0o755)
+    env = xen.env(vif="vif37.0", XENBUS_PATH=PATH37, VIF_ROUTE_HOOK_TIMEOUT="30", **server.env())
+    client = proxy.popen([vifcmd, "online", "type_if=vif"], env=env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    assert wait_for(lambda: pids.exists() and len(pids.read_text().split()) == 2, 15), "the hook never ran"
+    started = [int(p) for p in pids.read_text().split()]
+    assert all(alive(p) for p in started)
+    client.kill()  # libxl's SIGKILL
+    client.wait()
+    assert wait_for(lambda: not any(alive(p) for p in started), 5), "the hook or its program outlived the client"
+    assert wait_for(lambda: pids_in(proxy) == [], 5), pids_in(proxy)
+    assert "is gone: ending the child" in server.log()
+    (xen.hooks / "50-stays").unlink()
+    result = vrq(proxy, xen, vifcmd, "online", **server.env())
+    assert result.returncode == 0, result.stderr
+    assert is_up(proxy, "vif37.0") and xen.xs_read(f"{path}/hotplug-status") == "connected"
+
+
+# -- idle exit, socket activation, many at once -------------------------------------
+
+def test_idle_exit_then_clients_run_in_process(own_server):
+    server = own_server(idle=1.0)
+    assert run_help(server).returncode == 0
+    started = time.monotonic()
+    assert server.proc.wait(timeout=10) == 0
+    assert 0.5 < time.monotonic() - started < 5, "exited too early or too late"
+    assert "idle for 1 s: exiting" in server.log() and not server.socket.exists()
+    result = subprocess.run([VIFCMD, "online", "vif37.0", "10.137.7.27", "--gateway", "10.137.7.1",
+                             "--dry-run", "-v"], capture_output=True, text=True, timeout=30,
+                            env={**served_env(server), "VIF_ROUTE_SERVER": ""})
+    assert "run in-process (server at" in result.stderr, result.stderr
+
+
+def test_idle_exit_waits_for_a_running_event(own_server, tmp_path):
+    server = own_server(idle=0.5)
+    hook_dir = tmp_path / "slow-bin"
+    hook_dir.mkdir()
+    (hook_dir / "qubesdb-read").write_text("#!/bin/sh\nsleep 2\nexit 2\n")
+    (hook_dir / "qubesdb-read").chmod(0o755)
+    home = Namespace(f"{RUN_PREFIX}-idlecl")
+    sh(f"ip netns add {home.name}")
+    try:
+        result = run_cmd(home, [VIFCMD, "online", "vif37.0", "10.137.7.27", "--dry-run"],
+                         served_env(server, PATH=f"{hook_dir}:{os.environ['PATH']}"))
+    finally:
+        sh(f"ip netns del {home.name}", check=False)
+    assert "the event failed" not in result.stderr, result.stderr  # the child was not cut short
+    assert server.proc.wait(timeout=10) == 0 and server.served() == 1
+
+
+def test_socket_activation_by_systemd(tmp_path):
+    """systemd's protocol (LISTEN_FDS, LISTEN_PID, fd 3), by systemd-socket-activate."""
+    path = tmp_path / "activated.sock"
+    home = f"{RUN_PREFIX}-act"
+    sh(f"ip netns add {home}")
+    log = open(tmp_path / "activated.log", "wb")
+    proc = subprocess.Popen(["ip", "netns", "exec", home, "systemd-socket-activate", "-l", str(path),
+                             VIFCMD, "serve", "--socket", str(tmp_path / "not-this.sock"), "--idle-timeout", "2"],
+                            stdout=log, stderr=log, env={k: v for k, v in os.environ.items() if not k.startswith("VIF_")})
+    try:
+        assert wait_for(path.exists, 10)
+        env = {**os.environ, "VIF_ROUTE_SERVER_SOCKET": str(path), "VIF_ROUTE_SERVER": "require"}
+        result = subprocess.run([VIFCMD, "online", "vif37.0", "10.137.7.27", "--gateway", "10.137.7.1",
+                                 "--dry-run", "-v"], capture_output=True, text=True, timeout=30, env=env)
+        assert "served by vif-route-qubes server pid" in result.stderr, result.stderr
+        assert proc.wait(timeout=10) == 0  # idle exit
+        text = (tmp_path / "activated.log").read_text()
+        assert "listening on" in text and " served " in text and not (tmp_path / "not-this.sock").exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        sh(f"ip netns del {home}", check=False)
+
+
+HUNDRED = 100
+
+
+def test_a_hundred_clients_at_once_are_all_served_once(netns, xen, vifcmd, command_server, own_server):
+    server = command_server or own_server()
+    proxy, vms = netns.make("prov"), netns.make("vms")
+    batch = "".join(f"link add vif{d}.0 address fe:ff:ff:ff:ff:ff type veth peer name p{d} netns {vms.name}\n"
+                    for d in range(1, HUNDRED + 1))
+    subprocess.run(["ip", "-n", proxy.name, "-batch", "-"], input=batch, text=True, check=True)
+    before = server.served()
+    env = xen.env(QUBES_NET_BACKEND="nft", **server.env())
+    procs = {d: proxy.popen([vifcmd, "online", f"vif{d}.0", f"10.137.{d // 200}.{d % 200 + 2}", "--gateway",
+                             "10.137.99.1", "--mac", "00:16:3e:5e:6c:19", "-v"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for d in range(1, HUNDRED + 1)}
+    results = {d: (p.communicate(timeout=120), p.returncode) for d, p in procs.items()}
+    assert {d: rc for d, (_, rc) in results.items() if rc != 0} == {}, [results[d] for d in results if results[d][1]]
+    for d, ((out, err), _) in results.items():
+        assert err.count("served by vif-route-qubes server pid") == 1, err
+        assert f"vif{d}.0" in err and not re.search(rf"vif(?!{d}\.0\b)\d+\.0", err), err  # its own log only
+    assert server.served() - before == HUNDRED
+    routes = proxy.out("ip -4 route").splitlines()
+    for d in range(1, HUNDRED + 1):
+        assert sum(f"10.137.{d // 200}.{d % 200 + 2} dev vif{d}.0 " in line for line in routes) == 1, d
+    elements = proxy.out("nft list set ip qubes allowed")
+    assert sum(f'"vif{d}.0"' in elements for d in range(1, HUNDRED + 1)) == HUNDRED
+
+
+# -- the units -----------------------------------------------------------------------
+
+def test_units_are_installed_enabled_verified_and_removed(tmp_path):
+    install = ROOT / "udev" / "install"
+    done = subprocess.run([str(install), "--root", str(tmp_path), "--bindir", str(BIN)], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    units = tmp_path / "etc/systemd/system"
+    socket_unit = (units / "vif-route-qubes.socket").read_text()
+    for line in ("SocketMode=0600", "Accept=no", "ListenStream=/run/vif-route-qubes/server.sock"):
+        assert line in socket_unit.splitlines()
+    assert "xendriverdomain.service" in next(x for x in socket_unit.splitlines() if x.startswith("Before="))
+    assert f"ExecStart={BIN}/vif-route-qubes serve" in (units / "vif-route-qubes.service").read_text()
+    wants = units / "sockets.target.wants" / "vif-route-qubes.socket"
+    assert wants.is_symlink() and os.readlink(wants) == "/etc/systemd/system/vif-route-qubes.socket"
+    verify = subprocess.run(["systemd-analyze", "verify", "./vif-route-qubes.socket", "./vif-route-qubes.service"],
+                            cwd=units, capture_output=True, text=True, timeout=60)
+    assert verify.returncode == 0 and verify.stderr.strip() == "", verify.stderr
+    undone = subprocess.run([str(install), "--root", str(tmp_path), "--uninstall"], capture_output=True, text=True,
+                            timeout=60)
+    assert undone.returncode == 0, undone.stderr
+    assert not wants.is_symlink() and not (units / "vif-route-qubes.socket").exists()
+    assert not (units / "vif-route-qubes.service").exists()

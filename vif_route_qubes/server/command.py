@@ -1,0 +1,26 @@
+"""The `serve` click command (registered by one line in commands.py)."""
+
+import click
+
+from vif_route_qubes.commands import cli
+from vif_route_qubes.options import Seconds
+from vif_route_qubes.server.protocol import DEFAULT_SOCKET
+
+
+@cli.command("serve")
+@click.option("--socket", "socket_path", envvar="VIF_ROUTE_SERVER_SOCKET", show_envvar=True,
+              default=DEFAULT_SOCKET, show_default=True,
+              help="Listen here (mode 0600) unless systemd passes a socket (LISTEN_FDS).")
+@click.option("--idle-timeout", type=Seconds(0.0), default=60.0, show_default=True,
+              help="Exit after this many seconds without a request (running events finish first).")
+def serve(socket_path, idle_timeout):
+    """Serve events: the engine loaded once, a child forked per event.
+
+    The commands' entry points offer each event here first and run it
+    themselves when no server takes it.  Every event is logged on stderr
+    ("served ... by child N"); `-v` of an event says "served by
+    vif-route-qubes server pid N".
+    """
+    from vif_route_qubes.server.serve import serve as run
+
+    run(socket_path, idle_timeout)

@@ -1,0 +1,332 @@
+"""`vif-route-qubes serve`: the engine imported once, a child forked per event.
+
+Single-threaded: one poll loop over the listening socket, the connections
+of running children (readable = the client is gone) and the children's
+pidfds (readable = exited; then reaped and the status sent).  Nothing opens
+a netlink socket, a thread or an event loop before a fork: the warm-up only
+imports.  Each request: SO_PEERCRED uid 0, the installed code unchanged
+(else refuse and exit once the running children are done), hello, the
+request with its descriptors (read with a short timeout: a stuck client
+delays the loop by at most that), fork.
+"""
+
+import os
+import selectors
+import signal
+import socket
+import struct
+import sys
+import time
+
+from vif_route_qubes.server import child, listen, protocol, reaper, warm
+
+REQUEST_TIMEOUT = 2.0
+_CRED = struct.Struct("3i")  # pid, uid, gid
+
+
+class Reading:
+    """A connection whose request is still arriving."""
+
+    def __init__(self, conn: socket.socket) -> None:
+        self.conn, self.buffer, self.fds = conn, b"", []
+        self.deadline = time.monotonic() + REQUEST_TIMEOUT
+
+
+class Job:
+    def __init__(self, pid: int, conn: socket.socket, entry: str) -> None:
+        self.pid, self.conn, self.entry = pid, conn, entry
+        self.pidfd = os.pidfd_open(pid)
+        self.started = time.monotonic()
+        self.client_gone = False
+
+
+class Server:
+    def __init__(self, listener: socket.socket, idle: float, path: str | None, early: bool = False) -> None:
+        self.listener, self.idle, self.path = listener, idle, path
+        self.path_ino = os.stat(path).st_ino if path else None
+        self.listener.setblocking(False)
+        self.selector = selectors.PollSelector()  # no descriptor of its own for the children to inherit
+        self.selector.register(listener, selectors.EVENT_READ, ("accept", None))
+        self.jobs: dict[int, Job] = {}
+        self.readings: list[Reading] = []
+        self.endings: list[reaper.Ending] = []
+        self.accepting = True
+        self.last_request = time.monotonic()
+        self.files = warm.loaded_files()
+        self.fingerprint = warm.fingerprint(self.files)
+        self.log_fd = 2 if early else os.dup(2)
+        os.set_inheritable(self.log_fd, False)
+        self.served = 0
+        self.turn, self.checked_turn, self.changed = 0, -1, False
+        self.stopping = False
+        self.wakeup_r, self.wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.selector.register(self.wakeup_r, selectors.EVENT_READ, ("signal", None))
+
+    def log(self, text: str) -> None:
+        try:
+            os.write(self.log_fd, f"vif-route-qubes serve[{os.getpid()}]: {text}\n".encode(errors="replace"))
+        except OSError:
+            pass
+
+    def run(self) -> None:
+        self.log(f"listening on {self.listener.getsockname() or 'fd 3'}, idle timeout {self.idle:g} s")
+        signal.set_wakeup_fd(self.wakeup_w)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_signal)
+        while self.accepting or self.jobs or self.endings or self.readings:
+            events = self.selector.select(self._timeout())
+            self.turn += 1
+            if self.stopping and self.accepting:
+                self.log("stopping: no new requests; waiting for the running ones")
+                self._stop_accepting()
+            for key, _ in events:
+                kind, job = key.data
+                if kind == "signal":
+                    self._drain_wakeup()
+                elif kind == "accept":
+                    if self.accepting:
+                        self._accept()
+                elif kind == "request":
+                    self._read_request(job)
+                elif kind == "exit":
+                    self._reap(job)
+                else:
+                    self._client_readable(job)
+            self._end_overdue()
+            if self.accepting and not self.jobs and not self.readings and time.monotonic() - self.last_request >= self.idle:
+                self.log(f"idle for {self.idle:g} s: exiting")
+                self._stop_accepting()
+        self.log(f"exit after {self.served} events")
+
+    def adopt(self, early: "Server") -> None:
+        """The connections greeted before the warm-up: their requests are read now."""
+        for reading in early.readings:
+            reading.deadline = time.monotonic() + REQUEST_TIMEOUT
+            self.readings.append(reading)
+            self.selector.register(reading.conn, selectors.EVENT_READ, ("request", reading))
+        early.selector.close()
+        os.close(early.wakeup_r)
+        os.close(early.wakeup_w)
+
+    def _code_changed(self) -> bool:
+        """Compared for every request; one comparison serves the requests of one loop turn."""
+        if self.checked_turn != self.turn:
+            self.checked_turn, self.changed = self.turn, warm.fingerprint(self.files) != self.fingerprint
+        return self.changed
+
+    def _on_signal(self, signum, frame) -> None:
+        self.stopping = True
+
+    def _drain_wakeup(self) -> None:
+        try:
+            while os.read(self.wakeup_r, 256):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _timeout(self) -> float:
+        now = time.monotonic()
+        due = [e.deadline - now for e in self.endings] + [r.deadline - now for r in self.readings]
+        if self.accepting and not self.jobs and not self.readings:
+            due.append(self.last_request + self.idle - now)
+        return max(0.0, min(due)) if due else None
+
+    def _stop_accepting(self) -> None:
+        if not self.accepting:
+            return
+        self.accepting = False
+        self.selector.unregister(self.listener)
+        if self.path:  # our own socket: later clients find none and run in-process
+            try:
+                if os.stat(self.path).st_ino == self.path_ino:  # not a later server's
+                    os.unlink(self.path)
+            except OSError:
+                pass
+        self.listener.close()
+
+    def _accept(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        self.greet(conn)
+        for _ in range(64):  # a burst (a host starting many VMs): greet it before anything else
+            if not self.accepting:
+                return
+            try:
+                conn, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            self.greet(conn)
+
+    def greet(self, conn: socket.socket) -> None:
+        """Peer check, code check, hello; then the request is read as it comes."""
+        try:
+            pid, uid, _ = _CRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
+            if uid != 0:
+                raise protocol.ProtocolError(f"peer pid {pid} uid {uid} is not root")
+            if self._code_changed():
+                self.log("installed code changed since the start: refusing, exiting")
+                self._refuse(conn, "installed code changed since the server started")
+                self._stop_accepting()
+                return
+            conn.settimeout(0.2)
+            protocol.send(conn, {"hello": protocol.NAME, "version": protocol.VERSION, "pid": os.getpid()})
+        except (protocol.ProtocolError, OSError) as exc:
+            self.log(f"refused a connection: {exc}")
+            self._refuse(conn, str(exc))
+            return
+        conn.setblocking(False)
+        reading = Reading(conn)
+        self.readings.append(reading)
+        self.selector.register(conn, selectors.EVENT_READ, ("request", reading))
+
+    def _read_request(self, reading: "Reading") -> None:
+        """More of a request (non-blocking: a slow client never stalls the loop)."""
+        try:
+            data, fds, flags, _ = socket.recv_fds(reading.conn, 1 << 16, len(protocol.FD_NAMES))
+            reading.fds += fds
+            if flags & socket.MSG_CTRUNC or len(reading.fds) > len(protocol.FD_NAMES):
+                raise protocol.ProtocolError("too many descriptors")
+            if not data:
+                raise protocol.ProtocolError(f"connection closed after {len(reading.buffer)} bytes of the request")
+            reading.buffer += data
+            message = protocol.parse(reading.buffer, protocol.REQUEST_CAP)
+            if message is None:
+                return
+            if len(reading.fds) != len(protocol.FD_NAMES):
+                raise protocol.ProtocolError(f"{len(reading.fds)} descriptors, not {len(protocol.FD_NAMES)}")
+            request = child.decode(message)
+        except BlockingIOError:
+            return
+        except (protocol.ProtocolError, OSError) as exc:
+            self._drop_reading(reading, str(exc))
+            return
+        self._forget_reading(reading)
+        self.last_request = time.monotonic()
+        reading.conn.setblocking(True)
+        self._fork(reading.conn, request, reading.fds)
+
+    def _forget_reading(self, reading: "Reading") -> None:
+        self.selector.unregister(reading.conn)
+        self.readings.remove(reading)
+
+    def _drop_reading(self, reading: "Reading", why: str) -> None:
+        self._forget_reading(reading)
+        for fd in reading.fds:
+            os.close(fd)
+        self.log(f"refused a connection: {why}")
+        self._refuse(reading.conn, why)
+
+    def _refuse(self, conn: socket.socket, why: str) -> None:
+        try:
+            conn.settimeout(0.2)
+            protocol.send(conn, {"refused": why})
+        except OSError:
+            pass
+        conn.close()
+
+    def _fork(self, conn: socket.socket, request: dict, fds: list[int]) -> None:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        pid = os.fork()
+        if pid == 0:
+            self._close_for_child(conn)
+            child.run(request, fds, os.getppid())
+        for fd in fds:
+            os.close(fd)
+        job = Job(pid, conn, request["entry"])
+        self.jobs[pid] = job
+        self.selector.register(job.pidfd, selectors.EVENT_READ, ("exit", job))
+        try:
+            protocol.send(conn, {"accepted": pid})
+            self.selector.register(conn, selectors.EVENT_READ, ("client", job))
+        except OSError:
+            self._client_gone(job)
+
+    def _close_for_child(self, conn: socket.socket) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):  # the server's handlers: a TERM must end a child
+            signal.signal(signum, signal.SIG_DFL)
+        conn.close()
+        if self.accepting:
+            self.listener.close()
+        for job in self.jobs.values():
+            job.conn.close()
+            os.close(job.pidfd)
+        for reading in self.readings:
+            reading.conn.close()
+            for fd in reading.fds:
+                os.close(fd)
+        os.close(self.log_fd)
+        os.close(self.wakeup_r)
+        os.close(self.wakeup_w)
+        signal.set_wakeup_fd(-1)
+
+    def _client_readable(self, job: Job) -> None:
+        try:
+            if job.conn.recv(4096):
+                return  # nothing is expected; not a close
+        except OSError:
+            pass
+        self._client_gone(job)
+
+    def _client_gone(self, job: Job) -> None:
+        if job.client_gone:
+            return
+        job.client_gone = True
+        try:
+            self.selector.unregister(job.conn)
+        except (KeyError, ValueError):
+            pass
+        self.log(f"client of child {job.pid} is gone: ending the child and its programs")
+        self.endings.append(reaper.Ending(job.pid))
+
+    def _end_overdue(self) -> None:
+        now = time.monotonic()
+        for reading in [r for r in self.readings if r.deadline <= now]:
+            self._drop_reading(reading, f"no whole request within {REQUEST_TIMEOUT:g} s")
+        for ending in [e for e in self.endings if e.deadline <= now]:
+            ending.finish()
+            self.endings.remove(ending)
+
+    def _reap(self, job: Job) -> None:
+        _, status, usage = os.wait4(job.pid, 0)
+        self.selector.unregister(job.pidfd)
+        os.close(job.pidfd)
+        del self.jobs[job.pid]
+        if os.WIFEXITED(status):
+            code = os.WEXITSTATUS(status)
+            reply = {"status": code}
+            outcome = f"status {code}"
+        else:
+            signum = os.WTERMSIG(status)
+            reply = {"failed": f"child {job.pid} killed by signal {signum}"}
+            outcome = f"killed by signal {signum}"
+        took = (time.monotonic() - job.started) * 1000
+        self.served += 1
+        self.log(f"served {job.entry} by child {job.pid}: {outcome}, {took:.1f} ms, peak {usage.ru_maxrss} kB"
+                 + (" (client gone)" if job.client_gone else ""))  # before the reply: tests count it
+        if not job.client_gone:
+            try:
+                job.conn.settimeout(1.0)
+                protocol.send(job.conn, reply)
+            except OSError:
+                pass
+            self.selector.unregister(job.conn)
+        job.conn.close()
+
+
+def serve(socket_path: str, idle: float) -> None:
+    listener = listen.systemd_listener()
+    path = None
+    if listener is None:
+        listener, path = listen.bound_listener(socket_path), socket_path
+    # Socket activation: the client that started us waits about a second for
+    # its hello, and the warm-up may take longer; greet those waiting now.
+    early = Server(listener, idle, path, early=True)
+    for conn in listen.waiting(listener):
+        early.greet(conn)
+    warm.load()
+    server = Server(listener, idle, path)
+    server.adopt(early)
+    server.run()
