@@ -187,7 +187,7 @@ def test_served_and_in_process_runs_look_the_same(netns, xen, vifcmd, command_se
 
 def test_changed_installed_code_makes_the_client_run_in_process(own_server):
     server = own_server()
-    module = ROOT / "vif_route_qubes" / "records.py"
+    module = ROOT / "vif_route_qubes" / "errors.py"
     saved = module.stat()
     try:
         os.utime(module, ns=(saved.st_atime_ns, saved.st_mtime_ns + 1_000_000_000))
