@@ -181,6 +181,8 @@ def test_served_and_in_process_runs_look_the_same(netns, xen, vifcmd, command_se
         assert served.stdout == local.stdout
         strip = lambda text: re.sub(r".*(served by vif-route-qubes server pid \d+|run in-process \(.*\)).*\n", "", text)
         assert strip(served.stderr) == strip(local.stderr)
+    for mode, results in runs.items():  # -v is our steps, not the libraries' chatter (sh, pyroute2, asyncio)
+        assert not re.search(r"NLMSG|started process|Using selector", results[3].stderr), (mode, results[3].stderr)
     assert "served by vif-route-qubes server pid" in runs["served"][3].stderr
     assert "run in-process (VIF_ROUTE_SERVER=off)" in runs["in-process"][3].stderr
 

@@ -12,6 +12,14 @@ import os
 import sys
 
 NAME = "vif-route-qubes"
+# The libraries log every process started and every netlink message at info
+# and debug (and pyroute2 resets its logger's level when imported): only their
+# warnings belong in our stderr and syslog, even with -v.
+LIBRARIES = ("sh", "pyroute2", "asyncio")
+
+
+def _ours_or_warning(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or record.name.split(".")[0] not in LIBRARIES
 
 
 class _Printable(logging.Filter):
@@ -62,6 +70,7 @@ def setup(verbose: bool, ident: str = NAME) -> logging.Logger:
     # VIF_ROUTE_SYSLOG names another syslog socket (tests, containers).
     syslog = _Syslog(ident, os.environ.get("VIF_ROUTE_SYSLOG") or "/dev/log")
     for handler in (stderr, syslog):
+        handler.addFilter(_ours_or_warning)
         handler.addFilter(_Printable())
         root.addHandler(handler)
     return logging.getLogger(ident)

@@ -14,13 +14,14 @@ import signal
 import sys
 
 from vif_route_qubes.server import protocol
+from vif_route_qubes.server.commands import served
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWNET = 0x40000000
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
-ENTRIES = {"vif-route-qubes": "vif_route_qubes.cli", "qubes-setup-dnat-to-ns": "setup_dnat_to_ns.cli"}
 _libc = ctypes.CDLL(None, use_errno=True)
+SERVED = served()  # command name -> module whose main() the child runs
 
 
 def _check(result: int, what: str) -> None:
@@ -129,7 +130,7 @@ def run(request: dict, fds: list[int], server_pid: int) -> None:
         from vif_route_qubes.server.client import note_mode
 
         note_mode(f"served by vif-route-qubes server pid {server_pid}")
-        importlib.import_module(ENTRIES[request["entry"]]).main()
+        importlib.import_module(SERVED[request["entry"]]).main()
         status = 0
     except SystemExit as exc:
         status = exit_status(exc)
@@ -156,7 +157,7 @@ def decode(request: dict) -> dict:
 
     if request.get("version") != protocol.VERSION:
         raise protocol.ProtocolError(f"protocol version {request.get('version')!r}, not {protocol.VERSION}")
-    if request.get("entry") not in ENTRIES:
+    if request.get("entry") not in SERVED:
         raise protocol.ProtocolError("unknown entry")
     argv, env = request.get("argv"), request.get("env")
     if not isinstance(argv, list) or not argv or not isinstance(env, list):

@@ -21,7 +21,6 @@ import sys
 from vif_route_qubes.server import protocol
 
 HELLO_TIMEOUT = 1.0
-ENTRIES = {"vif-route-qubes": "vif_route_qubes.cli", "qubes-setup-dnat-to-ns": "setup_dnat_to_ns.cli"}
 
 
 class Unserved(Exception):
@@ -29,28 +28,26 @@ class Unserved(Exception):
 
 
 def vif_route_qubes() -> None:
-    _run("vif-route-qubes")
-
-
-def setup_dnat_to_ns() -> None:
-    _run("qubes-setup-dnat-to-ns")
+    run("vif-route-qubes", "vif_route_qubes.cli")
 
 
 def _prog() -> str:
     return os.path.basename(sys.argv[0]) or "vif-route-qubes"
 
 
-def _run(entry: str) -> None:
+def run(entry: str, module: str) -> None:
+    """Offer the event of command `entry` (a name of the served-commands entry
+    point group, see server/commands.py) to the server, else run `module`.main()."""
     mode = os.environ.get("VIF_ROUTE_SERVER", "")
     if mode == "off":
-        in_process(entry, "VIF_ROUTE_SERVER=off")
+        in_process(module, "VIF_ROUTE_SERVER=off")
     try:
         status = offer(entry)
     except Unserved as exc:
         if mode == "require":
             sys.stderr.write(f"{_prog()}: no server took the event ({exc}) and VIF_ROUTE_SERVER=require\n")
             sys.exit(1)
-        in_process(entry, str(exc))
+        in_process(module, str(exc))
     except KeyboardInterrupt:
         status = 130
     for stream in (sys.stdout, sys.stderr):
@@ -61,12 +58,12 @@ def _run(entry: str) -> None:
     os._exit(status)  # nothing to tear down: the event ran in the server's child
 
 
-def in_process(entry: str, reason: str) -> None:
+def in_process(module: str, reason: str) -> None:
     """Run the event here, as the in-process entry does; never returns."""
     import importlib
 
     note_mode(f"run in-process ({reason})")
-    importlib.import_module(ENTRIES[entry]).main()
+    importlib.import_module(module).main()
     sys.exit(0)
 
 

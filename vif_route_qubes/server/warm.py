@@ -17,7 +17,10 @@ import os
 import pkgutil
 import sys
 
-PACKAGES = ("vif_route_qubes", "setup_dnat_to_ns")
+from vif_route_qubes.server.commands import served
+
+# This package and those of the commands it serves (the DNS command's).
+PACKAGES = tuple(dict.fromkeys(["vif_route_qubes", *(module.split(".")[0] for module in served().values())]))
 LIBRARIES = ("click", "pyroute2", "sh")
 
 
