@@ -17,7 +17,7 @@ from pathlib import Path
 from hypothesis import strategies as st
 
 from setup_dnat_to_ns import resolvers
-from vif_route_qubes import (apply, cli as vif_cli, init, ipt_state, lock, loghandlers, quickexit, raw_index, sources,
+from vif_route_qubes import (apply, cli as vif_cli, init, ipt_state, lock, loghandlers, quickexit, sources,
                              vif)
 from vif_route_qubes.model import VifFacts
 
@@ -248,7 +248,6 @@ class Sandbox:
         for module in (vif, lock):
             monkeypatch.setattr(module, "locked", lambda *a, **k: contextlib.nullcontext())
         monkeypatch.setattr(apply, "Applier", Recorder)
-        monkeypatch.setattr(raw_index, "open_session", lambda lock_file: None)  # no netlink, no /run folder
         monkeypatch.setattr(ipt_state, "save", lambda jobs: ["" for _ in jobs])
         monkeypatch.setattr(init, "run_init", lambda *a, **k: 0)
         # As if /dev/log were there: records go through StrictSyslog.

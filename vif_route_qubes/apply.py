@@ -14,9 +14,9 @@ import subprocess
 import time
 
 from vif_route_qubes import logsetup, netlink, sources
-from vif_route_qubes.batch import (Addr, Batch, ConntrackPurge, Exec, Group, Hook, Link, Neigh, Note, Nft, RawDelete,
-                                   Rename, ReturnLink,
-                                   Restore, Route, Run, Sysctl, XenstoreWrite)
+from vif_route_qubes.batch import (Addr, Batch, ConntrackPurge, Exec, Group, Hook, IpsetCreate, IpsetDestroy,
+                                   IpsetElements, Link, Neigh, Note, Nft, Rename, ReturnLink, Restore, Route, Run,
+                                   Sysctl, XenstoreWrite)
 from vif_route_qubes.errors import VifError
 
 log = logsetup.get_logger("vif-route-qubes")
@@ -26,11 +26,10 @@ RESTORE_TIMEOUT = 30.0
 class Applier:
     def __init__(self, lock_fd: int | None = None) -> None:
         self._rtnl = None
+        self._ipsets = None
         # Children that change the system keep the lock alive if we are killed.
         self._fds = (lock_fd,) if lock_fd is not None else ()
         self.timings: list[tuple[str, float]] = []  # (step kind, seconds), for the benchmark
-        # Processes whose nftables commits are ours: raw_index follows their changes.
-        self.nft_writers: set[int] = {os.getpid()}
 
     def __enter__(self) -> "Applier":
         return self
@@ -38,6 +37,8 @@ class Applier:
     def __exit__(self, *exc) -> None:
         if self._rtnl is not None:
             self._rtnl.close()
+        if self._ipsets is not None:
+            self._ipsets.close()
 
     @property
     def rtnl(self) -> netlink.Netlink:
@@ -69,7 +70,6 @@ class Applier:
                                     stderr=subprocess.PIPE, text=True, pass_fds=self._fds)
         except FileNotFoundError:
             raise VifError(f"{tool} is not installed") from None
-        self.nft_writers.add(proc.pid)
         try:
             _, stderr = proc.communicate(step.text, timeout=RESTORE_TIMEOUT)
         except subprocess.TimeoutExpired:
@@ -80,15 +80,27 @@ class Applier:
             detail = " ".join(stderr.split())[:300] or f"exit {proc.returncode}"
             raise VifError(f"{tool} failed: {detail}")
 
-    def _rawdelete(self, step: RawDelete) -> None:
-        from vif_route_qubes.ipt_netlink import raw_delete
+    @property
+    def ipsets(self):
+        if self._ipsets is None:
+            from vif_route_qubes.system.ipset import Ipsets
 
-        try:
-            raw_delete(step.ops)
-        except OSError as exc:
-            chains = sorted({chain for _, _, chain, _ in step.ops})
-            raise VifError(f"deleting rules of {', '.join(chains)} (one nftables transaction, nothing applied) "
-                           f"failed: {exc.strerror or exc}") from None
+            self._ipsets = Ipsets()
+        return self._ipsets
+
+    def _ipsetcreate(self, step: IpsetCreate) -> None:
+        self.ipsets.create(step.name, step.stype, step.family)
+
+    def _ipsetelements(self, step: IpsetElements) -> None:
+        from vif_route_qubes.antispoof_ipt import set_name
+
+        for change in step.changes:
+            entry = (change.address, change.vif) if change.vif else (change.address,)
+            call = self.ipsets.add if change.add else self.ipsets.delete
+            call(set_name(change.set, change.version), change.version, entry)
+
+    def _ipsetdestroy(self, step: IpsetDestroy) -> None:
+        self.ipsets.destroy(step.name)
 
     def _exec(self, step: Exec) -> None:
         try:

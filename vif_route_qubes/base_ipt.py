@@ -2,14 +2,14 @@
 
 Ours, flushed and refilled:  nat QBS-POSTROUTING, filter QBS-BASE-INPUT and
 QBS-BASE-FORWARD.  Made when missing and never flushed (others fill them):
-raw QBS-ANTISPOOF (per-vif rules), nat PR-QBS (DNS DNAT, owned by
+raw QBS-ANTISPOOF (the static anti-spoofing rules, on ipsets), nat PR-QBS (DNS DNAT, owned by
 qubes-setup-dnat-to-ns), nat PR-QBS-SERVICES, filter QBS-INPUT and QBS-FORWARD
 (the firewall daemon's and the user's).  Built-in chains only get jumps,
 check-then-insert.
 """
 
 from vif_route_qubes import antispoof_ipt
-from vif_route_qubes.ipt_state import EMPTY_TABLE, TableState, delete, ensure_chain, ensure_jump, sync_chain
+from vif_route_qubes.ipt_state import EMPTY_TABLE, TableState, ensure_chain, ensure_jump, sync_chain
 
 HOOK_CHAINS = {"nat": ("PR-QBS", "PR-QBS-SERVICES"), "filter": ("QBS-INPUT", "QBS-FORWARD")}
 
@@ -43,13 +43,9 @@ def base_forward(family: int, routed: bool) -> tuple[str, ...]:
             f"-A {c} -o vif+ -j DROP")
 
 
-def _raw(state: TableState) -> list[str]:
-    out = ensure_chain(state, antispoof_ipt.DISPATCH)
-    prerouting = state.rules_of("PREROUTING")
-    if antispoof_ipt.BASE_JUMP not in prerouting:
-        out += [delete(line) for line in prerouting if line == antispoof_ipt.JUMP]
-        out += ensure_jump(EMPTY_TABLE, "PREROUTING", antispoof_ipt.BASE_JUMP)
-    return out
+def _raw(state: TableState, family: int) -> list[str]:
+    # The static anti-spoofing rules (the sets are made before this restore runs).
+    return antispoof_ipt.static_lines(state, family, base=True)
 
 
 def _nat(state: TableState, family: int) -> list[str]:
@@ -77,7 +73,7 @@ def plan_base(tables: dict[str, TableState], family: int, routed: bool) -> str |
     `routed` is whether this family is forwarded for the VMs (always for IPv4;
     for IPv6 when qubesdb has /qubes-netvm-gateway6).
     """
-    sections = [("raw", _raw(tables.get("raw", EMPTY_TABLE))),
+    sections = [("raw", _raw(tables.get("raw", EMPTY_TABLE), family)),
                 ("filter", _filter(tables.get("filter", EMPTY_TABLE), family, routed))]
     if family == 4 or routed:
         sections.append(("nat", _nat(tables.get("nat", EMPTY_TABLE), family)))

@@ -2,7 +2,7 @@
 
 from contextlib import nullcontext
 
-from vif_route_qubes import base_ipt, ipt_state, logsetup, parse, sources
+from vif_route_qubes import antispoof_ipt, base_ipt, ipt_state, logsetup, parse, sources
 from vif_route_qubes.batch import Batch, Nft, Restore, Sysctl
 from vif_route_qubes.errors import VifError
 from vif_route_qubes.lock import locked
@@ -28,8 +28,12 @@ def read_init_inputs(gateway6: str | None) -> InitInputs:
     return InitInputs(ipv6=bool(gateway6))
 
 
-def plan_init(inp: InitInputs, save4: str, save6: str) -> Batch:
-    steps = []
+def plan_init(inp: InitInputs, save4: str, save6: str, sets: dict) -> Batch:
+    """The base of both families; the anti-spoofing sets (filled from the old
+    per-vif layout, if any) before the restores whose rules use them."""
+    tables = {4: ipt_state.parse_save(save4), 6: ipt_state.parse_save(save6)}
+    raw = {v: tables[v].get("raw", ipt_state.EMPTY_TABLE) for v in (4, 6)}
+    steps = [step for step in antispoof_ipt.plan_static(raw, sets, base=True) if not isinstance(step, Restore)]
     for family, text, routed in ((4, save4, True), (6, save6, inp.ipv6)):
         rules = base_ipt.plan_base(ipt_state.parse_save(text), family, routed)
         if rules:
@@ -60,7 +64,12 @@ def run_init(inp: InitInputs, firewall: str, dry_run: bool, lock_file: str, lock
 
             batch = plan_init_nft(inp, nft_state.read_state())
         else:
-            batch = plan_init(inp, *ipt_state.save_both())
+            from vif_route_qubes.facts.ipsets import read_sets
+            from vif_route_qubes.system.ipset import Ipsets
+
+            with Ipsets() as ipsets:
+                sets = read_sets(ipsets)
+            batch = plan_init(inp, *ipt_state.save_both(), sets)
         if dry_run:
             out.write(batch.render())
             return 0

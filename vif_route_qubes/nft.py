@@ -146,22 +146,19 @@ DNAT_SPEC = "type nat hook prerouting priority dstnat; policy accept;"
 
 
 def vif_elements(version: int, table: NftTable | None, vif: str, addrs: tuple, enable: bool) -> list[str]:
-    """Element changes that make this vif's pairs exactly `addrs` (online) or none (offline)."""
-    f = FAMILIES[version]
-    want = {str(a) for a in addrs if a.version == version} if enable else set()
-    have = {addr for name, addr in (table.allowed if table else ()) if name == vif}
-    have_down = table.downstream if table else frozenset()
-    out = []
-    for addr in sorted(have - want):
-        out.append(f'delete element {f} {TABLE} allowed {{ "{vif}" . {addr} }}')
-        if addr in have_down:
-            out.append(f"delete element {f} {TABLE} downstream {{ {addr} }}")
-    for addr in sorted(want):
-        if addr not in have:
-            out.append(f'add element {f} {TABLE} allowed {{ "{vif}" . {addr} }}')
-        if addr not in have_down:
-            out.append(f"add element {f} {TABLE} downstream {{ {addr} }}")
-    return out
+    """Element changes that make this vif's pairs exactly `addrs` (online) or none (offline):
+    the shared planner's (plan/elements.py), rendered for nft."""
+    from vif_route_qubes.plan import elements
+
+    held = elements.of_pairs(vif, ((n, a) for n, a in table.allowed) if table else (),
+                             table.downstream if table else ())
+    return [render_element(change) for change in elements.changes(vif, version, addrs, enable, held)]
+
+
+def render_element(change) -> str:
+    verb = "add" if change.add else "delete"
+    key = f'"{change.vif}" . {change.address}' if change.vif else change.address
+    return f"{verb} element {FAMILIES[change.version]} {TABLE} {change.set} {{ {key} }}"
 
 
 def is_base(table: NftTable) -> bool:
