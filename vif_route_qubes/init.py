@@ -41,11 +41,13 @@ def plan_init(inp: InitInputs, save4: str, save6: str, sets: dict) -> Batch:
     return Batch("vif-route-qubes init", tuple(steps + forwarding(inp)))
 
 
-def plan_init_nft(inp: InitInputs, state) -> Batch:
+def plan_init_nft(inp: InitInputs, state, rules: dict | None = None) -> Batch:
+    """`rules`: (version, chain) -> the rules of an existing anti-spoofing chain, refilled when they differ."""
     from vif_route_qubes import nft
 
     lines = [line for version, routed in ((4, True), (6, inp.ipv6))
              for line in nft.base_objects(version, state.table(version), routed)]
+    lines += [line for version in (4, 6) for line in nft.repair_antispoof(version, rules or {})]
     steps = [Nft("\n".join(lines) + "\n")] if lines else []
     return Batch("vif-route-qubes init", tuple(steps + forwarding(inp)))
 
@@ -62,7 +64,10 @@ def run_init(inp: InitInputs, firewall: str, dry_run: bool, lock_file: str, lock
         if firewall == "nft":
             from vif_route_qubes import nft_state
 
-            batch = plan_init_nft(inp, nft_state.read_state())
+            state = nft_state.read_state()
+            rules = {(v, chain): nft_state.chain_rules(v, chain) for v, table in state.tables.items()
+                     for chain in ("antispoof", "prerouting") if chain in table.chains}
+            batch = plan_init_nft(inp, state, rules)
         else:
             from vif_route_qubes.facts.ipsets import read_sets
             from vif_route_qubes.system.ipset import Ipsets

@@ -101,11 +101,31 @@ def antispoof_objects(version: int, table: NftTable | None) -> list[str]:
     if not (table and table.has_sets):
         out += [f"add set {f} {TABLE} downstream {{ type {ADDR_TYPE[version]}; }}",
                 f"add set {f} {TABLE} allowed {{ type ifname . {ADDR_TYPE[version]}; }}"]
+    rules = antispoof_chain_rules(version)
     if "antispoof" not in have:
-        out += _base_chain(f, "antispoof", "", [f"iifname . {SADDR[version]} @allowed accept", "counter drop"])
+        out += _base_chain(f, "antispoof", "", list(rules["antispoof"]))
     if "prerouting" not in have:
-        out += _base_chain(f, "prerouting", "type filter hook prerouting priority raw; policy accept;",
-                           [f"iifgroup {VIF_GROUP} goto antispoof", f"{SADDR[version]} @downstream counter drop"])
+        out += _base_chain(f, "prerouting", PREROUTING_SPEC, list(rules["prerouting"]))
+    return out
+
+
+PREROUTING_SPEC = "type filter hook prerouting priority raw; policy accept;"
+
+
+def antispoof_chain_rules(version: int) -> dict[str, tuple[str, ...]]:
+    """The static anti-spoofing rules, as `nft -s list chain` prints them."""
+    return {"antispoof": (f"iifname . {SADDR[version]} @allowed accept", "counter drop"),
+            "prerouting": (f"iifgroup {VIF_GROUP} goto antispoof", f"{SADDR[version]} @downstream counter drop")}
+
+
+def repair_antispoof(version: int, current: dict) -> list[str]:
+    """`init`: refill an anti-spoofing chain whose rules differ from ours
+    (`current`: (version, chain) -> rules as listed), in the same transaction."""
+    f, out = FAMILIES[version], []
+    for chain, wanted in antispoof_chain_rules(version).items():
+        have = current.get((version, chain))
+        if have is not None and tuple(have) != wanted:
+            out += [f"flush chain {f} {TABLE} {chain}", *(f"add rule {f} {TABLE} {chain} {rule}" for rule in wanted)]
     return out
 
 

@@ -23,3 +23,12 @@ def read_state(vif: str | None = None, addresses: tuple = ()) -> NftState:
     if vif is not None and not others and any(not is_base(t) for t in state.tables.values()):
         state = state._replace(vif_links=vif_group_links())
     return state
+
+
+def chain_rules(version: int, chain: str) -> list[str]:
+    """The rules of one of our chains as `nft -s list chain` prints them (its `type ...` line apart)."""
+    from vif_route_qubes.nft import FAMILIES, TABLE
+
+    lines = [line.strip() for line in run_nft(["-s", "list", "chain", FAMILIES[version], TABLE, chain]).splitlines()]
+    body = lines[next(i for i, line in enumerate(lines) if line.startswith("chain ")) + 1:]
+    return [line for line in body if line and line != "}" and not line.startswith("type ")]

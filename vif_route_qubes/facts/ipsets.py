@@ -1,7 +1,9 @@
 """What the iptables backend's anti-spoofing planner needs, read for one vif:
 the sets' headers (cheap, whatever the number of VMs), the vif's own
 elements tested one by one, and the raw tables only when the static parts
-are missing (or of the old layout) or this may be the last vif's offline."""
+are missing (or of the old layout) or this may be the last vif's offline.
+The `allowed` set is read whole only when it has more pairs than
+`downstream` has addresses (a pair made by hand, or a restarted VM's two vifs)."""
 
 import re
 import socket
@@ -63,6 +65,12 @@ def read_facts(vif: str, addresses: tuple, host_routes: tuple, enable: bool) -> 
             candidates = want | {addr for v, addr, _ in host_routes if v == version}
             mine = {a for a in candidates if sets[allowed].exists and ipsets.test(allowed, version, (a, vif))}
             down = {a for a in candidates if sets[downstream].exists and ipsets.test(downstream, version, (a,))}
+            if sets[allowed].elements > sets[downstream].elements or (want - mine) & down:
+                # More pairs than addresses, or an address of ours with no pair: a pair
+                # changed by hand, or a restarted VM's two vifs.  Only then is the set read whole.
+                extra = {e[0] for e in ipsets.members(allowed) or () if e[1:] == (vif,)} - mine
+                mine |= extra
+                down |= {a for a in extra if ipsets.test(downstream, version, (a,))}
             going = (mine - want if enable else mine) & down
             others = {a for a in going if _held_elsewhere(ipsets, version, a, vif)}
             held[version] = elements.Held(frozenset(mine), frozenset(down), frozenset(others))
