@@ -157,9 +157,10 @@ def stale_drift(view: AntispoofView, vif: str) -> list[tuple[str, str, str]]:
     return [(vif, "stale", f"stale anti-spoofing elements for {' '.join(addrs)} (no such interface)")]
 
 
-def foreign_drift(view: AntispoofView) -> list[tuple[str, str, str]]:
+def foreign_drift(view: AntispoofView, expected: frozenset = frozenset()) -> list[tuple[str, str, str]]:
     """Elements no vif event made: a pair for a name that is no vif, a
-    downstream address that no pair holds."""
+    downstream address that no pair holds and no vif is expected to have
+    (`expected`: those are named as the vif's missing pair)."""
     scope = "qubes" if view.backend == "nft" else antispoof_ipt.DISPATCH
     out = []
     for version in (4, 6):
@@ -170,5 +171,5 @@ def foreign_drift(view: AntispoofView) -> list[tuple[str, str, str]]:
                 for name, a in sorted(sets.allowed) if not VIF_NAME.fullmatch(name)]
         held = {a for _, a in sets.allowed}
         out += [(scope, "element-foreign", f"element in {downstream} that no vif holds: {a}")
-                for a in sorted(sets.downstream - held)]
+                for a in sorted(sets.downstream - held - expected)]
     return out

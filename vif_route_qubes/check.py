@@ -326,8 +326,8 @@ def _all_vifs(args, net: NetState) -> list[Drift]:
     args = args._replace(**{f: qdb.get(k, "") for f, k in fill.items()},
                          harden=args.harden if args.harden is not None else bool(qdb.get(inputs.QDB_HARDEN)))
     names = discover(net)
-    out = shared_drift(net) + _drifts(antispoof_drift.foreign_drift(net.fw)) \
-        if any(name in net.links for name in names) else []
+    out = shared_drift(net) if any(name in net.links for name in names) else []
+    expected = set()
     for name in names:
         if name not in net.links:
             out += stale_drift(name, net)
@@ -339,10 +339,12 @@ def _all_vifs(args, net: NetState) -> list[Drift]:
             addresses = tuple(antispoof_drift.addresses_of(net.fw, name))
             vif_args = args._replace(vif=name, xenbus_path=None, addresses=addresses)
         try:
-            out += vif_drift(inputs.read_vif_inputs(vif_args), net)
+            vif_inp = inputs.read_vif_inputs(vif_args)
+            expected |= {str(a) for a in vif_inp.addresses}
+            out += vif_drift(vif_inp, net)
         except InputError as exc:
             out.append(Drift(name, "bad-input", str(exc)))
-    return out
+    return out + _drifts(antispoof_drift.foreign_drift(net.fw, frozenset(expected)))
 
 
 def run_vif_check(params: dict, every: bool, as_json: bool, out=sys.stdout) -> int:
