@@ -170,8 +170,7 @@ def vif_elements(version: int, table: NftTable | None, vif: str, addrs: tuple, e
     the shared planner's (plan/elements.py), rendered for nft."""
     from vif_route_qubes.plan import elements
 
-    held = elements.of_pairs(vif, ((n, a) for n, a in table.allowed) if table else (),
-                             table.downstream if table else ())
+    held = elements.of_pairs(vif, table.allowed if table else (), table.downstream if table else ())
     return [render_element(change) for change in elements.changes(vif, version, addrs, enable, held)]
 
 

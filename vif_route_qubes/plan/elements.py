@@ -48,5 +48,6 @@ def changes(vif: str, version: int, addrs: tuple, enable: bool, held: Held) -> l
 
 def of_pairs(vif: str, pairs, downstream) -> Held:
     """Held from a full read of the sets ((vif, address) pairs and downstream addresses)."""
+    pairs = tuple(pairs)
     mine = frozenset(a for name, a in pairs if name == vif)
     return Held(mine, frozenset(downstream), frozenset(a for name, a in pairs if name != vif))
