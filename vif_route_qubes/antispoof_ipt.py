@@ -153,15 +153,19 @@ def plan_vif(facts: IptFacts, vif: str, addrs: tuple, enable: bool) -> list:
     """This vif's steps: its element changes, and the static parts when an
     online finds them missing (or the old layout), or the last offline goes."""
     steps = []
-    if not static_ok(facts.sets) and facts.raw is not None:
-        old = any(facts.raw[v].has(DISPATCH) or old_chains(facts.raw[v]) for v in (4, 6))
-        if enable or old:
-            steps += plan_static(facts.raw, facts.sets, base=False, skip=None if enable else vif)
+    raw, made = facts.raw, static_ok(facts.sets)
+    old = raw is not None and any(old_chains(raw[v]) for v in (4, 6))
+    # Offline: the static parts go with the last vif (when an online made them),
+    # also half made or half removed by a killed event; otherwise, and online,
+    # missing parts are made and the old layout is migrated.
+    last = not enable and raw is not None and not old and bool(teardown(raw, facts.sets, facts.held))
+    if not made and raw is not None and not last and (enable or old or any(raw[v].has(DISPATCH) for v in (4, 6))):
+        steps += plan_static(raw, facts.sets, base=False, skip=None if enable else vif)
     changes = [c for v in (4, 6) for c in elements.changes(vif, v, addrs, enable, facts.held[v])]
     if changes:
         steps.append(IpsetElements(tuple(changes)))
-    if not enable and static_ok(facts.sets) and facts.raw is not None:
-        steps += teardown(facts.raw, facts.sets, facts.held)
+    if last:
+        steps += teardown(raw, facts.sets, facts.held)
     return steps
 
 
