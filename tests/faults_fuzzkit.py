@@ -230,6 +230,14 @@ def facts(inp, *args, **kwargs):
     from vif_route_qubes.mapped import MappedFacts
 
     extra = {"mapped": MappedFacts(False, False)} if "mapped" in VifFacts._fields else {}
+    if "ipt" in VifFacts._fields:  # the ipset layout: no set, no rule yet
+        from vif_route_qubes import antispoof_ipt
+        from vif_route_qubes.ipt_state import EMPTY_TABLE
+        from vif_route_qubes.plan.elements import Held
+        from vif_route_qubes.system.ipset import SetInfo
+
+        extra["ipt"] = antispoof_ipt.IptFacts({name: SetInfo() for name in antispoof_ipt.SET_NAMES},
+                                              {4: Held(), 6: Held()}, {4: EMPTY_TABLE, 6: EMPTY_TABLE})
     return VifFacts(exists=True, rename_pending=inp.rename_from is not None, ipv6_enabled=True, **extra)
 
 

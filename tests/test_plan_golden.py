@@ -459,3 +459,17 @@ def test_nft_offline_in_a_base_table_keeps_it():
 def test_nft_offline_of_a_vanished_interface_only_removes_elements():
     script = offline(inputs("offline"), nft_facts("base-vif37", exists=False))
     assert script == "#!/bin/sh\n# vif-route-qubes offline vif37.0\n" + NFT_DELETE_ELEMENTS + CONNTRACK_27
+
+
+def test_nft_offline_keeps_a_downstream_address_another_vif_holds():
+    """The same element planner as iptables: a restarted VM's new vif holds the
+    address, so the late offline of the old vif deletes only its own pair."""
+    fct = nft_facts("base-vif37")
+    table = fct.nft.table(4)
+    state = fct.nft._replace(tables={**fct.nft.tables, 4: table._replace(
+        allowed=table.allowed | {("vif40.0", "10.137.7.27")})})
+    assert offline(inputs("offline"), fct._replace(nft=state)) == NFT_OFFLINE_HEAD + """\
+nft -f - <<'EOF'
+delete element ip qubes allowed { "vif37.0" . 10.137.7.27 }
+EOF
+""" + CONNTRACK_27
