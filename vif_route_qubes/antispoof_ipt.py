@@ -20,7 +20,7 @@ the rules, so a vif is protected by one layout or the other at every moment.
 import re
 
 from vif_route_qubes.batch import IpsetCreate, IpsetDestroy, IpsetElements, Restore
-from vif_route_qubes.ipt_state import EMPTY_TABLE, TableState, delete, table
+from vif_route_qubes.ipt_state import TableState, delete, table
 from vif_route_qubes.plan import elements
 from vif_route_qubes.records import NamedTuple
 
@@ -109,7 +109,7 @@ def static_lines(state: TableState, version: int, base: bool) -> list[str]:
     prerouting = state.rules_of("PREROUTING")
     keep = BASE_JUMP if base or BASE_JUMP in prerouting else JUMP
     if keep not in prerouting:
-        out.append(f"-I PREROUTING 1" + keep[len("-A PREROUTING"):])
+        out.append("-I PREROUTING 1" + keep[len("-A PREROUTING"):])
     kept = False
     for line in prerouting:
         if line == keep and not kept:
