@@ -1,8 +1,9 @@
 """Thin wrappers of pyroute2's IPSet: plain values in (names, 4/6, tuples of
 strings), errors mapped once to VifError, "already there" and "already gone"
-tolerated.  One socket per event (`open_ipset`)."""
+tolerated.  One socket per event (`Ipsets`, a context manager)."""
 
 import errno
+import os
 import socket
 from typing import NamedTuple
 
@@ -10,7 +11,6 @@ from vif_route_qubes.errors import VifError
 
 AF = {4: socket.AF_INET, 6: socket.AF_INET6}
 IPSET_FLAG_LIST_HEADER = 1 << 2  # uapi linux/netfilter/ipset/ip_set.h: list the header only
-IPSET_ERR_BUSY = 4102            # a set still referenced by a rule cannot be destroyed
 
 
 class SetInfo(NamedTuple):
@@ -20,15 +20,12 @@ class SetInfo(NamedTuple):
 
 
 def _fail(what: str, exc: Exception) -> VifError:
+    """One line naming the operation and the kernel's reason (pyroute2 gives ipset's own text)."""
     code = getattr(exc, "code", None) or getattr(exc, "errno", None)
     reason = getattr(exc, "strerror", None) or (exc.args[1] if len(exc.args) > 1 else str(exc))
-    return VifError(f"ipset {what}: {reason or os_reason(code)}")
-
-
-def os_reason(code) -> str:
-    import os
-
-    return os.strerror(code) if isinstance(code, int) and code < 4096 else f"error {code}"
+    if not reason:
+        reason = os.strerror(code) if isinstance(code, int) and code < 4096 else f"error {code}"
+    return VifError(f"ipset {what}: {reason}")
 
 
 class Ipsets:
