@@ -241,11 +241,12 @@ def scale_bench(netns, env, runs):
 
 
 def protected(ns) -> tuple[int, int]:
-    """(how many vifs have their anti-spoofing in place: per-vif chains
-    (iptables) or distinct interfaces in the `allowed` set (nft), how many
+    """(how many vifs have their anti-spoofing in place: distinct interfaces in
+    ipset qbs-allowed4 (iptables) or in the `allowed` set (nft), how many
     rules are there twice)."""
     rules = subprocess.run(in_ns(ns, ["iptables-save", "-t", "raw"]), capture_output=True, text=True).stdout
-    chains = sum(1 for line in rules.splitlines() if line.startswith(":QBS-AS-"))
+    saved = subprocess.run(in_ns(ns, ["ipset", "save", "qbs-allowed4"]), capture_output=True, text=True).stdout
+    chains = len({line.rsplit(",", 1)[1] for line in saved.splitlines() if line.startswith("add ")})
     dispatch = [line for line in rules.splitlines() if line.startswith("-A QBS-")]
     twice = len(dispatch) - len(set(dispatch))
     listing = subprocess.run(in_ns(ns, ["nft", "-j", "list", "set", "ip", "qubes", "allowed"]), capture_output=True,

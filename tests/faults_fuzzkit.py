@@ -15,7 +15,7 @@ from pathlib import Path
 
 from hypothesis import strategies as st
 
-from vif_route_qubes import (apply, cli as vif_cli, init, ipt_state, lock, logsetup, raw_index, sources, vif)
+from vif_route_qubes import (apply, cli as vif_cli, init, ipt_state, lock, logsetup, sources, vif)
 from vif_route_qubes.model import VifFacts
 from vif_route_qubes.system import tools
 
@@ -230,6 +230,14 @@ def facts(inp, *args, **kwargs):
     from vif_route_qubes.mapped import MappedFacts
 
     extra = {"mapped": MappedFacts(False, False)} if "mapped" in VifFacts._fields else {}
+    if "ipt" in VifFacts._fields:  # the ipset layout: no set, no rule yet
+        from vif_route_qubes import antispoof_ipt
+        from vif_route_qubes.ipt_state import EMPTY_TABLE
+        from vif_route_qubes.plan.elements import Held
+        from vif_route_qubes.system.ipset import SetInfo
+
+        extra["ipt"] = antispoof_ipt.IptFacts({name: SetInfo() for name in antispoof_ipt.SET_NAMES},
+                                              {4: Held(), 6: Held()}, {4: EMPTY_TABLE, 6: EMPTY_TABLE})
     return VifFacts(exists=True, rename_pending=inp.rename_from is not None, ipv6_enabled=True, **extra)
 
 
@@ -244,7 +252,6 @@ class Sandbox:
         for module in (vif, lock):
             monkeypatch.setattr(module, "locked", lambda *a, **k: contextlib.nullcontext())
         monkeypatch.setattr(apply, "Applier", Recorder)
-        monkeypatch.setattr(raw_index, "open_session", lambda lock_file: None)  # no netlink, no /run folder
         monkeypatch.setattr(ipt_state, "save", lambda jobs: ["" for _ in jobs])
         monkeypatch.setattr(init, "run_init", lambda *a, **k: 0)
         # As if /dev/log were there: records go through StrictSyslog.

@@ -2,8 +2,9 @@
 backends (the `backend` fixture): what they assert stays the same, only where
 it is read differs.
 
-  iptables  the raw tables: QBS-ANTISPOOF jumps to QBS-AS-<vif>, which RETURNs
-            the VM's addresses and DROPs the rest
+  iptables  the raw tables: PREROUTING jumps to QBS-ANTISPOOF, whose static rules
+            drop from vif+ what is not in qbs-allowedN (address,vif) and from
+            any other interface what is in qbs-downstreamN
   nft       the `ip qubes` / `ip6 qubes` tables: `"<vif>" . <addr>` elements of
             the `allowed` sets, each address in `downstream`, the vif in
             interface group 2 (what `prerouting` sends to `antispoof`)
@@ -29,14 +30,57 @@ def antispoof_text(ns, backend: str) -> str:
     """Where the anti-spoofing state lives, as text."""
     if backend == "nft":
         return nft_tables(ns)
-    return ns.out("iptables-save -t raw") + ns.out("ip6tables-save -t raw")
+    return ns.out("iptables-save -t raw") + ns.out("ip6tables-save -t raw") + ns.out("ipset save")
 
 
 def has_shared_objects(ns, backend: str) -> bool:
-    """Whether what all vifs share is there: the QBS-ANTISPOOF chains, or the qubes tables."""
+    """Whether what all vifs share is there: the QBS-ANTISPOOF chains and the ipsets, or the qubes tables."""
     if backend == "nft":
         return bool(nft_tables(ns).strip())
-    return "QBS-" in antispoof_text(ns, "iptables")
+    return "QBS-" in antispoof_text(ns, "iptables") or "qbs-" in ns.out("ipset list -n")
+
+
+IPT_STATIC = {
+    4: ("-A QBS-ANTISPOOF -i vif+ -m set ! --match-set qbs-allowed4 src,src -j DROP",
+        "-A QBS-ANTISPOOF ! -i vif+ -m set --match-set qbs-downstream4 src -j DROP"),
+    6: ("-A QBS-ANTISPOOF -i vif+ -m set ! --match-set qbs-allowed6 src,src -j DROP",
+        "-A QBS-ANTISPOOF ! -i vif+ -m set --match-set qbs-downstream6 src -j DROP"),
+}
+
+
+def ipset_members(ns, name: str) -> list[str] | None:
+    """The elements of an ipset as `ipset save` prints them (`ADDR,VIF` or `ADDR`); None when missing."""
+    result = ns.sh(f"ipset save {name}", check=False)
+    if result.returncode != 0:
+        return None
+    return [line.split(" ", 2)[2] for line in result.stdout.splitlines() if line.startswith(f"add {name} ")]
+
+
+def ipt_problems(ns, vif: str, own: dict) -> list[str]:
+    """What is missing of `vif`'s iptables anti-spoofing: the static rules first in
+    QBS-ANTISPOOF (jumped to from raw PREROUTING, nothing before them that
+    accepts), qbs-allowedN holding exactly `vif`'s own addresses, qbs-downstreamN
+    holding each of them."""
+    problems = []
+    for version, tool in ((4, "iptables-save"), (6, "ip6tables-save")):
+        raw = ns.out(f"{tool} -t raw").splitlines()
+        prerouting = [line for line in raw if line.startswith("-A PREROUTING ")]
+        if not prerouting or not re.fullmatch(r"-A PREROUTING (.* )?-j QBS-ANTISPOOF", prerouting[0]):
+            problems.append(f"{tool}: raw PREROUTING does not jump to QBS-ANTISPOOF first: {prerouting}")
+        chain = [line for line in raw if line.startswith("-A QBS-ANTISPOOF ")]
+        if tuple(chain[:2]) != IPT_STATIC[version]:
+            problems.append(f"{tool}: QBS-ANTISPOOF does not start with the static rules: {chain}")
+        allowed = ipset_members(ns, f"qbs-allowed{version}")
+        downstream = ipset_members(ns, f"qbs-downstream{version}")
+        if allowed is None or downstream is None:
+            problems.append(f"ipset qbs-allowed{version} or qbs-downstream{version} missing")
+            continue
+        mine = {entry.rsplit(",", 1)[0] for entry in allowed if entry.rsplit(",", 1)[1] == vif}
+        if mine != own[version]:
+            problems.append(f"qbs-allowed{version} lets {mine} through instead of {own[version]}")
+        if missing := own[version] - set(downstream):
+            problems.append(f"qbs-downstream{version} lacks {missing}")
+    return problems
 
 
 def nft_set(ns, family: str, name: str) -> list:
@@ -62,14 +106,14 @@ def antispoof_sources(ns, backend: str, vif: str) -> set[str]:
             assert not missing, f"{family} qubes downstream lacks {missing}"
             sources |= mine
         return sources
-    rules = antispoof_text(ns, "iptables")
-    chain = re.escape(f"QBS-AS-{vif}")
-    for save in rules.split("COMMIT"):
-        if f"QBS-AS-{vif}" in save:
-            assert re.findall(rf"^-A {chain} .*$", save, re.M)[-1] == f"-A QBS-AS-{vif} -j DROP", save
-            assert f'-A QBS-ANTISPOOF -i {vif} -m comment --comment "{vif}" -j QBS-AS-{vif}\n' in save, save
-    assert rules.count(f"-A QBS-AS-{vif} -j DROP") == 2, rules  # IPv4 and IPv6
-    return set(re.findall(rf"^-A {chain} -s (\S+)/\d+ -j RETURN$", rules, re.M))
+    sources = set()
+    for version in (4, 6):
+        allowed = ipset_members(ns, f"qbs-allowed{version}") or []
+        mine = {entry.rsplit(",", 1)[0] for entry in allowed if entry.rsplit(",", 1)[1] == vif}
+        sources |= mine
+    problems = ipt_problems(ns, vif, {4: {a for a in sources if ":" not in a}, 6: {a for a in sources if ":" in a}})
+    assert not problems, problems
+    return sources
 
 
 def nft_stand_in(on_change: str) -> str:
@@ -106,8 +150,8 @@ def nft_chain_rules(listing: str, chain: str) -> list[str] | None:
 def guard_problems(ns, backend: str, vif: str, own4: set[str], own6: set[str]) -> list[str]:
     """What is missing of `vif`'s anti-spoofing (README layout), per family; own4 and
     own6 are the sources it must let through, everything else from it is dropped.
-      iptables  PREROUTING jumps to QBS-ANTISPOOF, which dispatches `vif` to
-                QBS-AS-<vif>: RETURNs of exactly the own addresses, then DROP
+      iptables  PREROUTING jumps first to QBS-ANTISPOOF, which starts with the
+                static rules; qbs-allowedN holds exactly `vif`,own, qbs-downstreamN own
       nft       `vif` in group 2; prerouting (raw) sends group 2 to antispoof
                 first; antispoof accepts @allowed, accepts nothing else, ends in
                 drop; allowed holds exactly `vif` . own, downstream holds own"""
@@ -138,18 +182,4 @@ def guard_problems(ns, backend: str, vif: str, own4: set[str], own6: set[str]) -
             if missing := own - set(nft_set(ns, family, "downstream")):
                 problems.append(f"{family}: downstream lacks {missing}")
         return problems
-    for tool, own in (("iptables-save", own4), ("ip6tables-save", own6)):
-        raw = ns.out(f"{tool} -t raw").splitlines()
-        chain = f"QBS-AS-{vif}"
-        body = [line for line in raw if line.startswith(f"-A {chain} ")]
-        if not any(re.fullmatch(r"-A PREROUTING (.* )?-j QBS-ANTISPOOF", line) for line in raw):
-            problems.append(f"{tool}: no jump to QBS-ANTISPOOF")
-        if not any(line.startswith(f"-A QBS-ANTISPOOF -i {vif} ") and line.endswith(f"-j {chain}")
-                   for line in raw):
-            problems.append(f"{tool}: no dispatch to {chain}")
-        if not body or body[-1] != f"-A {chain} -j DROP":
-            problems.append(f"{tool}: {chain} does not end in DROP: {body}")
-        allowed = {m.group(1) for line in body if (m := re.match(rf"-A {chain} -s (\S+)/\d+ -j RETURN$", line))}
-        if allowed != own:
-            problems.append(f"{tool}: {chain} lets {allowed} through instead of {own}")
-    return problems
+    return ipt_problems(ns, vif, {4: own4, 6: own6})

@@ -7,6 +7,7 @@ collide and leftovers are recognisable.
 
 import itertools
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -214,6 +215,10 @@ def state_of(ns: Namespace) -> str:
     for cmd in ("iptables-save", "ip6tables-save"):
         text = ns.out(cmd)
         parts.append("\n".join(line for line in text.splitlines() if not line.startswith("#")))
+    # The ipsets (iptables backend), in a stable order; a set's hash seed is random.
+    members = ns.sh("ipset save", check=False).stdout
+    parts.append("$ ipset save\n" + "\n".join(sorted(re.sub(r" initval 0x[0-9a-f]+", "", line)
+                                                  for line in members.splitlines())))
     # The nft backend's tables, stateless (no counters).  Only ours: the nft
     # view of iptables-nft's own tables shows artefacts iptables-save hides.
     for family in ("ip", "ip6"):

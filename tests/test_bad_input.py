@@ -235,11 +235,9 @@ def all_at_once(proxy, xen, vifcmd, backend, command):
 
 
 def granted_order(state, backend):
-    """The domids in the order the lock let them in: their rules in the dispatch
-    chain (iptables); nft lists set elements sorted, so there the shared
-    gateway's local routes, one per vif in the order they were added."""
-    if backend == "iptables":
-        return re.findall(r'^-A QBS-ANTISPOOF -i vif(\d+)\.0 ', state.split("\n*raw")[0], re.M)
+    """The domids in the order the lock let them in: sets list their elements
+    in their own order (both backends), so the shared gateway's local routes,
+    one per vif in the order they were added."""
     return re.findall(r"^local 10\.137\.8\.1 dev vif(\d+)\.0 table local ", state, re.M)
 
 

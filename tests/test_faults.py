@@ -58,7 +58,8 @@ class Fault(NamedTuple):
 
 
 FAULTS = [
-    Fault("iptables-restore", "iptables-restore", "echo 'injected failure' >&2; exit 1", {}, 1, "base", "error",
+    # The ipsets are made before the restore whose rules use them: they stay (empty, the link down).
+    Fault("iptables-restore", "iptables-restore", "echo 'injected failure' >&2; exit 1", {}, 1, None, "error",
           "iptables-restore", ("iptables",)),
     # The IPv4 restore has succeeded by then: the link must still stay down.
     Fault("ip6tables-restore", "ip6tables-restore", "echo 'injected failure' >&2; exit 1", {}, 1, None, "error",

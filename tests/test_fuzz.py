@@ -103,6 +103,10 @@ def check_plans(inp, allowed, what):
         from vif_route_qubes.mapped import MappedFacts
 
         extra["mapped"] = MappedFacts(netns, netns)
+    if "ipt" in VifFacts._fields:
+        from faults_fuzzkit import facts as empty_facts
+
+        extra["ipt"] = empty_facts(inp).ipt
     facts = VifFacts(exists=True, rename_pending=inp.rename_from is not None, ipv6_enabled=ipv6,
                      backend=backend, nft=nft.NftState({}), **extra)
     for batch in (plan_vif.plan_online(inp, facts), plan_vif.plan_offline(inp._replace(command="offline"), facts)):

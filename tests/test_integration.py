@@ -193,9 +193,9 @@ def test_udev_rules_match_and_run(root, netns, xen):
         assert result.returncode == 0, result.stderr
         if action == "online":
             assert_configured(proxy, xen, path)
-            assert VIF in proxy.out("iptables-save -t raw")  # so that "gone" below means something
+            assert VIF in proxy.out("ipset save")  # its anti-spoofing elements: "gone" below means something
     assert proxy.out(f"ip route show dev {VIF}").strip() == ""
-    assert VIF not in proxy.out("iptables-save -t raw")
+    assert VIF not in proxy.out("ipset save")
 
 
 # -- 3. the Xen hotplug wrapper ---------------------------------------------

@@ -348,9 +348,9 @@ def test_dry_run_prints_everything_and_the_script_makes_the_same_state(netns, xe
     assert twin.xen.xs_read(f"{twin.path}/hotplug-status") is None
 
     name = twin.vifns.name
-    # The ProxyVM's anti-spoofing of the veth end: a restore, or the nft transaction (its
+    # The ProxyVM's anti-spoofing of the veth end: its ipset elements, or the nft transaction (its
     # here-document is EOF; the mapped namespace's is NFT), then the vif's group 2 before it is up.
-    firewall = (["iptables-restore"] if backend == "iptables"
+    firewall = (["ipset add -exist qbs-allowed4 "] if backend == "iptables"
                 else ["nft -f - <<'EOF'\n", f"ip link set dev {VIF} group 2\nip link set dev {VIF} up\n"])
     in_order = [f"ip netns add {name}\n", f"ip link set dev {VIF} netns {name}\n",
                 f"ip link add {VIF} address fe:ff:ff:ff:ff:ff type veth peer name uplink address {VM_MAC} netns {name}\n",

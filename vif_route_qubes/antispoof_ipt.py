@@ -1,29 +1,52 @@
-"""Anti-spoofing in the iptables raw table: parse what is there, plan the change.
+"""Anti-spoofing of the iptables backend: ipsets read by a few static rules.
 
-Layout (all ours, by name):
-  raw PREROUTING  -j QBS-ANTISPOOF                       (inserted once, first)
-  QBS-ANTISPOOF   -i vifD.N  -j QBS-AS-vifD.N             (one per vif)
-                  -s ADDR ! -i vif+ -j DROP               (one per VM address)
-  QBS-AS-vifD.N   -s ADDR -j RETURN ... -j DROP           (flushed and refilled)
-Rules in QBS-ANTISPOOF carry the vif's name as a comment: that is how a vif's
-rules are found again.  Lines are written exactly as iptables-save prints them,
-so "what is there" and "what should be there" compare as text.
+Layout (all ours, by name), per family N = 4 or 6:
+  ipset qbs-allowedN     hash:net,iface   (VM address, vif) pairs
+  ipset qbs-downstreamN  hash:ip          every VM address
+  raw PREROUTING  -j QBS-ANTISPOOF        (inserted first; commented "qubes base" when `init` made it)
+  QBS-ANTISPOOF   -i vif+ -m set ! --match-set qbs-allowedN src,src -j DROP
+                  ! -i vif+ -m set --match-set qbs-downstreamN src -j DROP
+A vif event only adds and deletes its own elements (plan/elements.py), over
+netlink.  The static parts are made by `init`, or by an `online` that finds a
+set missing or unused by any rule (the sets' headers say so, without reading
+a rule); what an online made goes with the last offline.
+
+Until now each vif had a chain QBS-AS-vifD.N and rules in QBS-ANTISPOOF
+(the "old layout"); whoever makes the static parts migrates it: the sets are
+filled from the old rules first, then one iptables-restore per family swaps
+the rules, so a vif is protected by one layout or the other at every moment.
 """
 
-from ipaddress import IPv4Address, IPv6Address
+import re
 
+from vif_route_qubes.batch import IpsetCreate, IpsetDestroy, IpsetElements, Restore
 from vif_route_qubes.ipt_state import TableState, delete, table
+from vif_route_qubes.plan import elements
+from vif_route_qubes.records import NamedTuple
 
 DISPATCH = "QBS-ANTISPOOF"
-PREFIX = "QBS-AS-"
+PREFIX = "QBS-AS-"  # the old layout's per-vif chains
 JUMP = f"-A PREROUTING -j {DISPATCH}"
-# The same jump made by `init`: it marks the chain as part of the base ruleset,
-# which the offline of the last vif leaves in place.
+# The same jump made by `init`: it marks the static parts as the base, which
+# the offline of the last vif leaves in place.
 BASE_JUMP = f'-A PREROUTING -m comment --comment "qubes base" -j {DISPATCH}'
+SET_TYPES = {elements.ALLOWED: "hash:net,iface", elements.DOWNSTREAM: "hash:ip"}
 
 
-def vif_chain(vif: str) -> str:
-    return PREFIX + vif
+def set_name(kind: str, version: int) -> str:
+    return f"qbs-{kind}{version}"
+
+
+SET_NAMES = tuple(set_name(kind, v) for v in (4, 6) for kind in (elements.ALLOWED, elements.DOWNSTREAM))
+
+
+class IptFacts(NamedTuple):
+    """What an event reads: the sets' headers, its own elements, and the raw
+    tables only when static parts are to be made, migrated or removed."""
+
+    sets: dict            # set name -> system.ipset.SetInfo
+    held: dict            # 4, 6 -> elements.Held
+    raw: dict | None = None  # 4, 6 -> TableState
 
 
 def parse_save(text: str) -> TableState:
@@ -31,17 +54,63 @@ def parse_save(text: str) -> TableState:
     return table(text, "raw")
 
 
+def static_rules(version: int) -> tuple[str, ...]:
+    return (f"-A {DISPATCH} -i vif+ -m set ! --match-set {set_name(elements.ALLOWED, version)} src,src -j DROP",
+            f"-A {DISPATCH} ! -i vif+ -m set --match-set {set_name(elements.DOWNSTREAM, version)} src -j DROP")
+
+
+def static_ok(sets: dict) -> bool:
+    """Every set exists and some rule uses it (the static rules were made)."""
+    return all(sets[name].exists and sets[name].references > 0 for name in SET_NAMES)
+
+
 def has_jump(state: TableState) -> bool:
     prerouting = state.rules_of("PREROUTING")
     return JUMP in prerouting or BASE_JUMP in prerouting
 
 
-def extra_jumps(state: TableState) -> list[str]:
-    """Deletions that leave exactly one jump to the dispatch chain (the base one
-    when `init` made it), whatever copies were added by hand."""
+def is_base(state: TableState) -> bool:
+    return BASE_JUMP in state.rules_of("PREROUTING")
+
+
+def old_chains(state: TableState) -> list[str]:
+    return sorted(c for c in state.chains if c.startswith(PREFIX))
+
+
+_OLD_RETURN = re.compile(r"-A QBS-AS-(\S+) -s (\S+)/\d+ -j RETURN")
+_OLD_DOWNSTREAM = re.compile(r'-A QBS-ANTISPOOF -s (\S+)/\d+ ! -i vif\+ -m comment --comment "(\S+)" -j DROP')
+
+
+def old_elements(version: int, state: TableState, skip: str | None = None) -> list[elements.Change]:
+    """The old layout's rules as elements: a chain's RETURNs are its vif's pairs,
+    the dispatch chain's drops the downstream addresses (`skip`: a vif whose
+    offline this is)."""
+    out = []
+    for chain in old_chains(state):
+        for line in state.rules_of(chain):
+            if (m := _OLD_RETURN.fullmatch(line)) and m.group(1) != skip:
+                out.append(elements.Change(True, elements.ALLOWED, version, m.group(2), m.group(1)))
+    for line in state.rules_of(DISPATCH):
+        if (m := _OLD_DOWNSTREAM.fullmatch(line)) and m.group(2) != skip:
+            out.append(elements.Change(True, elements.DOWNSTREAM, version, m.group(1)))
+    return out
+
+
+def static_lines(state: TableState, version: int, base: bool) -> list[str]:
+    """iptables-restore lines (raw table) that leave QBS-ANTISPOOF holding exactly
+    the static rules, one jump to it first in PREROUTING (the base one for
+    `init`, or whichever is there), and no chain of the old layout."""
+    out = []
+    wanted = static_rules(version)
+    if not state.has(DISPATCH) or state.rules_of(DISPATCH) != wanted:
+        out += [f":{DISPATCH} - [0:0]", *wanted]  # declaring a chain in --noflush mode flushes it
+    for chain in old_chains(state):
+        out += [f":{chain} - [0:0]", f"-X {chain}"]
     prerouting = state.rules_of("PREROUTING")
-    keep = BASE_JUMP if BASE_JUMP in prerouting else JUMP
-    out, kept = [], False
+    keep = BASE_JUMP if base or BASE_JUMP in prerouting else JUMP
+    if keep not in prerouting:
+        out.append("-I PREROUTING 1" + keep[len("-A PREROUTING"):])
+    kept = False
     for line in prerouting:
         if line == keep and not kept:
             kept = True
@@ -50,92 +119,57 @@ def extra_jumps(state: TableState) -> list[str]:
     return out
 
 
-def is_base(state: TableState) -> bool:
-    return BASE_JUMP in state.rules_of("PREROUTING")
+def plan_static(raw: dict, sets: dict, base: bool, skip: str | None = None) -> list:
+    """Steps that make the static parts (and migrate the old layout): sets
+    first, filled from the old rules, then the rules in one restore per family."""
+    steps = [IpsetCreate(name, SET_TYPES[name[4:-1]], int(name[-1])) for name in SET_NAMES if not sets[name].exists]
+    fill = [change for v in (4, 6) for change in old_elements(v, raw[v], skip)]
+    if fill:
+        steps.append(IpsetElements(tuple(fill)))
+    for version in (4, 6):
+        lines = static_lines(raw[version], version, base)
+        if lines:
+            steps.append(Restore(version, "\n".join(["*raw", *lines, "COMMIT"]) + "\n"))
+    return steps
 
 
-def dispatch_rules_of(state: TableState, vif: str) -> tuple[str, ...]:
-    tag = f'--comment "{vif}" '
-    return tuple(line for line in state.rules_of(DISPATCH) if tag in line)
+def teardown(raw: dict, sets: dict, held: dict) -> list:
+    """Offline of the last vif, when an online (not `init`) made the static
+    parts: rules, then sets, so that online+offline leaves the state from before."""
+    if any(is_base(raw[v]) or sets[set_name(elements.ALLOWED, v)].elements != len(held[v].mine) for v in (4, 6)):
+        return []
+    steps = []
+    for version in (4, 6):
+        state = raw[version]
+        lines = [delete(line) for line in state.rules_of("PREROUTING") if line == JUMP]
+        if state.has(DISPATCH):
+            lines += [f":{DISPATCH} - [0:0]", f"-X {DISPATCH}"]
+        if lines:
+            steps.append(Restore(version, "\n".join(["*raw", *lines, "COMMIT"]) + "\n"))
+    return steps + [IpsetDestroy(name) for name in SET_NAMES if sets[name].exists]
 
 
-def _host(addr: IPv4Address | IPv6Address) -> str:
-    return f"{addr}/{addr.max_prefixlen}"
+def plan_vif(facts: IptFacts, vif: str, addrs: tuple, enable: bool) -> list:
+    """This vif's steps: its element changes, and the static parts when an
+    online finds them missing (or the old layout), or the last offline goes."""
+    steps = []
+    raw, made = facts.raw, static_ok(facts.sets)
+    old = raw is not None and any(old_chains(raw[v]) for v in (4, 6))
+    # Offline: the static parts go with the last vif (when an online made them),
+    # also half made or half removed by a killed event; otherwise, and online,
+    # missing parts are made and the old layout is migrated.
+    last = not enable and raw is not None and not old and bool(teardown(raw, facts.sets, facts.held))
+    if not made and raw is not None and not last and (enable or old or any(raw[v].has(DISPATCH) for v in (4, 6))):
+        steps += plan_static(raw, facts.sets, base=False, skip=None if enable else vif)
+    changes = [c for v in (4, 6) for c in elements.changes(vif, v, addrs, enable, facts.held[v])]
+    if changes:
+        steps.append(IpsetElements(tuple(changes)))
+    if last:
+        steps += teardown(raw, facts.sets, facts.held)
+    return steps
 
 
-def desired_rules(vif: str, family: int, addrs: tuple) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(dispatch lines, per-vif chain lines) for a vif online with these addresses."""
-    chain = vif_chain(vif)
-    own = [a for a in addrs if a.version == family]
-    dispatch = [f'-A {DISPATCH} -i {vif} -m comment --comment "{vif}" -j {chain}']
-    dispatch += [f'-A {DISPATCH} -s {_host(a)} ! -i vif+ -m comment --comment "{vif}" -j DROP' for a in own]
-    # Only the VM's own addresses, as with nft: not even link-local neighbour
-    # discovery (the VM solicits its global gateway from its global address).
-    body = [f"-A {chain} -s {_host(a)} -j RETURN" for a in own]
-    body.append(f"-A {chain} -j DROP")
-    return tuple(dispatch), tuple(body)
-
-
-def plan_online(state: TableState, vif: str, family: int, addrs: tuple) -> str | None:
-    """iptables-restore input that puts this vif's rules in place, or None if they are."""
-    dispatch, body = desired_rules(vif, family, addrs)
-    chain = vif_chain(vif)
-    current = dispatch_rules_of(state, vif)
-    extra = extra_jumps(state)
-    if (has_jump(state) and not extra and chain in state.chains
-            and sorted(current) == sorted(dispatch) and state.rules_of(chain) == body):
-        return None
-    out = ["*raw"]
-    if DISPATCH not in state.chains:
-        out.append(f":{DISPATCH} - [0:0]")
-    out.append(f":{chain} - [0:0]")  # declaring a chain in --noflush mode flushes it
-    if not has_jump(state):
-        out.append(f"-I PREROUTING 1 -j {DISPATCH}")
-    out += extra
-    out += [delete(line) for line in current]
-    out += list(body)
-    out += list(dispatch)
-    out.append("COMMIT")
-    return "\n".join(out) + "\n"
-
-
-def offline_ops(state: TableState, vif: str) -> list[tuple[str, str, str | None, int | None]]:
-    """What offline removes, in order, as (kind, chain, saved line, rule handle):
-    kind "rule" deletes one rule, "flush" every rule of the chain, "chain" the
-    chain.  The handle is known when the state was read over netlink.
-
-    When no vif is left in the dispatch chain and `init` did not make it part
-    of the base, it goes too, so that online+offline leaves the table exactly
-    as it was.
-    """
-    chain = vif_chain(vif)
-    tag = f'--comment "{vif}" '
-    lines = state.rules_of(DISPATCH)
-    dispatch = list(zip(lines, state.handles_of(DISPATCH) or (None,) * len(lines)))
-    current = [(line, handle) for line, handle in dispatch if tag in line]
-    ops = [("rule", DISPATCH, line, handle) for line, handle in current]
-    if chain in state.chains:
-        ops += [("flush", chain, None, None), ("chain", chain, None, None)]
-    if not is_base(state) and len(dispatch) == len(current) and DISPATCH in state.chains:
-        prerouting = state.rules_of("PREROUTING")
-        numbers = state.handles_of("PREROUTING") or (None,) * len(prerouting)
-        ops += [("rule", "PREROUTING", line, handle) for line, handle in zip(prerouting, numbers) if line == JUMP]
-        ops += [("flush", DISPATCH, None, None), ("chain", DISPATCH, None, None)]
-    return ops
-
-
-def render_ops(ops: list) -> str | None:
-    """iptables-restore input doing `ops`, or None if there is nothing to do."""
-    if not ops:
-        return None
-    out = ["*raw"]
-    for kind, chain, line, _ in ops:
-        # declaring a chain in --noflush mode flushes it
-        out.append(delete(line) if kind == "rule" else f":{chain} - [0:0]" if kind == "flush" else f"-X {chain}")
-    out.append("COMMIT")
-    return "\n".join(out) + "\n"
-
-
-def plan_offline(state: TableState, vif: str) -> str | None:
-    """iptables-restore input that removes every rule of this vif, or None if none is left."""
-    return render_ops(offline_ops(state, vif))
+def render_change(change: elements.Change) -> str:
+    """One element change as the ipset command line that makes it."""
+    key = f"{change.address},{change.vif}" if change.vif else change.address
+    return f"ipset {'add' if change.add else 'del'} -exist {set_name(change.set, change.version)} {key}"

@@ -12,9 +12,9 @@ import os
 import time
 
 from vif_route_qubes import logsetup, sources
-from vif_route_qubes.batch import (Addr, Batch, ConntrackPurge, Exec, Group, Hook, Link, LinkDel, MoveLink, Neigh, Note,
-                                   Nft, RawDelete, Rename, Restore, ReturnLink, Route, Run, Sysctl, VethAdd,
-                                   XenstoreWrite)
+from vif_route_qubes.batch import (Addr, Batch, ConntrackPurge, Exec, Group, Hook, IpsetCreate, IpsetDestroy,
+                                   IpsetElements, Link, LinkDel, MoveLink, Neigh, Note, Nft, Rename, Restore,
+                                   ReturnLink, Route, Run, Sysctl, VethAdd, XenstoreWrite)
 from vif_route_qubes.errors import VifError
 from vif_route_qubes.system import ip, tools
 
@@ -27,14 +27,24 @@ class Applier:
         # Children that change the system keep the lock alive if we are killed.
         self.fds = (lock_fd,) if lock_fd is not None else ()
         self.timings: list[tuple[str, float]] = []  # (step kind, seconds), for the benchmark
-        # Processes whose nftables commits are ours: raw_index follows their changes.
-        self.nft_writers: set[int] = {os.getpid()}
+        self._ipsets = None
 
     def __enter__(self) -> "Applier":
         return self
 
     def __exit__(self, *exc) -> None:
         ip.close()
+        if self._ipsets is not None:
+            self._ipsets.close()
+
+    @property
+    def ipsets(self):
+        """The ipset netlink socket, opened by the first ipset step."""
+        if self._ipsets is None:
+            from vif_route_qubes.system.ipset import Ipsets
+
+            self._ipsets = Ipsets()
+        return self._ipsets
 
     def run(self, batch: Batch) -> None:
         for step in batch.steps:
@@ -61,19 +71,25 @@ def _note(app: Applier, step: Note) -> None:
 
 def _restore(app: Applier, step: Restore) -> None:
     tool = "ip6tables-restore" if step.family == 6 else "iptables-restore"
-    result = app.tool([tool, "-w", "10", "--noflush"], stdin=step.text)
-    app.nft_writers.add(result.pid)
+    app.tool([tool, "-w", "10", "--noflush"], stdin=step.text)
 
 
-def _rawdelete(app: Applier, step: RawDelete) -> None:
-    from vif_route_qubes.ipt_netlink import raw_delete
+def _ipsetcreate(app: Applier, step: IpsetCreate) -> None:
+    app.ipsets.create(step.name, step.stype, step.family)
 
-    try:
-        raw_delete(step.ops)
-    except OSError as exc:
-        chains = sorted({chain for _, _, chain, _ in step.ops})
-        raise VifError(f"deleting rules of {', '.join(chains)} (one nftables transaction, nothing applied) "
-                       f"failed: {exc.strerror or exc}") from None
+
+def _ipsetelements(app: Applier, step: IpsetElements) -> None:
+    from vif_route_qubes.antispoof_ipt import set_name
+
+    for change in step.changes:
+        entry = (change.address, change.vif) if change.vif else (change.address,)
+        call = app.ipsets.add if change.add else app.ipsets.delete
+        call(set_name(change.set, change.version), change.version, entry)
+
+
+def _ipsetdestroy(app: Applier, step: IpsetDestroy) -> None:
+    app.ipsets.destroy(step.name)
+
 
 
 def _exec(app: Applier, step: Exec) -> None:
@@ -210,7 +226,8 @@ def _xenstorewrite(app: Applier, step: XenstoreWrite) -> None:
 
 
 STEPS = {
-    Note: _note, Restore: _restore, RawDelete: _rawdelete, Exec: _exec, ReturnLink: _returnlink, Nft: _nft,
+    Note: _note, Restore: _restore, IpsetCreate: _ipsetcreate, IpsetElements: _ipsetelements,
+    IpsetDestroy: _ipsetdestroy, Exec: _exec, ReturnLink: _returnlink, Nft: _nft,
     MoveLink: _movelink, VethAdd: _vethadd, LinkDel: _linkdel,
     Group: _group, Sysctl: _sysctl, Rename: _rename, Link: _link, Addr: _addr, Route: _route, Neigh: _neigh,
     ConntrackPurge: _conntrackpurge, Hook: _hook, Run: _run, XenstoreWrite: _xenstorewrite,

@@ -2,7 +2,7 @@
 
 Ours, flushed and refilled:  nat QBS-POSTROUTING, filter QBS-BASE-INPUT and
 QBS-BASE-FORWARD.  Made when missing and never flushed (others fill them):
-raw QBS-ANTISPOOF (per-vif rules), nat PR-QBS (DNS DNAT, owned by
+raw QBS-ANTISPOOF (the static anti-spoofing rules, on ipsets), nat PR-QBS (DNS DNAT, owned by
 qubes-setup-dnat-to-ns), nat PR-QBS-SERVICES, filter QBS-INPUT; the chains
 Qubes R4.1's firewall daemon flushes and fills (filter QBS-FORWARD, raw
 QBS-PREROUTING, mangle QBS-POSTROUTING); the user's filter custom-input and
@@ -80,13 +80,9 @@ def base_forward(family: int, routed: bool) -> tuple[str, ...]:
             f"-A {c} -o vif+ -j DROP")
 
 
-def _raw(state: TableState) -> list[str]:
-    out = ensure_chain(state, antispoof_ipt.DISPATCH)
-    prerouting = state.rules_of("PREROUTING")
-    if antispoof_ipt.BASE_JUMP not in prerouting:
-        out += [delete(line) for line in prerouting if line == antispoof_ipt.JUMP]
-        out += ensure_jump(EMPTY_TABLE, "PREROUTING", antispoof_ipt.BASE_JUMP)
-    return out
+def _raw(state: TableState, family: int) -> list[str]:
+    # The static anti-spoofing rules (the sets are made before this restore runs).
+    return antispoof_ipt.static_lines(state, family, base=True)
 
 
 def _daemon_raw(state: TableState) -> list[str]:
@@ -137,7 +133,7 @@ def plan_base(tables: dict[str, TableState], family: int, routed: bool) -> str |
     for IPv6 when qubesdb has /qubes-netvm-gateway6).
     """
     raw = tables.get("raw", EMPTY_TABLE)
-    sections = [("raw", _raw(raw) + _daemon_raw(raw)),
+    sections = [("raw", _raw(raw, family) + _daemon_raw(raw)),
                 ("mangle", _mangle(tables.get("mangle", EMPTY_TABLE))),
                 ("filter", _filter(tables.get("filter", EMPTY_TABLE), family, routed))]
     if family == 4 or routed:

@@ -24,16 +24,36 @@ class Restore(NamedTuple):
         return f"{tool} -w 10 --noflush <<'EOF'\n{self.text}EOF"
 
 
-class RawDelete(NamedTuple):
-    """Offline's deletions in the raw tables of both families, read over
-    netlink: rendered as the iptables-restore inputs that make them, carried
-    out by rule handle in one nftables transaction (ipt_netlink.raw_delete)."""
+class IpsetCreate(NamedTuple):
+    """Create an ipset unless it exists (over netlink)."""
 
-    texts: tuple[tuple[int, str], ...]          # (family, iptables-restore input)
-    ops: tuple[tuple[int, str, str, int | None], ...]  # (family, kind, chain, handle)
+    name: str
+    stype: str
+    family: int
 
     def render(self) -> str:
-        return "\n".join(Restore(family, text).render() for family, text in self.texts)
+        return f"ipset create -exist {self.name} {self.stype} family {'inet6' if self.family == 6 else 'inet'}"
+
+
+class IpsetElements(NamedTuple):
+    """Add and delete set elements (plan/elements.py Changes), each tolerating
+    "already there" or "already gone"; rendered as ipset commands."""
+
+    changes: tuple
+
+    def render(self) -> str:
+        from vif_route_qubes.antispoof_ipt import render_change
+
+        return "\n".join(render_change(change) for change in self.changes)
+
+
+class IpsetDestroy(NamedTuple):
+    """Destroy an ipset; tolerates its absence."""
+
+    name: str
+
+    def render(self) -> str:
+        return f"ipset -q destroy {self.name} || true"
 
 
 class Sysctl(NamedTuple):
@@ -235,7 +255,8 @@ class Note(NamedTuple):
         return "# " + self.message.replace("\n", " ")
 
 
-Step = (Restore | RawDelete | Nft | Group | Exec | ReturnLink | MoveLink | VethAdd | LinkDel | Sysctl | Rename | Link | Addr | Route | Neigh
+Step = (Restore | IpsetCreate | IpsetElements | IpsetDestroy | Nft | Group | Exec | ReturnLink | MoveLink | VethAdd
+        | LinkDel | Sysctl | Rename | Link | Addr | Route | Neigh
         | ConntrackPurge | Hook | XenstoreWrite | Run | Note)
 
 

@@ -3,13 +3,14 @@ between the system and what the inputs say it should be.  Read-only.
 
 "Should be" is never written down twice: a vif's state is the batch `online`
 plans for it (plan_vif.plan_online: sysctls, link, gateway addresses, routes,
-neighbours), its rules are antispoof_ipt.desired_rules, and the DNS chains and
-jumps are what the DNS planner installs on empty tables.  The comparisons are
-pure functions of the inputs and of a NetState read once (pyroute2
-dumps, iptables-save, /proc/sys) under the events' lock taken shared.
+neighbours), its anti-spoofing elements and static rules are compared in
+antispoof_drift.py (both backends), and the DNS chains and jumps are what the
+DNS planner installs on empty tables.  The comparisons are pure functions of
+the inputs and of a NetState read once (pyroute2 dumps, the sets, iptables-save or
+nft, /proc/sys) under the events' lock taken shared.
 
 Exit status: 0 as it should be, 1 differences (one line each, or --json),
-2 usage error, refused input or nft backend, 3 the system could not be read.
+2 usage error or refused input, 1 also when the system could not be read.
 """
 
 import fcntl
@@ -23,7 +24,7 @@ from collections import Counter
 from contextlib import contextmanager
 from typing import NamedTuple
 
-from vif_route_qubes import antispoof_ipt, ipt_state, plan_vif, sources
+from vif_route_qubes import antispoof_drift, antispoof_ipt, plan_vif, sources
 from vif_route_qubes.errors import InputError, VifError
 from vif_route_qubes.model import VifFacts, VifInputs
 
@@ -31,14 +32,13 @@ from vif_route_qubes.model import VifFacts, VifInputs
 # stderr, no report on stdout); drift is 1 with the report on stdout.
 EXIT_CLEAN, EXIT_DRIFT, EXIT_USAGE, EXIT_UNKNOWN = 0, 1, 2, 1
 VIF_NAME = re.compile(r"vif(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)")
-_HOST_SOURCE = re.compile(r"-s (\S+)/(?:32|128) ")
 # Read for every vif under the lock; any other sysctl the planner asks for is read when compared.
 _SYSCTLS = (("ipv4", ("proxy_arp", *plan_vif.HARDEN_V4)),
             ("ipv6", ("proxy_ndp", "disable_ipv6", *plan_vif.HARDEN_V6)))
 
 
 class Drift(NamedTuple):
-    scope: str    # a vif, "DNS", or QBS-ANTISPOOF (the jump every vif relies on)
+    scope: str    # a vif, "DNS", or QBS-ANTISPOOF / qubes (the static anti-spoofing parts all vifs rely on)
     kind: str     # a stable word for monitoring: rule-missing, route-missing, stale, ...
     detail: str
 
@@ -55,9 +55,10 @@ class NetState(NamedTuple):
     addrs: dict      # ifname -> frozenset of "address/prefixlen"
     routes: tuple    # (dst, dev, metric) of the main table; host routes print without /32, /128
     neighs: dict     # (dev, dst) -> (lladdr, permanent)
-    raw: dict        # 4, 6 -> TableState of the raw table
+    fw: object       # antispoof_drift.AntispoofView: the sets and their static rules
     sysctl: dict     # path under /proc/sys -> value
     netns: frozenset = frozenset()  # names in /run/netns (a mapped vif has its own)
+    groups: dict = {}  # ifname -> interface group (the nft backend puts vifs in group 2)
 
     def read_sysctl(self, path: str) -> str | None:
         return self.sysctl[path] if path in self.sysctl else _read_proc(path)
@@ -86,22 +87,12 @@ def lines_drift(scope: str, what: str, current: tuple, wanted: tuple, ordered: b
     return out
 
 
-def antispoof_drift(vif: str, addrs: tuple, raw: dict) -> list[Drift]:
-    out = []
-    for family in (4, 6):
-        state, what = raw[family], ("" if family == 4 else "IPv6 ") + "anti-spoofing"
-        dispatch, body = antispoof_ipt.desired_rules(vif, family, addrs)
-        out += lines_drift(vif, what, antispoof_ipt.dispatch_rules_of(state, vif), dispatch)
-        chain = antispoof_ipt.vif_chain(vif)
-        if chain in state.chains:
-            out += lines_drift(vif, what, state.rules_of(chain), body, ordered=True)
-        else:
-            out.append(Drift(vif, "chain-missing", f"{what} chain {chain} missing"))
-    return out
+def _drifts(found) -> list[Drift]:
+    return [Drift(*item) for item in found]
 
 
 def jump_drift(raw: dict) -> list[Drift]:
-    """The jump from raw PREROUTING to the dispatch chain: exactly one per family."""
+    """The jump from raw PREROUTING to the static rules: exactly one per family."""
     out = []
     for family in (4, 6):
         jumps = [j for j in raw[family].rules_of("PREROUTING") if j in (antispoof_ipt.JUMP, antispoof_ipt.BASE_JUMP)]
@@ -113,24 +104,38 @@ def jump_drift(raw: dict) -> list[Drift]:
     return out
 
 
-def rule_addresses(raw: dict, vif: str) -> tuple:
-    """The VM addresses a vif's rules name (what --all expects when xenstore has nothing)."""
-    found = {}
-    for state in (raw[4], raw[6]):
-        for line in (*antispoof_ipt.dispatch_rules_of(state, vif), *state.rules_of(antispoof_ipt.vif_chain(vif))):
-            if match := _HOST_SOURCE.search(line):
-                found.setdefault(ipaddress.ip_address(match.group(1)), None)
-    return tuple(found)
+def shared_drift(net: NetState) -> list[Drift]:
+    """The static parts every vif relies on (sets, rules, jump), named once."""
+    out = _drifts(antispoof_drift.static_drift(net.fw))
+    if net.fw.backend == "iptables":
+        out = jump_drift(net.fw.raw) + out
+    return out
 
 
 def stale_drift(vif: str, net: NetState) -> list[Drift]:
-    """The rules of a vif whose interface is gone.  (Its routes, addresses and
+    """The elements of a vif whose interface is gone.  (Its routes, addresses and
     neighbours went with the interface: the kernel flushes them.)"""
-    if not any(antispoof_ipt.dispatch_rules_of(net.raw[f], vif) or antispoof_ipt.vif_chain(vif) in net.raw[f].chains
-               for f in (4, 6)):
-        return []
-    addrs = " ".join(map(str, rule_addresses(net.raw, vif))) or "no address"
-    return [Drift(vif, "stale", f"stale anti-spoofing rules for {addrs} (no such interface)")]
+    return _drifts(antispoof_drift.stale_drift(net.fw, vif))
+
+
+def _facts(net: NetState, inp: VifInputs, exists: bool, pending: bool, probe: str) -> VifFacts:
+    """What the planner would have read, from the check's full read."""
+    from vif_route_qubes.plan import elements
+    from vif_route_qubes.system.ipset import SetInfo
+
+    fw = net.fw
+    common = dict(exists=exists, rename_pending=pending,
+                  ipv6_enabled=net.read_sysctl(f"net/ipv6/conf/{probe}/disable_ipv6") == "0")
+    if fw.backend == "nft":
+        return VifFacts(backend="nft", nft=fw.nft_state, **common)
+    sets = {}
+    for version in (4, 6):
+        view = fw.sets[version]
+        for kind, count in ((elements.ALLOWED, len(view.allowed)), (elements.DOWNSTREAM, len(view.downstream))):
+            name = antispoof_ipt.set_name(kind, version)
+            sets[name] = SetInfo(name not in fw.missing, count, 1)
+    held = {v: elements.of_pairs(inp.vif, fw.sets[v].allowed, fw.sets[v].downstream) for v in (4, 6)}
+    return VifFacts(ipt=antispoof_ipt.IptFacts(sets, held, fw.raw), **common)
 
 
 def steps_drift(inp: VifInputs, steps: tuple, net: NetState) -> list[Drift]:
@@ -138,7 +143,9 @@ def steps_drift(inp: VifInputs, steps: tuple, net: NetState) -> list[Drift]:
     vif, out = inp.vif, []
     for step in steps:
         kind = type(step).__name__
-        if kind == "Sysctl" and (have := net.read_sysctl(step.path)) != step.value:
+        if kind == "Group" and (have := net.groups.get(step.ifname, 0)) != step.group:
+            out.append(Drift(vif, "group", f"interface group is {have}, should be {step.group}"))
+        elif kind == "Sysctl" and (have := net.read_sysctl(step.path)) != step.value:
             if have is None and step.tolerant:
                 continue  # a file that may be absent (no IPv6 stack)
             if f"/{vif}/" in step.path:
@@ -192,16 +199,13 @@ def vif_drift(inp: VifInputs, net: NetState) -> list[Drift]:
     if not exists and not pending:
         return stale_drift(inp.vif, net) or [Drift(inp.vif, "no-interface", "no such interface")]
     probe = inp.rename_from if pending else inp.vif
-    facts = VifFacts(exists=exists, rename_pending=pending, raw4=net.raw[4], raw6=net.raw[6],
-                     ipv6_enabled=net.read_sysctl(f"net/ipv6/conf/{probe}/disable_ipv6") == "0")
-    batch = plan_vif.plan_online(inp, facts)
-    out = antispoof_drift(inp.vif, inp.addresses, net.raw)
+    batch = plan_vif.plan_online(inp, _facts(net, inp, exists, pending, probe))
+    out = _drifts(antispoof_drift.vif_drift(net.fw, inp.vif, inp.addresses))
     # The planner's own verdict is the last word: it must not see a change we cannot name.
-    # (A missing or duplicated jump is the dispatch chain's drift, named once for all vifs.)
-    if (not out and any(type(s).__name__ == "Restore" for s in batch.steps)
-            and all(antispoof_ipt.has_jump(net.raw[f]) and not antispoof_ipt.extra_jumps(net.raw[f])
-                    for f in (4, 6))):
-        out.append(Drift(inp.vif, "rules-differ", "anti-spoofing rules differ from what online would install"))
+    # (A missing set or static rule is named once for all vifs.)
+    if (not out and any(type(s).__name__ in ("IpsetElements", "Nft") for s in batch.steps)
+            and not antispoof_drift.static_drift(net.fw)):
+        out.append(Drift(inp.vif, "rules-differ", "anti-spoofing elements differ from what online would install"))
     if pending:
         return [Drift(inp.vif, "not-renamed", f"interface still named {inp.rename_from}"), *out]
     return out + steps_drift(inp, batch.steps, net)
@@ -214,11 +218,8 @@ def _vif_route(dev: str | None, metric: int) -> bool:
 
 
 def discover(net: NetState) -> list[str]:
-    """Every vif there is something of: interfaces, raw chains and dispatch rules, routes of our metrics."""
-    names = set(net.links)
-    for state in net.raw.values():
-        names |= {c[len(antispoof_ipt.PREFIX):] for c in state.chains if c.startswith(antispoof_ipt.PREFIX)}
-        names |= set(re.findall(r'--comment "([^"]+)"', "\n".join(state.rules_of(antispoof_ipt.DISPATCH))))
+    """Every vif there is something of: interfaces, set elements, routes of our metrics."""
+    names = set(net.links) | antispoof_drift.vifs_of(net.fw)
     names |= {dev for _, dev, metric in net.routes if _vif_route(dev, metric)}
     return sorted((n for n in names if VIF_NAME.fullmatch(n)),
                   key=lambda n: tuple(map(int, VIF_NAME.fullmatch(n).groups())))
@@ -241,7 +242,7 @@ def _route_text(version: int, dst_len: int, dst: str | None) -> str:
     return _norm(dst) if dst_len == (128 if version == 6 else 32) else f"{_norm(dst)}/{dst_len}"
 
 
-def read_state(extra: tuple = ()) -> NetState:
+def read_state(extra: tuple = (), backend: str = "iptables") -> NetState:
     from vif_route_qubes.system import ip_dumps
 
     try:
@@ -251,24 +252,24 @@ def read_state(extra: tuple = ()) -> NetState:
         found_neighs = ip_dumps.neighbours()
     except OSError as exc:
         raise VifError(f"reading links, addresses, routes and neighbours failed: {exc.strerror or exc}") from None
-    links = {name: up for name, up in by_index.values()}
+    links = {name: up for name, up, _ in by_index.values()}
+    groups = {name: group for name, _, group in by_index.values()}
     addrs = {name: set() for name in links}
     for index, address, prefixlen in found_addrs:
         if index in by_index:
             addrs[by_index[index][0]].add(f"{_norm(address)}/{prefixlen}")
     addrs = {name: frozenset(found) for name, found in addrs.items()}
-    name_of = {index: name for index, (name, _) in by_index.items()}
+    name_of = {index: name for index, (name, _, _) in by_index.items()}
     routes = tuple((_route_text(version, dst_len, dst), name_of.get(oif), metric)
                    for version, dst_len, dst, oif, metric in found_routes)
     neighs = {(name_of[index], _norm(dst)): (lladdr, permanent)
               for index, dst, lladdr, permanent in found_neighs if index in name_of}
-    save4, save6 = ipt_state.save_both("raw")
+    fw = antispoof_drift.read(backend)
     names = [n for n in links if VIF_NAME.fullmatch(n)] + [n for n in extra if n]
     sysctl = {path: _read_proc(path) for name in names for family, keys in _SYSCTLS for key in keys
               for path in [f"net/{family}/conf/{name}/{key}"]}
     netns = frozenset(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else frozenset()
-    return NetState(links, addrs, routes, neighs, {4: ipt_state.table(save4, "raw"), 6: ipt_state.table(save6, "raw")},
-                    sysctl, netns)
+    return NetState(links, addrs, routes, neighs, fw, sysctl, netns, groups)
 
 
 @contextmanager
@@ -294,14 +295,6 @@ def shared_lock(path: str, timeout: float):
         if fd is not None:
             os.close(fd)
 
-
-def refuse_nft(choice: str) -> None:
-    try:
-        from vif_route_qubes.backend import resolve
-    except ImportError:  # no nft backend at all
-        resolve = str
-    if resolve(choice) == "nft":
-        raise InputError("nft backend not supported yet")
 
 
 def report(logger: str, collect, as_json: bool, out) -> int:
@@ -340,7 +333,8 @@ def _all_vifs(args, net: NetState) -> list[Drift]:
     harden = args.harden if args.harden is not None else inputs.harden_flag(qdb.get(inputs.QDB_HARDEN))
     args = args._replace(**{f: qdb.get(k, "") for f, k in fill.items()}, harden=harden)
     names = discover(net)
-    out = jump_drift(net.raw) if any(name in net.links for name in names) else []
+    out = shared_drift(net) if any(name in net.links for name in names) else []
+    expected = set()
     for name in names:
         if name not in net.links:
             out += stale_drift(name, net)
@@ -349,13 +343,15 @@ def _all_vifs(args, net: NetState) -> list[Drift]:
         if _in_xenstore(path):
             vif_args = args._replace(vif=name, xenbus_path=path, addresses=None)
         else:
-            addresses = tuple(map(str, rule_addresses(net.raw, name)))
+            addresses = tuple(antispoof_drift.addresses_of(net.fw, name))
             vif_args = args._replace(vif=name, xenbus_path=None, addresses=addresses)
         try:
-            out += vif_drift(inputs.read_vif_inputs(vif_args), net)
+            vif_inp = inputs.read_vif_inputs(vif_args)
+            expected |= {str(a) for a in vif_inp.addresses}
+            out += vif_drift(vif_inp, net)
         except InputError as exc:
             out.append(Drift(name, "bad-input", str(exc)))
-    return out
+    return out + _drifts(antispoof_drift.foreign_drift(net.fw, frozenset(expected)))
 
 
 def run_vif_check(params: dict, every: bool, as_json: bool, out=sys.stdout) -> int:
@@ -368,15 +364,17 @@ def run_vif_check(params: dict, every: bool, as_json: bool, out=sys.stdout) -> i
     def collect() -> list[Drift]:
         if every == bool(params["vif"]):
             raise InputError("give a VIF or --all (not both)")
-        refuse_nft(params["backend"])
+        from vif_route_qubes.backend import resolve
+
+        firewall = resolve(params["backend"])
         env_ip = os.environ.get("ip")
         addresses = params["addresses"] or (tuple(env_ip.split()) if env_ip and env_ip.strip() else None)
         args = VifArgs.from_params(params, command="online", addresses=addresses)
         inp = None if every else read_vif_inputs(args)
         with shared_lock(params["lock_file"], params["lock_timeout"]):
-            net = read_state(() if every else (inp.vif, inp.rename_from))
+            net = read_state(() if every else (inp.vif, inp.rename_from), firewall)
         if every:
             return _all_vifs(args, net)
-        return (jump_drift(net.raw) if inp.vif in net.links else []) + vif_drift(inp, net)
+        return (shared_drift(net) if inp.vif in net.links else []) + vif_drift(inp, net)
 
     return report("vif-route-qubes", collect, as_json, out)

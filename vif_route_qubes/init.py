@@ -3,7 +3,7 @@
 from contextlib import nullcontext
 from typing import NamedTuple
 
-from vif_route_qubes import base_ipt, ipt_state, logsetup, parse, sources
+from vif_route_qubes import antispoof_ipt, base_ipt, ipt_state, logsetup, parse, sources
 from vif_route_qubes.batch import Batch, Nft, Restore, Sysctl
 from vif_route_qubes.lock import locked
 
@@ -28,8 +28,12 @@ def read_init_inputs(gateway6: str | None) -> InitInputs:
     return InitInputs(ipv6=bool(gateway6))
 
 
-def plan_init(inp: InitInputs, save4: str, save6: str) -> Batch:
-    steps = []
+def plan_init(inp: InitInputs, save4: str, save6: str, sets: dict) -> Batch:
+    """The base of both families; the anti-spoofing sets (filled from the old
+    per-vif layout, if any) before the restores whose rules use them."""
+    tables = {4: ipt_state.parse_save(save4), 6: ipt_state.parse_save(save6)}
+    raw = {v: tables[v].get("raw", ipt_state.EMPTY_TABLE) for v in (4, 6)}
+    steps = [step for step in antispoof_ipt.plan_static(raw, sets, base=True) if not isinstance(step, Restore)]
     for family, text, routed in ((4, save4, True), (6, save6, inp.ipv6)):
         rules = base_ipt.plan_base(ipt_state.parse_save(text), family, routed)
         if rules:
@@ -37,11 +41,13 @@ def plan_init(inp: InitInputs, save4: str, save6: str) -> Batch:
     return Batch("vif-route-qubes init", tuple(steps + forwarding(inp)))
 
 
-def plan_init_nft(inp: InitInputs, state) -> Batch:
+def plan_init_nft(inp: InitInputs, state, rules: dict | None = None) -> Batch:
+    """`rules`: (version, chain) -> the rules of an existing anti-spoofing chain, refilled when they differ."""
     from vif_route_qubes import nft
 
     lines = [line for version, routed in ((4, True), (6, inp.ipv6))
              for line in nft.base_objects(version, state.table(version), routed)]
+    lines += [line for version in (4, 6) for line in nft.repair_antispoof(version, rules or {})]
     steps = [Nft("\n".join(lines) + "\n")] if lines else []
     return Batch("vif-route-qubes init", tuple(steps + forwarding(inp)))
 
@@ -58,9 +64,17 @@ def run_init(inp: InitInputs, firewall: str, dry_run: bool, lock_file: str, lock
         if firewall == "nft":
             from vif_route_qubes import nft_state
 
-            batch = plan_init_nft(inp, nft_state.read_state())
+            state = nft_state.read_state()
+            rules = {(v, chain): nft_state.chain_rules(v, chain) for v, table in state.tables.items()
+                     for chain in ("antispoof", "prerouting") if chain in table.chains}
+            batch = plan_init_nft(inp, state, rules)
         else:
-            batch = plan_init(inp, *ipt_state.save_both())
+            from vif_route_qubes.facts.ipsets import read_sets
+            from vif_route_qubes.system.ipset import Ipsets
+
+            with Ipsets() as ipsets:
+                sets = read_sets(ipsets)
+            batch = plan_init(inp, *ipt_state.save_both(), sets)
         if dry_run:
             out.write(batch.render())
             return 0

@@ -13,20 +13,11 @@ from vif_route_qubes.system import tools
 class TableState(NamedTuple):
     chains: frozenset[str]
     rules: tuple[tuple[str, tuple[str, ...]], ...]
-    # Read over netlink (ipt_netlink.py): each rule's handle, in the order of
-    # `rules`; None when read from iptables-save.
-    handles: tuple[tuple[str, tuple[int | None, ...]], ...] | None = None
 
     def rules_of(self, chain: str) -> tuple[str, ...]:
         for name, lines in self.rules:
             if name == chain:
                 return lines
-        return ()
-
-    def handles_of(self, chain: str) -> tuple[int | None, ...]:
-        for name, numbers in self.handles or ():
-            if name == chain:
-                return numbers
         return ()
 
     def has(self, chain: str) -> bool:

@@ -3,7 +3,6 @@
 from ipaddress import IPv4Address, IPv6Address
 from typing import NamedTuple
 
-from vif_route_qubes.ipt_state import EMPTY_TABLE, TableState
 
 
 class VifInputs(NamedTuple):
@@ -38,8 +37,7 @@ class VifFacts(NamedTuple):
     exists: bool                      # the interface (by its final name) is there
     rename_pending: bool              # the old name still exists and must be renamed
     ipv6_enabled: bool                # IPv6 is on for the interface
-    raw4: TableState = EMPTY_TABLE      # iptables backend: the raw table, IPv4
-    raw6: TableState = EMPTY_TABLE
+    ipt: object = None                  # iptables backend: antispoof_ipt.IptFacts
     backend: str = "iptables"          # or "nft"
     nft: object = None                  # nft backend: nft.NftState of the qubes tables
     mapped: object = None               # mapped.MappedFacts: the vif's own namespace, if any

@@ -15,9 +15,10 @@ Every change is one `nft -f` transaction: all of it applies, or none.
 """
 
 import json
-from typing import NamedTuple
+import subprocess
 
-from vif_route_qubes.system import tools
+from vif_route_qubes.errors import VifError
+from vif_route_qubes.records import NamedTuple
 
 TABLE = "qubes"
 VIF_GROUP = 2
@@ -42,7 +43,16 @@ class NftState(NamedTuple):
 
 
 def run_nft(args: list[str], stdin: str | None = None, pass_fds: tuple = ()) -> str:
-    return tools.run(["nft", *args], stdin=stdin, timeout=30, pass_fds=pass_fds).stdout
+    try:
+        result = subprocess.run(["nft", *args], input=stdin, capture_output=True, text=True, timeout=30,
+                                pass_fds=pass_fds)
+    except FileNotFoundError:
+        raise VifError("nft is not installed") from None
+    except subprocess.TimeoutExpired:
+        raise VifError("nft did not finish within 30 s") from None
+    if result.returncode != 0:
+        raise VifError(f"nft failed: {' '.join(result.stderr.split())[:300]}")
+    return result.stdout
 
 
 def parse_ruleset(text: str) -> NftState:
@@ -91,11 +101,31 @@ def antispoof_objects(version: int, table: NftTable | None) -> list[str]:
     if not (table and table.has_sets):
         out += [f"add set {f} {TABLE} downstream {{ type {ADDR_TYPE[version]}; }}",
                 f"add set {f} {TABLE} allowed {{ type ifname . {ADDR_TYPE[version]}; }}"]
+    rules = antispoof_chain_rules(version)
     if "antispoof" not in have:
-        out += _base_chain(f, "antispoof", "", [f"iifname . {SADDR[version]} @allowed accept", "counter drop"])
+        out += _base_chain(f, "antispoof", "", list(rules["antispoof"]))
     if "prerouting" not in have:
-        out += _base_chain(f, "prerouting", "type filter hook prerouting priority raw; policy accept;",
-                           [f"iifgroup {VIF_GROUP} goto antispoof", f"{SADDR[version]} @downstream counter drop"])
+        out += _base_chain(f, "prerouting", PREROUTING_SPEC, list(rules["prerouting"]))
+    return out
+
+
+PREROUTING_SPEC = "type filter hook prerouting priority raw; policy accept;"
+
+
+def antispoof_chain_rules(version: int) -> dict[str, tuple[str, ...]]:
+    """The static anti-spoofing rules, as `nft -s list chain` prints them."""
+    return {"antispoof": (f"iifname . {SADDR[version]} @allowed accept", "counter drop"),
+            "prerouting": (f"iifgroup {VIF_GROUP} goto antispoof", f"{SADDR[version]} @downstream counter drop")}
+
+
+def repair_antispoof(version: int, current: dict) -> list[str]:
+    """`init`: refill an anti-spoofing chain whose rules differ from ours
+    (`current`: (version, chain) -> rules as listed), in the same transaction."""
+    f, out = FAMILIES[version], []
+    for chain, wanted in antispoof_chain_rules(version).items():
+        have = current.get((version, chain))
+        if have is not None and tuple(have) != wanted:
+            out += [f"flush chain {f} {TABLE} {chain}", *(f"add rule {f} {TABLE} {chain} {rule}" for rule in wanted)]
     return out
 
 
@@ -136,28 +166,18 @@ DNAT_SPEC = "type nat hook prerouting priority dstnat; policy accept;"
 
 
 def vif_elements(version: int, table: NftTable | None, vif: str, addrs: tuple, enable: bool) -> list[str]:
-    """Element changes that make this vif's pairs exactly `addrs` (online) or none (offline).
+    """Element changes that make this vif's pairs exactly `addrs` (online) or none (offline):
+    the shared planner's (plan/elements.py), rendered for nft."""
+    from vif_route_qubes.plan import elements
 
-    `downstream` is shared: an address another vif still holds in `allowed`
-    (a VM restarted under a new domid before its old vif's offline came)
-    stays in it, or that VM's address would be let in from upstream."""
-    f = FAMILIES[version]
-    want = {str(a) for a in addrs if a.version == version} if enable else set()
-    pairs = table.allowed if table else frozenset()
-    have = {addr for name, addr in pairs if name == vif}
-    held_by_others = {addr for name, addr in pairs if name != vif}
-    have_down = table.downstream if table else frozenset()
-    out = []
-    for addr in sorted(have - want):
-        out.append(f'delete element {f} {TABLE} allowed {{ "{vif}" . {addr} }}')
-        if addr in have_down and addr not in held_by_others:
-            out.append(f"delete element {f} {TABLE} downstream {{ {addr} }}")
-    for addr in sorted(want):
-        if addr not in have:
-            out.append(f'add element {f} {TABLE} allowed {{ "{vif}" . {addr} }}')
-        if addr not in have_down:
-            out.append(f"add element {f} {TABLE} downstream {{ {addr} }}")
-    return out
+    held = elements.of_pairs(vif, table.allowed if table else (), table.downstream if table else ())
+    return [render_element(change) for change in elements.changes(vif, version, addrs, enable, held)]
+
+
+def render_element(change) -> str:
+    verb = "add" if change.add else "delete"
+    key = f'"{change.vif}" . {change.address}' if change.vif else change.address
+    return f"{verb} element {FAMILIES[change.version]} {TABLE} {change.set} {{ {key} }}"
 
 
 def is_base(table: NftTable) -> bool:
@@ -187,31 +207,24 @@ def plan_vif(state: NftState, vif: str, addrs: tuple, enable: bool) -> str | Non
     return "\n".join(out) + "\n" if out else None
 
 
-DADDR = {4: "ip daddr", 6: "ip6 daddr"}
-CUSTOM_DNS = "custom-dnat-dns"
-
-
-def dnat_rules(version: int, virtual: tuple, upstream: tuple) -> list[str]:
-    """The user's chain first, then the DNAT of each virtual address (udp and tcp 53)
-    to upstream i mod n, or, with no upstream, an immediate refusal (nft may
-    reject at prerouting: the query never reaches forwarding)."""
-    if not virtual:
-        return []
-    rules = [f"jump {CUSTOM_DNS}"]
+def dnat_rules(virtual: tuple, upstream: tuple) -> list[str]:
+    """DNAT of each virtual address (udp and tcp 53), or a drop when there is no upstream."""
+    rules = []
     for index, addr in enumerate(virtual):
         for proto in ("udp", "tcp"):
-            if upstream:
-                target = f"dnat to {upstream[index % len(upstream)]}"
-            else:  # ICMP(v6) port unreachable for UDP, a reset for TCP
-                target = "reject" if proto == "udp" else "reject with tcp reset"
-            rules.append(f"{DADDR[version]} {addr} {proto} dport 53 {target}")
+            target = f"dnat to {upstream[index % len(upstream)]}" if upstream else "drop"
+            rules.append(f"ip daddr {addr} {proto} dport 53 {target}")
     return rules
 
 
-def current_dnat_rules(version: int = 4) -> list[str] | None:
-    """The rules of `F qubes dnat-dns` as nft prints them; None when the chain is missing."""
-    result = tools.run(["nft", "list", "chain", FAMILIES[version], TABLE, "dnat-dns"], timeout=30, check=False)
-    if result.exit_code != 0:
+def current_dnat_rules() -> list[str] | None:
+    """The rules of `ip qubes dnat-dns` as nft prints them; None when the chain is missing."""
+    try:
+        result = subprocess.run(["nft", "list", "chain", "ip", TABLE, "dnat-dns"], capture_output=True,
+                                text=True, timeout=30)
+    except FileNotFoundError:
+        raise VifError("nft is not installed") from None
+    if result.returncode != 0:
         return None
     lines = [line.strip() for line in result.stdout.splitlines()]
     # The rules are the lines after the chain's `type nat hook ...` line.
@@ -219,17 +232,12 @@ def current_dnat_rules(version: int = 4) -> list[str] | None:
     return [line for line in lines[start:] if line and line != "}"]
 
 
-def plan_dns(version: int, current: list[str] | None, table_exists: bool, virtual: tuple,
-             upstream: tuple) -> list[str]:
-    """Lines of one family that make `dnat-dns` exact (none when it is)."""
-    f = FAMILIES[version]
-    wanted = dnat_rules(version, virtual, upstream)
-    if current == wanted or (current is None and not wanted):
-        return []
-    out = [] if table_exists else [f"add table {f} {TABLE}"]
-    if wanted:  # `add` leaves an existing chain and its rules alone
-        out.append(f"add chain {f} {TABLE} {CUSTOM_DNS}")
+def plan_dns(current: list[str] | None, table_exists: bool, virtual: tuple, upstream: tuple) -> str | None:
+    wanted = dnat_rules(virtual, upstream)
+    if current == wanted:
+        return None
+    out = [] if table_exists else [f"add table ip {TABLE}"]
     # add (so that delete cannot fail), delete, recreate: one atomic replacement.
-    out += [f"add chain {f} {TABLE} dnat-dns {{ {DNAT_SPEC} }}", f"delete chain {f} {TABLE} dnat-dns"]
-    out += _base_chain(f, "dnat-dns", DNAT_SPEC, wanted)
-    return out
+    out += [f"add chain ip {TABLE} dnat-dns {{ {DNAT_SPEC} }}", f"delete chain ip {TABLE} dnat-dns"]
+    out += _base_chain("ip", "dnat-dns", DNAT_SPEC, wanted)
+    return "\n".join(out) + "\n"

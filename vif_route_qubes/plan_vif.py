@@ -5,8 +5,8 @@ online; the two orders below are the only place that says what comes first.
 """
 
 from vif_route_qubes import antispoof_ipt
-from vif_route_qubes.batch import (Addr, Batch, ConntrackPurge, Group, Hook, Link, Neigh, Nft, Note, RawDelete,
-                                   Rename, Restore, Route, Sysctl, XenstoreWrite)
+from vif_route_qubes.batch import (Addr, Batch, ConntrackPurge, Group, Hook, Link, Neigh, Nft, Note, Rename, Route,
+                                   Sysctl, XenstoreWrite)
 from vif_route_qubes.model import VifFacts, VifInputs
 
 # Hardening: the settings of Qubes' network/81-qubes.conf.optional, per vif and system-wide.
@@ -27,27 +27,7 @@ def antispoof(inp: VifInputs, facts: VifFacts, enable: bool) -> list:
 
         text = nft.plan_vif(facts.nft, inp.vif, inp.addresses, enable)
         return [Nft(text)] if text else []
-    if not enable and facts.raw4.handles is not None and facts.raw6.handles is not None:
-        return raw_delete(inp.vif, facts)
-    steps = []
-    for family, state in ((4, facts.raw4), (6, facts.raw6)):
-        if enable:
-            text = antispoof_ipt.plan_online(state, inp.vif, family, inp.addresses)
-        else:
-            text = antispoof_ipt.plan_offline(state, inp.vif)
-        if text:
-            steps.append(Restore(family, text))
-    return steps
-
-
-def raw_delete(vif: str, facts: VifFacts) -> list:
-    """Offline with the raw tables read over netlink: one transaction, by rule handle."""
-    per_family = [(family, antispoof_ipt.offline_ops(state, vif)) for family, state in ((4, facts.raw4),
-                                                                                    (6, facts.raw6))]
-    texts = tuple((family, antispoof_ipt.render_ops(ops)) for family, ops in per_family if ops)
-    ops = tuple((family, kind, chain, handle) for family, family_ops in per_family
-                for kind, chain, _, handle in family_ops)
-    return [RawDelete(texts, ops)] if ops else []
+    return antispoof_ipt.plan_vif(facts.ipt, inp.vif, inp.addresses, enable)
 
 
 def held_by_other_vifs(inp: VifInputs, facts: VifFacts) -> frozenset[str]:

@@ -3,7 +3,7 @@
 import os
 from contextlib import nullcontext
 
-from vif_route_qubes import backend, ipt_state, logsetup, plan_vif, timing
+from vif_route_qubes import backend, logsetup, plan_vif, timing
 from vif_route_qubes.errors import VifError
 from vif_route_qubes.inputs import VifArgs, read_vif_inputs
 from vif_route_qubes.lock import locked
@@ -54,9 +54,8 @@ def _harden_defaults(vif: str) -> tuple:
     return tuple(pairs)
 
 
-def read_facts(inp: VifInputs, firewall: str = "iptables", index=None) -> VifFacts:
-    """What the system has now for this vif, read once under the lock
-    (`index`: a raw_index.Session that can spare reading every vif's rules)."""
+def read_facts(inp: VifInputs, firewall: str = "iptables") -> VifFacts:
+    """What the system has now for this vif, read once under the lock."""
     exists = os.path.isdir(f"/proc/sys/net/ipv4/conf/{inp.vif}")
     rename_pending = bool(inp.rename_from and not exists
                           and os.path.isdir(f"/proc/sys/net/ipv4/conf/{inp.rename_from}"))
@@ -75,16 +74,10 @@ def read_facts(inp: VifInputs, firewall: str = "iptables", index=None) -> VifFac
 
         return VifFacts(exists=exists, rename_pending=rename_pending, ipv6_enabled=ipv6_enabled,
                         backend="nft", nft=nft_state.read_state(inp.vif, inp.addresses), **extra)
-    from vif_route_qubes import ipt_netlink
+    from vif_route_qubes.facts import ipsets
 
-    # Over netlink only this vif's rules are read; iptables-save (every rule of
-    # every vif) when iptables is not the nf_tables variant or a rule is odd.
-    raw = ipt_netlink.read_raw(inp.vif, index)
-    if raw is None:
-        save4, save6 = ipt_state.save_both("raw")
-        raw = ipt_state.table(save4, "raw"), ipt_state.table(save6, "raw")
-    return VifFacts(exists=exists, rename_pending=rename_pending, ipv6_enabled=ipv6_enabled,
-                    raw4=raw[0], raw6=raw[1], **extra)
+    ipt = ipsets.read_facts(inp.vif, inp.addresses, extra.get("host_routes", ()), inp.command == "online")
+    return VifFacts(exists=exists, rename_pending=rename_pending, ipv6_enabled=ipv6_enabled, ipt=ipt, **extra)
 
 
 def plan(inp: VifInputs, facts: VifFacts):
@@ -118,30 +111,18 @@ def run_vif(args: VifArgs, opts: RunOptions, out) -> int:
     # A dry run only reads, so it takes no lock (and needs no write access to /run).
     with nullcontext() if opts.dry_run else locked(opts.lock_file, opts.lock_timeout, inp.vif) as lock_fd:
         clock.mark("lock")
-        index = None
-        if firewall == "iptables" and not opts.dry_run:
-            from vif_route_qubes import raw_index
+        facts = read_facts(inp, firewall)
+        clock.mark("facts")
+        batch = plan(inp, facts)
+        clock.mark("plan")
+        if opts.dry_run:
+            out.write(batch.render())
+            return 0
+        from vif_route_qubes.apply import Applier
 
-            index = raw_index.open_session(opts.lock_file)
-        try:
-            facts = read_facts(inp, firewall, index)
-            clock.mark("facts")
-            batch = plan(inp, facts)
-            clock.mark("plan")
-            if opts.dry_run:
-                out.write(batch.render())
-                return 0
-            from vif_route_qubes.apply import Applier
-
-            with Applier(lock_fd) as applier:
-                applier.run(batch)
-            clock.mark("apply")
-            if index is not None:
-                index.commit(applier.nft_writers)
-                clock.mark("index")
-        finally:
-            if index is not None:
-                index.close()
+        with Applier(lock_fd) as applier:
+            applier.run(batch)
+        clock.mark("apply")
     clock.report(applier.timings)
     log.debug("%s %s done", inp.command, inp.vif)
     return 0

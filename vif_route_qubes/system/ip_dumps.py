@@ -6,9 +6,10 @@ NUD_NOARP = 0x40
 
 
 @_mapped
-def link_states() -> dict[int, tuple[str, bool]]:
-    """index -> (name, administratively up) of every interface."""
-    return {link["index"]: (link.get_attr("IFLA_IFNAME"), bool(link["flags"] & 1)) for link in _socket().link("dump")}
+def link_states() -> dict[int, tuple[str, bool, int]]:
+    """index -> (name, administratively up, interface group) of every interface."""
+    return {link["index"]: (link.get_attr("IFLA_IFNAME"), bool(link["flags"] & 1), link.get_attr("IFLA_GROUP") or 0)
+            for link in _socket().link("dump")}
 
 
 @_mapped

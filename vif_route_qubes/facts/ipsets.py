@@ -1,0 +1,83 @@
+"""What the iptables backend's anti-spoofing planner needs, read for one vif:
+the sets' headers (cheap, whatever the number of VMs), the vif's own
+elements tested one by one, and the raw tables only when the static parts
+are missing (or of the old layout) or this may be the last vif's offline.
+The `allowed` set is read whole only when it has more pairs than
+`downstream` has addresses (a pair made by hand, or a restarted VM's two vifs)."""
+
+import re
+import socket
+
+from vif_route_qubes import antispoof_ipt, ipt_state
+from vif_route_qubes.plan import elements
+from vif_route_qubes.system.ipset import Ipsets, SetInfo
+
+VIF_NAME = re.compile(r"vif(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)")
+
+
+def read_sets(ipsets: Ipsets) -> dict[str, SetInfo]:
+    return {name: ipsets.info(name) for name in antispoof_ipt.SET_NAMES}
+
+
+def read_raw() -> dict:
+    save4, save6 = ipt_state.save_both("raw")
+    return {4: antispoof_ipt.parse_save(save4), 6: antispoof_ipt.parse_save(save6)}
+
+
+def _route_dev(addr: str) -> str | None:
+    """The interface the kernel routes `addr` through now."""
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    try:
+        with IPRoute() as ipr:
+            found = ipr.route("get", dst=addr)
+    except NetlinkError:
+        return None
+    for msg in found:
+        oif = msg.get_attr("RTA_OIF")
+        if oif:
+            try:
+                return socket.if_indextoname(oif)
+            except OSError:
+                return None
+    return None
+
+
+def _held_elsewhere(ipsets: Ipsets, version: int, addr: str, vif: str) -> bool:
+    """Another vif holds `addr` in `allowed`: the vif the kernel routes it
+    through (a restarted VM's new vif, whose route has the lower metric), when
+    that vif has the pair.  One route look-up and one test, not a listing."""
+    dev = _route_dev(addr)
+    return (dev is not None and dev != vif and bool(VIF_NAME.fullmatch(dev))
+            and ipsets.test(antispoof_ipt.set_name(elements.ALLOWED, version), version, (addr, dev)))
+
+
+def read_facts(vif: str, addresses: tuple, host_routes: tuple, enable: bool) -> antispoof_ipt.IptFacts:
+    with Ipsets() as ipsets:
+        sets = read_sets(ipsets)
+        held = {}
+        for version in (4, 6):
+            allowed = antispoof_ipt.set_name(elements.ALLOWED, version)
+            downstream = antispoof_ipt.set_name(elements.DOWNSTREAM, version)
+            want = {str(a) for a in addresses if a.version == version}
+            # The vif's own pairs: the addresses it is given and those it routes.
+            candidates = want | {addr for v, addr, _ in host_routes if v == version}
+            mine = {a for a in candidates if sets[allowed].exists and ipsets.test(allowed, version, (a, vif))}
+            down = {a for a in candidates if sets[downstream].exists and ipsets.test(downstream, version, (a,))}
+            if sets[allowed].elements > sets[downstream].elements or (want - mine) & down:
+                # More pairs than addresses, or an address of ours with no pair: a pair
+                # changed by hand, or a restarted VM's two vifs.  Only then is the set read whole.
+                extra = {e[0] for e in ipsets.members(allowed) or () if e[1:] == (vif,)} - mine
+                mine |= extra
+                down |= {a for a in extra if ipsets.test(downstream, version, (a,))}
+            going = (mine - want if enable else mine) & down
+            others = {a for a in going if _held_elsewhere(ipsets, version, a, vif)}
+            held[version] = elements.Held(frozenset(mine), frozenset(down), frozenset(others))
+    raw = None
+    if not antispoof_ipt.static_ok(sets):
+        raw = read_raw()
+    elif not enable and all(sets[antispoof_ipt.set_name(elements.ALLOWED, v)].elements == len(held[v].mine)
+                            for v in (4, 6)):
+        raw = read_raw()  # perhaps the last vif: does the base (init) keep the static parts?
+    return antispoof_ipt.IptFacts(sets, held, raw)
