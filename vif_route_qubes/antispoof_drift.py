@@ -10,10 +10,10 @@ Each finding is (scope, kind, detail), made a check.Drift by check.py.
 """
 
 import re
+from typing import NamedTuple
 
 from vif_route_qubes import antispoof_ipt, ipt_state
 from vif_route_qubes.plan import elements
-from vif_route_qubes.records import NamedTuple
 
 VIF_NAME = re.compile(r"vif(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)")
 NFT_CHAINS = ("antispoof", "prerouting")

@@ -18,11 +18,11 @@ the rules, so a vif is protected by one layout or the other at every moment.
 """
 
 import re
+from typing import NamedTuple
 
 from vif_route_qubes.batch import IpsetCreate, IpsetDestroy, IpsetElements, Restore
 from vif_route_qubes.ipt_state import TableState, delete, table
 from vif_route_qubes.plan import elements
-from vif_route_qubes.records import NamedTuple
 
 DISPATCH = "QBS-ANTISPOOF"
 PREFIX = "QBS-AS-"  # the old layout's per-vif chains

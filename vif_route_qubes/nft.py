@@ -15,10 +15,9 @@ Every change is one `nft -f` transaction: all of it applies, or none.
 """
 
 import json
-import subprocess
+from typing import NamedTuple
 
-from vif_route_qubes.errors import VifError
-from vif_route_qubes.records import NamedTuple
+from vif_route_qubes.system import tools
 
 TABLE = "qubes"
 VIF_GROUP = 2
@@ -43,16 +42,7 @@ class NftState(NamedTuple):
 
 
 def run_nft(args: list[str], stdin: str | None = None, pass_fds: tuple = ()) -> str:
-    try:
-        result = subprocess.run(["nft", *args], input=stdin, capture_output=True, text=True, timeout=30,
-                                pass_fds=pass_fds)
-    except FileNotFoundError:
-        raise VifError("nft is not installed") from None
-    except subprocess.TimeoutExpired:
-        raise VifError("nft did not finish within 30 s") from None
-    if result.returncode != 0:
-        raise VifError(f"nft failed: {' '.join(result.stderr.split())[:300]}")
-    return result.stdout
+    return tools.run(["nft", *args], stdin=stdin, timeout=30, pass_fds=pass_fds).stdout
 
 
 def parse_ruleset(text: str) -> NftState:
@@ -207,24 +197,31 @@ def plan_vif(state: NftState, vif: str, addrs: tuple, enable: bool) -> str | Non
     return "\n".join(out) + "\n" if out else None
 
 
-def dnat_rules(virtual: tuple, upstream: tuple) -> list[str]:
-    """DNAT of each virtual address (udp and tcp 53), or a drop when there is no upstream."""
-    rules = []
+DADDR = {4: "ip daddr", 6: "ip6 daddr"}
+CUSTOM_DNS = "custom-dnat-dns"
+
+
+def dnat_rules(version: int, virtual: tuple, upstream: tuple) -> list[str]:
+    """The user's chain first, then the DNAT of each virtual address (udp and tcp 53)
+    to upstream i mod n, or, with no upstream, an immediate refusal (nft may
+    reject at prerouting: the query never reaches forwarding)."""
+    if not virtual:
+        return []
+    rules = [f"jump {CUSTOM_DNS}"]
     for index, addr in enumerate(virtual):
         for proto in ("udp", "tcp"):
-            target = f"dnat to {upstream[index % len(upstream)]}" if upstream else "drop"
-            rules.append(f"ip daddr {addr} {proto} dport 53 {target}")
+            if upstream:
+                target = f"dnat to {upstream[index % len(upstream)]}"
+            else:  # ICMP(v6) port unreachable for UDP, a reset for TCP
+                target = "reject" if proto == "udp" else "reject with tcp reset"
+            rules.append(f"{DADDR[version]} {addr} {proto} dport 53 {target}")
     return rules
 
 
-def current_dnat_rules() -> list[str] | None:
-    """The rules of `ip qubes dnat-dns` as nft prints them; None when the chain is missing."""
-    try:
-        result = subprocess.run(["nft", "list", "chain", "ip", TABLE, "dnat-dns"], capture_output=True,
-                                text=True, timeout=30)
-    except FileNotFoundError:
-        raise VifError("nft is not installed") from None
-    if result.returncode != 0:
+def current_dnat_rules(version: int = 4) -> list[str] | None:
+    """The rules of `F qubes dnat-dns` as nft prints them; None when the chain is missing."""
+    result = tools.run(["nft", "list", "chain", FAMILIES[version], TABLE, "dnat-dns"], timeout=30, check=False)
+    if result.exit_code != 0:
         return None
     lines = [line.strip() for line in result.stdout.splitlines()]
     # The rules are the lines after the chain's `type nat hook ...` line.
@@ -232,12 +229,17 @@ def current_dnat_rules() -> list[str] | None:
     return [line for line in lines[start:] if line and line != "}"]
 
 
-def plan_dns(current: list[str] | None, table_exists: bool, virtual: tuple, upstream: tuple) -> str | None:
-    wanted = dnat_rules(virtual, upstream)
-    if current == wanted:
-        return None
-    out = [] if table_exists else [f"add table ip {TABLE}"]
+def plan_dns(version: int, current: list[str] | None, table_exists: bool, virtual: tuple,
+             upstream: tuple) -> list[str]:
+    """Lines of one family that make `dnat-dns` exact (none when it is)."""
+    f = FAMILIES[version]
+    wanted = dnat_rules(version, virtual, upstream)
+    if current == wanted or (current is None and not wanted):
+        return []
+    out = [] if table_exists else [f"add table {f} {TABLE}"]
+    if wanted:  # `add` leaves an existing chain and its rules alone
+        out.append(f"add chain {f} {TABLE} {CUSTOM_DNS}")
     # add (so that delete cannot fail), delete, recreate: one atomic replacement.
-    out += [f"add chain ip {TABLE} dnat-dns {{ {DNAT_SPEC} }}", f"delete chain ip {TABLE} dnat-dns"]
-    out += _base_chain("ip", "dnat-dns", DNAT_SPEC, wanted)
-    return "\n".join(out) + "\n"
+    out += [f"add chain {f} {TABLE} dnat-dns {{ {DNAT_SPEC} }}", f"delete chain {f} {TABLE} dnat-dns"]
+    out += _base_chain(f, "dnat-dns", DNAT_SPEC, wanted)
+    return out

@@ -9,7 +9,7 @@ late).  nft.py renders the changes as `add/delete element`, antispoof_ipt.py
 as ipset commands.
 """
 
-from vif_route_qubes.records import NamedTuple
+from typing import NamedTuple
 
 ALLOWED, DOWNSTREAM = "allowed", "downstream"
 
