@@ -185,7 +185,8 @@ class XenEnv:
         qubesdb are, this domain's id, the test's own lock file and hooks folder."""
         return {"FAKE_XENSTORE_DIR": str(self.xenstore), "FAKE_XENSTORE_DOMID": str(self.own_domid),
                 "FAKE_QUBESDB_DIR": str(self.qubesdb), "VIF_ROUTE_LOCK_FILE": str(self.lock),
-                "VIF_ROUTE_HOOKS_DIR": str(self.hooks)}
+                "VIF_ROUTE_HOOKS_DIR": str(self.hooks),
+                **mode_env()}  # the test server's socket in server mode (as systemd's would be), else off
 
 
 def run_libxl(ns: Namespace, xen: "XenEnv", argv: list[str], vif: str, path: str, timeout: float = 60,

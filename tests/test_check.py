@@ -428,7 +428,7 @@ def test_pure_comparisons():
                              ("-A C -s a -j RETURN", "-A C -j DROP"), ordered=True)[0].kind == "rules-out-of-order"
     inp = DnsInputs(virtual=(ip_address("10.139.1.1"),), upstream=(ip_address("203.0.113.53"),))
     missing = check_dns.dns_drift(inp, {})
-    assert {d.kind for d in missing} == {"chain-missing", "jump-missing"} and len(missing) == 5
+    assert {d.kind for d in missing} == {"chain-missing", "jump-missing"} and len(missing) == 6
     sets = {4: SetView(True, frozenset({("vif40.0", "10.137.7.40")}), frozenset({"10.137.7.40"})), 6: SetView(True)}
     net = check.NetState({}, {}, (), {}, AntispoofView("iptables", sets, {4: ipt_state.EMPTY_TABLE,
                                                                           6: ipt_state.EMPTY_TABLE}), {})
