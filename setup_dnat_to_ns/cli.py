@@ -16,6 +16,6 @@ def main() -> None:
     """Run with sys.argv; ends with SystemExit(status)."""
     prog = os.path.basename(sys.argv[0]) or "qubes-setup-dnat-to-ns"
     from setup_dnat_to_ns.commands import cli
-    from vif_route_qubes.options import run_main
+    from vif_route_qubes.cli.options import run_main
 
     run_main(cli, sys.argv[1:], prog)

@@ -21,8 +21,8 @@ safe for the direction of the change (see rules_text).
 from ipaddress import IPv4Address, IPv6Address
 from typing import NamedTuple
 
-from vif_route_qubes.batch import Batch, ConntrackPurge, Nft, Restore, Run, Sysctl
-from vif_route_qubes.ipt_state import EMPTY_TABLE, TableState, delete, ensure_chain, ensure_jump, sync_chain
+from vif_route_qubes.plan.batch import Batch, ConntrackPurge, Nft, Restore, Run, Sysctl
+from vif_route_qubes.facts.ipt_state import EMPTY_TABLE, TableState, delete, ensure_chain, ensure_jump, sync_chain
 
 DNAT_CHAIN = "PR-QBS"
 GUARD_CHAIN = "QBS-DNS-GUARD"
@@ -162,7 +162,7 @@ def plan_dns(inp: DnsInputs, tables: dict[int, dict[str, TableState]]) -> Batch:
 def plan_dns_nft(inp: DnsInputs, current: dict, table_exists: dict) -> Batch:
     """nft backend: `F qubes dnat-dns` replaced in one transaction for both
     families; with no upstream it refuses the queries itself at prerouting."""
-    from vif_route_qubes import nft
+    from vif_route_qubes.plan import nft
 
     lines = [line for version in (4, 6)
              for line in nft.plan_dns(version, current.get(version), table_exists.get(version, False),

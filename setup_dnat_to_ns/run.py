@@ -9,14 +9,15 @@ ACTIONS = ("up", "vpn-up", "vpn-down", "dhcp4-change")
 
 def run_dns(params: dict) -> int:
     """The exit status of one run (0, 100, or a failure's status)."""
-    from vif_route_qubes import logsetup, sources
+    from vif_route_qubes import logsetup
+    from vif_route_qubes.inputs import sources
     from vif_route_qubes.errors import VifError
 
     log = logsetup.setup(params["verbose"], "qubes-setup-dnat-to-ns")
     sources.set_timeout(params["tool_timeout"])
     action = params["action"]
     if params.get("check"):
-        from vif_route_qubes.check_dns import run_dns_check
+        from setup_dnat_to_ns.check import run_dns_check
 
         return run_dns_check(lambda: _virtual(params), params["resolv_conf"],
                              params["as_json"], params["backend"], params["lock_file"], params["lock_timeout"])
@@ -38,8 +39,8 @@ QDB_DNS6 = ("/qubes-netvm-primary-dns6", "/qubes-netvm-secondary-dns6")
 
 def _virtual(params: dict) -> tuple:
     """The virtual DNS addresses, IPv4 then IPv6 (options first, else qubesdb, one read)."""
-    from vif_route_qubes import parse, sources
-    from vif_route_qubes.inputs import QDB_DNS
+    from vif_route_qubes.inputs import parse, sources
+    from vif_route_qubes.inputs.read import QDB_DNS
     from vif_route_qubes.system.tools import ToolMissing
 
     keys = [(QDB_DNS[0], "dns1", 4), (QDB_DNS[1], "dns2", 4),
@@ -79,9 +80,9 @@ def _run(*, dispatcher, params, resolv_conf, firewall_flag, dry_run, backend, lo
 
     from setup_dnat_to_ns.plan import DnsInputs, plan_dns, plan_dns_nft
     from setup_dnat_to_ns.resolvers import upstream_servers
-    from vif_route_qubes.lock import locked
+    from vif_route_qubes.system.lock import locked
 
-    from vif_route_qubes import backend as backends
+    from vif_route_qubes.system import backend as backends
 
     firewall = backends.resolve(backend)
     virtual = _virtual(params)
@@ -91,7 +92,7 @@ def _run(*, dispatcher, params, resolv_conf, firewall_flag, dry_run, backend, lo
                     firewall_running=os.path.exists(firewall_flag), ratemask=_ratemask())
     with nullcontext() if dry_run else locked(lock_file, lock_timeout, "DNS rules") as lock_fd:
         if firewall == "nft":
-            from vif_route_qubes import nft
+            from vif_route_qubes.plan import nft
             from vif_route_qubes.system import ip
 
             batch = plan_dns_nft(inp, {v: nft.current_dnat_rules(v) for v in (4, 6)},
@@ -103,7 +104,7 @@ def _run(*, dispatcher, params, resolv_conf, firewall_flag, dry_run, backend, lo
         if dry_run:
             sys.stdout.write(batch.render())
             return 0
-        from vif_route_qubes.apply import Applier
+        from vif_route_qubes.system.apply import Applier
 
         with Applier(lock_fd) as applier:
             applier.run(batch)
@@ -112,7 +113,7 @@ def _run(*, dispatcher, params, resolv_conf, firewall_flag, dry_run, backend, lo
 
 def read_tables() -> dict:
     """filter, nat and mangle of both families, as the iptables planner wants them."""
-    from vif_route_qubes import ipt_state
+    from vif_route_qubes.facts import ipt_state
 
     jobs = [(v, name) for v in (4, 6) for name in ("filter", "nat", "mangle")]
     texts = ipt_state.save(jobs)

@@ -15,7 +15,12 @@ from pathlib import Path
 
 from hypothesis import strategies as st
 
-from vif_route_qubes import (apply, cli as vif_cli, init, ipt_state, lock, logsetup, sources, vif)
+from vif_route_qubes.system import apply, lock
+from vif_route_qubes.cli import main as vif_cli
+from vif_route_qubes.app import init, vif
+from vif_route_qubes.facts import ipt_state
+from vif_route_qubes import logsetup
+from vif_route_qubes.inputs import sources
 from vif_route_qubes.model import VifFacts
 from vif_route_qubes.system import tools
 
@@ -227,12 +232,12 @@ def forbid_fork(*args, **kwargs):
 
 def facts(inp, *args, **kwargs):
     """What read_facts would find: the vif there, IPv6 on, no rules, no mapped namespace."""
-    from vif_route_qubes.mapped import MappedFacts
+    from vif_route_qubes.plan.mapped import MappedFacts
 
     extra = {"mapped": MappedFacts(False, False)} if "mapped" in VifFacts._fields else {}
     if "ipt" in VifFacts._fields:  # the ipset layout: no set, no rule yet
-        from vif_route_qubes import antispoof_ipt
-        from vif_route_qubes.ipt_state import EMPTY_TABLE
+        from vif_route_qubes.plan import antispoof_ipt
+        from vif_route_qubes.facts.ipt_state import EMPTY_TABLE
         from vif_route_qubes.plan.elements import Held
         from vif_route_qubes.system.ipset import SetInfo
 

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from netns import VIF_MAC, comparable, run_cmd, settled, state_of
-from vif_route_qubes import parse
+from vif_route_qubes.inputs import parse
 from vif_route_qubes.errors import InputError
 
 VM_MAC = "00:16:3e:5e:6c:19"

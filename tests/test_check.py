@@ -421,8 +421,10 @@ def test_pure_comparisons():
     from ipaddress import ip_address
 
     from setup_dnat_to_ns.plan import DnsInputs
-    from vif_route_qubes import check, check_dns, ipt_state
-    from vif_route_qubes.antispoof_drift import AntispoofView, SetView
+    from vif_route_qubes.check import drift as check
+    from setup_dnat_to_ns import check as check_dns
+    from vif_route_qubes.facts import ipt_state
+    from vif_route_qubes.check.antispoof import AntispoofView, SetView
 
     assert check.lines_drift("vif1.0", "x", ("-A C -j DROP", "-A C -s a -j RETURN"),
                              ("-A C -s a -j RETURN", "-A C -j DROP"), ordered=True)[0].kind == "rules-out-of-order"
@@ -442,9 +444,10 @@ def test_pure_mapped_vif_is_compared_on_the_main_side():
     """A mapped VM: the main namespace holds a veth end for the real address only."""
     from ipaddress import ip_address
 
-    from vif_route_qubes import check, ipt_state
-    from vif_route_qubes.antispoof_drift import AntispoofView, SetView
-    from vif_route_qubes.mapped import Mapped
+    from vif_route_qubes.check import drift as check
+    from vif_route_qubes.facts import ipt_state
+    from vif_route_qubes.check.antispoof import AntispoofView, SetView
+    from vif_route_qubes.plan.mapped import Mapped
     from vif_route_qubes.model import VifInputs
 
     real, visible = ip_address("10.137.7.30"), ip_address("10.137.99.30")

@@ -20,8 +20,10 @@ from typing import NamedTuple
 import pytest
 
 from setup_dnat_to_ns import cli as dns_cli, run as dns_run
-from vif_route_qubes import check, cli as vif_cli, init, optspec, vif
-from vif_route_qubes.cli import xen_assignments
+from vif_route_qubes.check import drift as check
+from vif_route_qubes.cli import main as vif_cli, optspec
+from vif_route_qubes.app import init, vif
+from vif_route_qubes.cli.main import xen_assignments
 
 PATH = "/local/domain/0/backend/vif/37/0"
 VIF_PROG, DNS_PROG = "vif-route-qubes", "qubes-setup-dnat-to-ns"

@@ -32,9 +32,11 @@ from faults_fuzzkit import (DNS_INPUTS, ENV_INPUTS, FIXED, GOOD_TEXTS, MAPPED, P
                             check_servers, fake_tool, hostile, injected, resolved_addresses)
 from netns import BIN, RUN_PREFIX, run_cmd, state_of
 from setup_dnat_to_ns import cli as dns_cli, resolvers
-from vif_route_qubes import cli as vif_cli, nft, plan_vif, sources
+from vif_route_qubes.cli import main as vif_cli
+from vif_route_qubes.plan import nft, vif as plan_vif
+from vif_route_qubes.inputs import sources
 from vif_route_qubes.errors import InputError, VifError
-from vif_route_qubes.inputs import VifArgs, read_vif_inputs
+from vif_route_qubes.inputs.read import VifArgs, read_vif_inputs
 from vif_route_qubes.model import VifFacts
 
 FUZZ = settings(max_examples=2000, deadline=None, suppress_health_check=list(HealthCheck))
@@ -100,7 +102,7 @@ def check_plans(inp, allowed, what):
     ipv6, backend, netns = next(VARIANTS)
     extra = {}
     if "mapped" in VifFacts._fields:
-        from vif_route_qubes.mapped import MappedFacts
+        from vif_route_qubes.plan.mapped import MappedFacts
 
         extra["mapped"] = MappedFacts(netns, netns)
     if "ipt" in VifFacts._fields:

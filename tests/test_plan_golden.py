@@ -12,8 +12,8 @@ hotplug-status last; offline removes the rules only after the link is down.
 from ipaddress import ip_address
 from pathlib import Path
 
-from vif_route_qubes import antispoof_ipt, nft, plan_vif
-from vif_route_qubes.antispoof_ipt import BASE_JUMP, JUMP
+from vif_route_qubes.plan import antispoof_ipt, nft, vif as plan_vif
+from vif_route_qubes.plan.antispoof_ipt import BASE_JUMP, JUMP
 from vif_route_qubes.model import VifFacts, VifInputs
 from vif_route_qubes.plan.elements import Held
 from vif_route_qubes.system.ipset import SetInfo

@@ -19,7 +19,8 @@ import pytest
 
 from netns import BIN, run_cmd, settled
 from test_antispoof import PORT, PY, RECEIVER, no_rp_filter, send
-from vif_route_qubes import base_ipt, ipt_state
+from vif_route_qubes.plan import base_ipt
+from vif_route_qubes.facts import ipt_state
 
 GW = "10.137.7.1"
 VM_IP, SIB_IP = "10.137.7.27", "10.137.7.28"

@@ -20,7 +20,7 @@ import pytest
 from firewall import antispoof_sources, antispoof_text
 from netns import run_cmd
 from test_antispoof import PY, exchange, no_rp_filter
-from vif_route_qubes import nft
+from vif_route_qubes.plan import nft
 
 GW = "10.137.7.1"
 VM_IP, SIB_IP = "10.137.7.27", "10.137.7.28"
@@ -208,7 +208,7 @@ def test_nft_online_moving_off_an_address_another_vif_holds_keeps_it():
 
 
 def test_offline_spares_the_connections_of_an_address_another_vif_holds():
-    from vif_route_qubes import plan_vif
+    from vif_route_qubes.plan import vif as plan_vif
     from vif_route_qubes.model import VifFacts, VifInputs
 
     inp = VifInputs("offline", "vif12.0", 12, (ip_address(VM_IP), ip_address("10.137.7.29")), VM_MAC, "vif",

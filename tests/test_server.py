@@ -51,8 +51,13 @@ def test_the_server_has_one_thread_and_no_netlink_socket(own_server):
     server = own_server()
     assert run_help(server).returncode == 0  # after a request too
     tasks = os.listdir(f"/proc/{server.pid}/task")
-    sockets = [os.readlink(f"/proc/{server.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{server.pid}/fd")]
-    sockets = [s for s in sockets if s.startswith("socket:")]
+    deadline = time.monotonic() + 5
+    while True:  # the request's connection is closed once its child is reaped, a moment after the client exits
+        sockets = [os.readlink(f"/proc/{server.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{server.pid}/fd")]
+        sockets = [s for s in sockets if s.startswith("socket:")]
+        if len(sockets) == 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert len(tasks) == 1, tasks
     assert len(sockets) == 1, sockets  # the listening socket only
     inode = sockets[0][len("socket:["):-1]

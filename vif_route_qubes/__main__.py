@@ -1,3 +1,3 @@
-from vif_route_qubes.cli import main
+from vif_route_qubes.cli.main import main
 
 main()

@@ -8,7 +8,8 @@ The `allowed` set is read whole only when it has more pairs than
 import re
 import socket
 
-from vif_route_qubes import antispoof_ipt, ipt_state
+from vif_route_qubes.plan import antispoof_ipt
+from vif_route_qubes.facts import ipt_state
 from vif_route_qubes.plan import elements
 from vif_route_qubes.system.ipset import Ipsets, SetInfo
 

@@ -28,7 +28,7 @@ class Unserved(Exception):
 
 
 def vif_route_qubes() -> None:
-    run("vif-route-qubes", "vif_route_qubes.cli")
+    run("vif-route-qubes", "vif_route_qubes.cli.main")
 
 
 def _prog() -> str:

@@ -2,8 +2,8 @@
 
 import click
 
-from vif_route_qubes.commands import cli
-from vif_route_qubes.options import Seconds
+from vif_route_qubes.cli.commands import cli
+from vif_route_qubes.cli.options import Seconds
 from vif_route_qubes.server.protocol import DEFAULT_SOCKET
 
 

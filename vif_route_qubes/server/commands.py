@@ -15,5 +15,5 @@ def served() -> dict[str, str]:
     """Command name -> the module whose main() runs it in-process."""
     table = {point.name: point.value.partition(":")[0] for point in entry_points(group=GROUP)}
     # This package's own command is served even where its metadata is missing.
-    table.setdefault("vif-route-qubes", "vif_route_qubes.cli")
+    table.setdefault("vif-route-qubes", "vif_route_qubes.cli.main")
     return table

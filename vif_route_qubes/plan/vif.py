@@ -4,8 +4,8 @@ One builder per feature, each taking `enable` so that offline is the mirror of
 online; the two orders below are the only place that says what comes first.
 """
 
-from vif_route_qubes import antispoof_ipt
-from vif_route_qubes.batch import (Addr, Batch, ConntrackPurge, Group, Hook, Link, Neigh, Nft, Note, Rename, Route,
+from vif_route_qubes.plan import antispoof_ipt
+from vif_route_qubes.plan.batch import (Addr, Batch, ConntrackPurge, Group, Hook, Link, Neigh, Nft, Note, Rename, Route,
                                    Sysctl, XenstoreWrite)
 from vif_route_qubes.model import VifFacts, VifInputs
 
@@ -23,7 +23,7 @@ HARDEN_SYSTEM = {"net/ipv6/max_dst_opts_length": "0", "net/ipv6/conf/all/accept_
 
 def antispoof(inp: VifInputs, facts: VifFacts, enable: bool) -> list:
     if facts.backend == "nft":
-        from vif_route_qubes import nft
+        from vif_route_qubes.plan import nft
 
         text = nft.plan_vif(facts.nft, inp.vif, inp.addresses, enable)
         return [Nft(text)] if text else []
@@ -142,7 +142,7 @@ def plan_online(inp: VifInputs, facts: VifFacts) -> Batch:
     if facts.rename_pending:
         steps.append(Rename(inp.rename_from, inp.vif))
     if inp.mapped:
-        from vif_route_qubes import mapped
+        from vif_route_qubes.plan import mapped
 
         steps += mapped.plan_online(inp, facts.mapped, facts.exists)
         inp = mapped.main_side(inp)
@@ -163,7 +163,7 @@ def plan_offline(inp: VifInputs, facts: VifFacts) -> Batch:
     steps = []
     title = f"vif-route-qubes offline {inp.vif}"
     if facts.mapped and facts.mapped.netns_exists:
-        from vif_route_qubes import mapped
+        from vif_route_qubes.plan import mapped
 
         full, inp = inp, mapped.main_side(inp)
         tail = mapped.plan_offline(full, facts.mapped, facts.exists)

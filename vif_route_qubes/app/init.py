@@ -3,9 +3,12 @@
 from contextlib import nullcontext
 from typing import NamedTuple
 
-from vif_route_qubes import antispoof_ipt, base_ipt, ipt_state, logsetup, parse, sources
-from vif_route_qubes.batch import Batch, Nft, Restore, Sysctl
-from vif_route_qubes.lock import locked
+from vif_route_qubes.plan import antispoof_ipt, base_ipt
+from vif_route_qubes.facts import ipt_state
+from vif_route_qubes import logsetup
+from vif_route_qubes.inputs import parse, sources
+from vif_route_qubes.plan.batch import Batch, Nft, Restore, Sysctl
+from vif_route_qubes.system.lock import locked
 
 log = logsetup.get_logger("vif-route-qubes")
 QDB_GATEWAY6 = "/qubes-netvm-gateway6"
@@ -43,7 +46,7 @@ def plan_init(inp: InitInputs, save4: str, save6: str, sets: dict) -> Batch:
 
 def plan_init_nft(inp: InitInputs, state, rules: dict | None = None) -> Batch:
     """`rules`: (version, chain) -> the rules of an existing anti-spoofing chain, refilled when they differ."""
-    from vif_route_qubes import nft
+    from vif_route_qubes.plan import nft
 
     lines = [line for version, routed in ((4, True), (6, inp.ipv6))
              for line in nft.base_objects(version, state.table(version), routed)]
@@ -62,7 +65,7 @@ def forwarding(inp: InitInputs) -> list:
 def run_init(inp: InitInputs, firewall: str, dry_run: bool, lock_file: str, lock_timeout: float, out) -> int:
     with nullcontext() if dry_run else locked(lock_file, lock_timeout, "init") as lock_fd:
         if firewall == "nft":
-            from vif_route_qubes import nft_state
+            from vif_route_qubes.facts import nft_state
 
             state = nft_state.read_state()
             rules = {(v, chain): nft_state.chain_rules(v, chain) for v, table in state.tables.items()
@@ -78,7 +81,7 @@ def run_init(inp: InitInputs, firewall: str, dry_run: bool, lock_file: str, lock
         if dry_run:
             out.write(batch.render())
             return 0
-        from vif_route_qubes.apply import Applier
+        from vif_route_qubes.system.apply import Applier
 
         with Applier(lock_fd) as applier:
             applier.run(batch)

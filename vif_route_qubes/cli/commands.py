@@ -5,8 +5,8 @@ import sys
 import click
 
 from vif_route_qubes import __version__
-from vif_route_qubes.optspec import ARGS, EVENT, INIT, RunOptions
-from vif_route_qubes.options import options_of
+from vif_route_qubes.cli.optspec import ARGS, EVENT, INIT, RunOptions
+from vif_route_qubes.cli.options import options_of
 
 EXIT_CODES = """Exit status: 0 success (also for add/remove of a vif and offline of a
 vif that is gone), 1 failure, 2 usage error or refused input."""
@@ -31,7 +31,7 @@ def _event_command(name: str, help_text: str):
     @cli.command(name, help=help_text, epilog=EXIT_CODES)
     @_event_options
     def command(**params):
-        from vif_route_qubes.event import run_event
+        from vif_route_qubes.app.event import run_event
 
         run_event(name, params)
 
@@ -52,9 +52,11 @@ def init_command(**params):
     Idempotent: a second run changes nothing, and the rules of vifs already
     online and the DNS rules are kept.
     """
-    from vif_route_qubes import backend as backends, logsetup, sources
+    from vif_route_qubes.system import backend as backends
+    from vif_route_qubes import logsetup
+    from vif_route_qubes.inputs import sources
     from vif_route_qubes.errors import VifError
-    from vif_route_qubes.init import read_init_inputs, run_init
+    from vif_route_qubes.app.init import read_init_inputs, run_init
 
     opts = RunOptions.from_params(params)
     log = logsetup.setup(opts.verbose)
@@ -79,7 +81,7 @@ def check_command(every, as_json, **params):
 
     Same inputs as online (env vif, XENBUS_PATH, xenstore, qubesdb, options).
     """
-    from vif_route_qubes.check import run_vif_check
+    from vif_route_qubes.check.drift import run_vif_check
 
     sys.exit(run_vif_check(params, every, as_json))
 import vif_route_qubes.server.command  # noqa: E402,F401  (registers `serve`; last: it imports cli)

@@ -14,7 +14,7 @@ import os
 from ipaddress import IPv4Address
 from typing import NamedTuple
 
-from vif_route_qubes.batch import Exec, LinkDel, MoveLink, ReturnLink, VethAdd
+from vif_route_qubes.plan.batch import Exec, LinkDel, MoveLink, ReturnLink, VethAdd
 from vif_route_qubes.model import VifInputs
 
 UPLINK = "uplink"

@@ -7,11 +7,12 @@ import sys
 def run_event(command: str, params: dict) -> None:
     """Run it; a failure is one line on stderr (and syslog, and xenstore) and
     SystemExit with the error's exit status."""
-    from vif_route_qubes import logsetup, sources
+    from vif_route_qubes import logsetup
+    from vif_route_qubes.inputs import sources
     from vif_route_qubes.errors import VifError
-    from vif_route_qubes.inputs import VifArgs
-    from vif_route_qubes.optspec import RunOptions
-    from vif_route_qubes.vif import effective_command, report_error, run_vif
+    from vif_route_qubes.inputs.read import VifArgs
+    from vif_route_qubes.cli.optspec import RunOptions
+    from vif_route_qubes.app.vif import effective_command, report_error, run_vif
 
     # udev runs RUN programs with the event's variables only: no PATH, and Python's
     # fallback (/bin:/usr/bin) misses the sbin tools.
@@ -29,13 +30,13 @@ def run_event(command: str, params: dict) -> None:
     try:
         run_vif(args, opts, sys.stdout)
     except VifError as exc:
-        from vif_route_qubes.parse import shown
+        from vif_route_qubes.inputs.parse import shown
 
         vif = shown(args.vif) if args.vif else ""
         message = str(exc) if vif and str(exc).startswith(vif) else f"{action} {vif}".rstrip() + f": {exc}"
         log.error("%s", message)
         if not opts.dry_run:
-            from vif_route_qubes.parse import xenbus_path_ok
+            from vif_route_qubes.inputs.parse import xenbus_path_ok
 
             # Only the vif's own backend path: another one may be another VM's device.
             if args.xenbus_path and args.vif and xenbus_path_ok(args.xenbus_path, args.vif):

@@ -7,7 +7,8 @@ xenstore, then qubesdb).  Every value is parsed strictly before it is kept.
 import os
 import re
 
-from vif_route_qubes import optspec, parse, sources
+from vif_route_qubes.cli import optspec
+from vif_route_qubes.inputs import parse, sources
 from vif_route_qubes.errors import InputError, VifError
 from vif_route_qubes.model import VifInputs
 
@@ -145,7 +146,7 @@ def _mapped_keys(real) -> tuple[str, str, str]:
 
 def _mapped(vif, real, visible_text, gateway_text):
     """Mapped(real, visible, visible gateway), or None when visible == real."""
-    from vif_route_qubes.mapped import Mapped
+    from vif_route_qubes.plan.mapped import Mapped
 
     if real is None:
         raise InputError(f"{vif}: a mapped address needs an IPv4 address of the VM")

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from vif_route_qubes.optspec import Opt
+from vif_route_qubes.cli.optspec import Opt
 
 MAX_SECONDS = 86400.0
 

@@ -2,7 +2,7 @@
 prints them (through nft.run_nft), parsed by nft.parse_ruleset; the links of
 the vif group only when they can matter."""
 
-from vif_route_qubes.nft import VIF_GROUP, NftState, is_base, parse_ruleset, run_nft
+from vif_route_qubes.plan.nft import VIF_GROUP, NftState, is_base, parse_ruleset, run_nft
 
 
 def vif_group_links() -> frozenset[str]:
@@ -25,7 +25,7 @@ def read_state(vif: str | None = None, addresses: tuple = ()) -> NftState:
 
 def chain_rules(version: int, chain: str) -> list[str]:
     """The rules of one of our chains as `nft -s list chain` prints them (its `type ...` line apart)."""
-    from vif_route_qubes.nft import FAMILIES, TABLE
+    from vif_route_qubes.plan.nft import FAMILIES, TABLE
 
     lines = [line.strip() for line in run_nft(["-s", "list", "chain", FAMILIES[version], TABLE, chain]).splitlines()]
     body = lines[next(i for i, line in enumerate(lines) if line.startswith("chain ")) + 1:]

@@ -4,8 +4,8 @@ the DNS planner installs on empty tables (the shared parts are in check.py)."""
 import re
 import sys
 
-from vif_route_qubes import ipt_state
-from vif_route_qubes.check import Drift, lines_drift, report, shared_lock
+from vif_route_qubes.facts import ipt_state
+from vif_route_qubes.check.drift import Drift, lines_drift, report, shared_lock
 
 _DNAT = re.compile(r"-A \S+ -d (\S+)/(?:32|128) -p (udp|tcp) -m \2 --dport 53 -j DNAT --to-destination (\S+)")
 
@@ -90,7 +90,7 @@ def run_dns_check(read_virtual, resolv_conf: str, as_json: bool, backend: str, l
     from setup_dnat_to_ns.resolvers import upstream_servers
 
     def collect() -> list[Drift]:
-        from vif_route_qubes.backend import resolve
+        from vif_route_qubes.system.backend import resolve
 
         virtual = read_virtual()
         if not virtual:
@@ -110,7 +110,7 @@ def run_dns_check(read_virtual, resolv_conf: str, as_json: bool, backend: str, l
 
 def nft_dns_drift(inp) -> list[Drift]:
     """nft backend: each family's `dnat-dns` chain against what the planner installs."""
-    from vif_route_qubes import nft
+    from vif_route_qubes.plan import nft
 
     out: list[Drift] = []
     for version in (4, 6):

@@ -20,8 +20,8 @@ the rules, so a vif is protected by one layout or the other at every moment.
 import re
 from typing import NamedTuple
 
-from vif_route_qubes.batch import IpsetCreate, IpsetDestroy, IpsetElements, Restore
-from vif_route_qubes.ipt_state import TableState, delete, table
+from vif_route_qubes.plan.batch import IpsetCreate, IpsetDestroy, IpsetElements, Restore
+from vif_route_qubes.facts.ipt_state import TableState, delete, table
 from vif_route_qubes.plan import elements
 
 DISPATCH = "QBS-ANTISPOOF"

@@ -10,7 +10,7 @@ one new row.
 import types
 from typing import NamedTuple
 
-from vif_route_qubes.lock import DEFAULT_LOCK
+from vif_route_qubes.system.lock import DEFAULT_LOCK
 
 
 class Opt(NamedTuple):

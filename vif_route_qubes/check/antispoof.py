@@ -12,7 +12,8 @@ Each finding is (scope, kind, detail), made a check.Drift by check.py.
 import re
 from typing import NamedTuple
 
-from vif_route_qubes import antispoof_ipt, ipt_state
+from vif_route_qubes.plan import antispoof_ipt
+from vif_route_qubes.facts import ipt_state
 from vif_route_qubes.plan import elements
 
 VIF_NAME = re.compile(r"vif(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)")
@@ -69,7 +70,8 @@ def read(backend: str) -> AntispoofView:
 
 
 def _read_nft() -> AntispoofView:
-    from vif_route_qubes import nft, nft_state
+    from vif_route_qubes.plan import nft
+    from vif_route_qubes.facts import nft_state
 
     state = nft_state.read_state()
     sets, missing, rules = {}, [], {}
@@ -94,13 +96,13 @@ def _read_nft() -> AntispoofView:
 
 def static_drift(view: AntispoofView) -> list[tuple[str, str, str]]:
     """What all vifs rely on: the sets, the static rules, the jump to them."""
-    from vif_route_qubes.check import lines_drift
+    from vif_route_qubes.check.drift import lines_drift
 
     scope = "qubes" if view.backend == "nft" else antispoof_ipt.DISPATCH
     out = [(scope, "set-missing" if "set" in m or "qbs-" in m else "chain-missing", f"{m} missing")
            for m in view.missing]
     if view.backend == "nft":
-        from vif_route_qubes import nft
+        from vif_route_qubes.plan import nft
 
         for (version, chain), current in sorted(view.rules.items()):
             wanted = nft.antispoof_chain_rules(version)[chain]

@@ -3,12 +3,14 @@
 import os
 from contextlib import nullcontext
 
-from vif_route_qubes import backend, logsetup, plan_vif, timing
+from vif_route_qubes.system import backend
+from vif_route_qubes import logsetup, timing
+from vif_route_qubes.plan import vif as plan_vif
 from vif_route_qubes.errors import VifError
-from vif_route_qubes.inputs import VifArgs, read_vif_inputs
-from vif_route_qubes.lock import locked
+from vif_route_qubes.inputs.read import VifArgs, read_vif_inputs
+from vif_route_qubes.system.lock import locked
 from vif_route_qubes.model import VifFacts, VifInputs
-from vif_route_qubes.optspec import RunOptions
+from vif_route_qubes.cli.optspec import RunOptions
 
 log = logsetup.get_logger("vif-route-qubes")
 
@@ -61,7 +63,7 @@ def read_facts(inp: VifInputs, firewall: str = "iptables") -> VifFacts:
                           and os.path.isdir(f"/proc/sys/net/ipv4/conf/{inp.rename_from}"))
     probe = inp.rename_from if rename_pending else inp.vif
     ipv6_enabled = _read_proc(f"/proc/sys/net/ipv6/conf/{probe}/disable_ipv6") == "0"
-    from vif_route_qubes import mapped
+    from vif_route_qubes.plan import mapped
 
     # A vif's own namespace exists only for a mapped VM (a stat, and one `ip -n` if it does).
     extra = {"mapped": mapped.read_facts(inp)}
@@ -70,7 +72,7 @@ def read_facts(inp: VifInputs, firewall: str = "iptables") -> VifFacts:
         if inp.harden and inp.command == "offline":
             extra["harden_defaults"] = _harden_defaults(inp.vif)
     if firewall == "nft":
-        from vif_route_qubes import nft_state
+        from vif_route_qubes.facts import nft_state
 
         return VifFacts(exists=exists, rename_pending=rename_pending, ipv6_enabled=ipv6_enabled,
                         backend="nft", nft=nft_state.read_state(inp.vif, inp.addresses), **extra)
@@ -93,7 +95,7 @@ def report_error(xenbus_path: str | None, message: str) -> None:
     """Tell Xen's toolstack (hotplug-error, hotplug-status); never raises."""
     if not xenbus_path:
         return
-    from vif_route_qubes import sources
+    from vif_route_qubes.inputs import sources
 
     try:
         sources.xenstore_write({f"{xenbus_path}/hotplug-error": message,
@@ -118,7 +120,7 @@ def run_vif(args: VifArgs, opts: RunOptions, out) -> int:
         if opts.dry_run:
             out.write(batch.render())
             return 0
-        from vif_route_qubes.apply import Applier
+        from vif_route_qubes.system.apply import Applier
 
         with Applier(lock_fd) as applier:
             applier.run(batch)

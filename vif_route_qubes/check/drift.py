@@ -24,7 +24,9 @@ from collections import Counter
 from contextlib import contextmanager
 from typing import NamedTuple
 
-from vif_route_qubes import antispoof_drift, antispoof_ipt, plan_vif, sources
+from vif_route_qubes.check import antispoof as antispoof_drift
+from vif_route_qubes.plan import antispoof_ipt, vif as plan_vif
+from vif_route_qubes.inputs import sources
 from vif_route_qubes.errors import InputError, VifError
 from vif_route_qubes.model import VifFacts, VifInputs
 
@@ -189,7 +191,7 @@ def steps_drift(inp: VifInputs, steps: tuple, net: NetState) -> list[Drift]:
 def vif_drift(inp: VifInputs, net: NetState) -> list[Drift]:
     """Everything that differs from what `online` leaves for this vif."""
     if getattr(inp, "mapped", None):  # here the veth end for the real address; inside its namespace: not compared
-        from vif_route_qubes import mapped
+        from vif_route_qubes.plan import mapped
 
         name = mapped.netns_name(inp)
         gone = [] if name in net.netns else [Drift(inp.vif, "netns-missing", f"namespace {name} missing")]
@@ -325,7 +327,7 @@ def _all_vifs(args, net: NetState) -> list[Drift]:
     """--all: a vif's inputs come from xenstore (backend/vif/D/N, relative: xenstore
     resolves it against this domain's home, as for xl devd) when it has the vif, else
     its addresses from its rules; qubesdb is read once."""
-    from vif_route_qubes import inputs
+    from vif_route_qubes.inputs import read as inputs
 
     fill = {f: k for f, k in (("gateway", inputs.QDB_GATEWAY), ("gateway6", inputs.QDB_GATEWAY6),
                               ("dns1", inputs.QDB_DNS[0]), ("dns2", inputs.QDB_DNS[1])) if getattr(args, f) is None}
@@ -357,14 +359,14 @@ def _all_vifs(args, net: NetState) -> list[Drift]:
 def run_vif_check(params: dict, every: bool, as_json: bool, out=sys.stdout) -> int:
     """`vif-route-qubes check [VIF [ADDR...]] | --all`; params: the event commands' options."""
     from vif_route_qubes import logsetup
-    from vif_route_qubes.inputs import VifArgs, read_vif_inputs
+    from vif_route_qubes.inputs.read import VifArgs, read_vif_inputs
 
     logsetup.setup(params["verbose"])
 
     def collect() -> list[Drift]:
         if every == bool(params["vif"]):
             raise InputError("give a VIF or --all (not both)")
-        from vif_route_qubes.backend import resolve
+        from vif_route_qubes.system.backend import resolve
 
         firewall = resolve(params["backend"])
         env_ip = os.environ.get("ip")

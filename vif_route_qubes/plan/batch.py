@@ -42,7 +42,7 @@ class IpsetElements(NamedTuple):
     changes: tuple
 
     def render(self) -> str:
-        from vif_route_qubes.antispoof_ipt import render_change
+        from vif_route_qubes.plan.antispoof_ipt import render_change
 
         return "\n".join(render_change(change) for change in self.changes)
 

@@ -28,7 +28,7 @@ def xen_assignments(argv: list[str]) -> list[str]:
 def main() -> None:
     """Run the command sys.argv names; ends with SystemExit(status)."""
     args = xen_assignments(sys.argv[1:])
-    from vif_route_qubes.commands import cli
-    from vif_route_qubes.options import run_main
+    from vif_route_qubes.cli.commands import cli
+    from vif_route_qubes.cli.options import run_main
 
     run_main(cli, args, "vif-route-qubes")

@@ -11,8 +11,9 @@ xenstore-write, systemctl) runs through system.tools (sh).
 import os
 import time
 
-from vif_route_qubes import logsetup, sources
-from vif_route_qubes.batch import (Addr, Batch, ConntrackPurge, Exec, Group, Hook, IpsetCreate, IpsetDestroy,
+from vif_route_qubes import logsetup
+from vif_route_qubes.inputs import sources
+from vif_route_qubes.plan.batch import (Addr, Batch, ConntrackPurge, Exec, Group, Hook, IpsetCreate, IpsetDestroy,
                                    IpsetElements, Link, LinkDel, MoveLink, Neigh, Note, Nft, Rename, Restore,
                                    ReturnLink, Route, Run, Sysctl, VethAdd, XenstoreWrite)
 from vif_route_qubes.errors import VifError
@@ -79,7 +80,7 @@ def _ipsetcreate(app: Applier, step: IpsetCreate) -> None:
 
 
 def _ipsetelements(app: Applier, step: IpsetElements) -> None:
-    from vif_route_qubes.antispoof_ipt import set_name
+    from vif_route_qubes.plan.antispoof_ipt import set_name
 
     for change in step.changes:
         entry = (change.address, change.vif) if change.vif else (change.address,)
@@ -115,7 +116,7 @@ def _linkdel(app: Applier, step: LinkDel) -> None:
 
 
 def _nft(app: Applier, step: Nft) -> None:
-    from vif_route_qubes.nft import run_nft
+    from vif_route_qubes.plan.nft import run_nft
 
     run_nft(["-f", "-"], stdin=step.text, pass_fds=app.fds)
 

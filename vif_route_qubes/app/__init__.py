@@ -1,0 +1,1 @@
+"""The only code that sequences an event: inputs, lock, facts, plan, apply, report."""

@@ -1,0 +1,1 @@
+"""Drift reports: the system against what the planners would leave."""

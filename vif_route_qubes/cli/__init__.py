@@ -1,0 +1,1 @@
+"""Command lines: click parses them, from the one option table (optspec)."""

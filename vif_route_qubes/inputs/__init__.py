@@ -1,0 +1,1 @@
+"""Reading the command line, environment, xenstore and qubesdb into frozen records."""
