@@ -209,7 +209,7 @@ def test_xen_wrapper_as_xl_devd_runs_it(root, netns, xen, service_path):
     result = run_libxl(proxy, xen, [str(root / XEN), "online", "type_if=vif"], VIF, path, PATH=service_path)
     assert result.returncode == 0, result.stderr
     assert_configured(proxy, xen, path)
-    assert VIF in proxy.out("iptables-save -t raw")
+    assert f"{VM_IP},{VIF}" in proxy.out("ipset list qbs-allowed4")  # its anti-spoofing element
     result = run_libxl(proxy, xen, [str(root / XEN), "offline", "type_if=vif"], VIF, path, PATH=service_path)
     assert result.returncode == 0, result.stderr
     assert proxy.out(f"ip route show dev {VIF}").strip() == ""
