@@ -4,8 +4,9 @@ the DNS planner installs on empty tables (the shared parts are in check.py)."""
 import re
 import sys
 
+from vif_route_qubes.check.drift import Drift, lines_drift, report
+from vif_route_qubes.check.state import shared_lock
 from vif_route_qubes.facts import ipt_state
-from vif_route_qubes.check.drift import Drift, lines_drift, report, shared_lock
 
 _DNAT = re.compile(r"-A \S+ -d (\S+)/(?:32|128) -p (udp|tcp) -m \2 --dport 53 -j DNAT --to-destination (\S+)")
 

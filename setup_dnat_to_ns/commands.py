@@ -6,8 +6,8 @@ import sys
 import click
 
 from vif_route_qubes import __version__
-from vif_route_qubes.cli.optspec import DNS
 from vif_route_qubes.cli.options import options_of
+from vif_route_qubes.cli.optspec import DNS
 
 EPILOG = """Exit status: 0 rules changed or nothing to do, 100 rules unchanged (also
 with --dry-run), 1 failure, 2 usage error."""

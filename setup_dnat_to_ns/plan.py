@@ -21,8 +21,8 @@ safe for the direction of the change (see rules_text).
 from ipaddress import IPv4Address, IPv6Address
 from typing import NamedTuple
 
-from vif_route_qubes.plan.batch import Batch, ConntrackPurge, Nft, Restore, Run, Sysctl
 from vif_route_qubes.facts.ipt_state import EMPTY_TABLE, TableState, delete, ensure_chain, ensure_jump, sync_chain
+from vif_route_qubes.plan.batch import Batch, ConntrackPurge, Nft, Restore, Run, Sysctl
 
 DNAT_CHAIN = "PR-QBS"
 GUARD_CHAIN = "QBS-DNS-GUARD"

@@ -10,8 +10,8 @@ ACTIONS = ("up", "vpn-up", "vpn-down", "dhcp4-change")
 def run_dns(params: dict) -> int:
     """The exit status of one run (0, 100, or a failure's status)."""
     from vif_route_qubes import logsetup
-    from vif_route_qubes.inputs import sources
     from vif_route_qubes.errors import VifError
+    from vif_route_qubes.inputs import sources
 
     log = logsetup.setup(params["verbose"], "qubes-setup-dnat-to-ns")
     sources.set_timeout(params["tool_timeout"])
@@ -80,9 +80,8 @@ def _run(*, dispatcher, params, resolv_conf, firewall_flag, dry_run, backend, lo
 
     from setup_dnat_to_ns.plan import DnsInputs, plan_dns, plan_dns_nft
     from setup_dnat_to_ns.resolvers import upstream_servers
-    from vif_route_qubes.system.lock import locked
-
     from vif_route_qubes.system import backend as backends
+    from vif_route_qubes.system.lock import locked
 
     firewall = backends.resolve(backend)
     virtual = _virtual(params)

@@ -4,7 +4,6 @@ from ipaddress import IPv4Address, IPv6Address
 from typing import NamedTuple
 
 
-
 class VifInputs(NamedTuple):
     command: str                      # "online" or "offline"
     vif: str                          # name after any `vifname` rename

@@ -8,11 +8,11 @@ def run_event(command: str, params: dict) -> None:
     """Run it; a failure is one line on stderr (and syslog, and xenstore) and
     SystemExit with the error's exit status."""
     from vif_route_qubes import logsetup
-    from vif_route_qubes.inputs import sources
-    from vif_route_qubes.errors import VifError
-    from vif_route_qubes.inputs.read import VifArgs
-    from vif_route_qubes.cli.optspec import RunOptions
     from vif_route_qubes.app.vif import effective_command, report_error, run_vif
+    from vif_route_qubes.cli.optspec import RunOptions
+    from vif_route_qubes.errors import VifError
+    from vif_route_qubes.inputs import sources
+    from vif_route_qubes.inputs.read import VifArgs
 
     # udev runs RUN programs with the event's variables only: no PATH, and Python's
     # fallback (/bin:/usr/bin) misses the sbin tools.

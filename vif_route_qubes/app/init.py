@@ -3,10 +3,10 @@
 from contextlib import nullcontext
 from typing import NamedTuple
 
-from vif_route_qubes.plan import antispoof_ipt, base_ipt
-from vif_route_qubes.facts import ipt_state
 from vif_route_qubes import logsetup
+from vif_route_qubes.facts import ipt_state
 from vif_route_qubes.inputs import parse, sources
+from vif_route_qubes.plan import antispoof_ipt, base_ipt
 from vif_route_qubes.plan.batch import Batch, Nft, Restore, Sysctl
 from vif_route_qubes.system.lock import locked
 

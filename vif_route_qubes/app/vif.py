@@ -3,14 +3,14 @@
 import os
 from contextlib import nullcontext
 
-from vif_route_qubes.system import backend
 from vif_route_qubes import logsetup, timing
-from vif_route_qubes.plan import vif as plan_vif
+from vif_route_qubes.cli.optspec import RunOptions
 from vif_route_qubes.errors import VifError
 from vif_route_qubes.inputs.read import VifArgs, read_vif_inputs
-from vif_route_qubes.system.lock import locked
 from vif_route_qubes.model import VifFacts, VifInputs
-from vif_route_qubes.cli.optspec import RunOptions
+from vif_route_qubes.plan import vif as plan_vif
+from vif_route_qubes.system import backend
+from vif_route_qubes.system.lock import locked
 
 log = logsetup.get_logger("vif-route-qubes")
 

@@ -9,14 +9,12 @@ antispoof_ipt.static_rules / nft.antispoof_rules and plan/elements.py.
 Each finding is (scope, kind, detail), made a check.Drift by check.py.
 """
 
-import re
 from typing import NamedTuple
 
-from vif_route_qubes.plan import antispoof_ipt
 from vif_route_qubes.facts import ipt_state
-from vif_route_qubes.plan import elements
+from vif_route_qubes.inputs.parse import VIF_NAME
+from vif_route_qubes.plan import antispoof_ipt, elements
 
-VIF_NAME = re.compile(r"vif(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)")
 NFT_CHAINS = ("antispoof", "prerouting")
 
 
@@ -70,8 +68,8 @@ def read(backend: str) -> AntispoofView:
 
 
 def _read_nft() -> AntispoofView:
-    from vif_route_qubes.plan import nft
     from vif_route_qubes.facts import nft_state
+    from vif_route_qubes.plan import nft
 
     state = nft_state.read_state()
     sets, missing, rules = {}, [], {}

@@ -13,30 +13,24 @@ Exit status: 0 as it should be, 1 differences (one line each, or --json),
 2 usage error or refused input, 1 also when the system could not be read.
 """
 
-import fcntl
-import ipaddress
 import json
 import os
-import re
 import sys
-import time
 from collections import Counter
-from contextlib import contextmanager
 from typing import NamedTuple
 
 from vif_route_qubes.check import antispoof as antispoof_drift
-from vif_route_qubes.plan import antispoof_ipt, vif as plan_vif
-from vif_route_qubes.inputs import sources
+from vif_route_qubes.check.state import NetState, norm, read_state, shared_lock
 from vif_route_qubes.errors import InputError, VifError
+from vif_route_qubes.inputs import sources
+from vif_route_qubes.inputs.parse import VIF_NAME
 from vif_route_qubes.model import VifFacts, VifInputs
+from vif_route_qubes.plan import antispoof_ipt
+from vif_route_qubes.plan import vif as plan_vif
 
 # A check that cannot read the system fails like any command (1, one line on
 # stderr, no report on stdout); drift is 1 with the report on stdout.
 EXIT_CLEAN, EXIT_DRIFT, EXIT_USAGE, EXIT_UNKNOWN = 0, 1, 2, 1
-VIF_NAME = re.compile(r"vif(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)")
-# Read for every vif under the lock; any other sysctl the planner asks for is read when compared.
-_SYSCTLS = (("ipv4", ("proxy_arp", *plan_vif.HARDEN_V4)),
-            ("ipv6", ("proxy_ndp", "disable_ipv6", *plan_vif.HARDEN_V6)))
 
 
 class Drift(NamedTuple):
@@ -51,29 +45,6 @@ class Drift(NamedTuple):
         return {"vif" if VIF_NAME.fullmatch(self.scope) else "scope": self.scope, "kind": self.kind,
                 "detail": self.detail}
 
-
-class NetState(NamedTuple):
-    links: dict      # ifname -> administratively up
-    addrs: dict      # ifname -> frozenset of "address/prefixlen"
-    routes: tuple    # (dst, dev, metric) of the main table; host routes print without /32, /128
-    neighs: dict     # (dev, dst) -> (lladdr, permanent)
-    fw: object       # antispoof_drift.AntispoofView: the sets and their static rules
-    sysctl: dict     # path under /proc/sys -> value
-    netns: frozenset = frozenset()  # names in /run/netns (a mapped vif has its own)
-    groups: dict = {}  # ifname -> interface group (the nft backend puts vifs in group 2)
-
-    def read_sysctl(self, path: str) -> str | None:
-        return self.sysctl[path] if path in self.sysctl else _read_proc(path)
-
-
-def _norm(text: str) -> str:
-    try:
-        return str(ipaddress.ip_address(text))
-    except ValueError:
-        return text
-
-
-# -- comparisons (pure) ---------------------------------------------------
 
 def lines_drift(scope: str, what: str, current: tuple, wanted: tuple, ordered: bool = False) -> list[Drift]:
     """Missing, unexpected and duplicated lines of one of our chains (and their order, if it matters)."""
@@ -157,13 +128,13 @@ def steps_drift(inp: VifInputs, steps: tuple, net: NetState) -> list[Drift]:
             out.append(Drift(vif, "sysctl", f"{name} is {have or 'missing'}, should be {step.value}"))
         elif kind == "Link" and step.up and not net.links.get(step.ifname):
             out.append(Drift(vif, "link-down", "link down"))
-        elif kind == "Addr" and step.add and f"{_norm(step.address)}/{step.prefixlen}" not in net.addrs.get(vif, ()):
+        elif kind == "Addr" and step.add and f"{norm(step.address)}/{step.prefixlen}" not in net.addrs.get(vif, ()):
             what = "gateway" if step.family == 4 else "IPv6 gateway"
             out.append(Drift(vif, "address-missing", f"{what} address {step.address}/{step.prefixlen} missing"))
-        elif kind == "Route" and step.add and (_norm(step.address), vif, step.metric) not in net.routes:
+        elif kind == "Route" and step.add and (norm(step.address), vif, step.metric) not in net.routes:
             out.append(Drift(vif, "route-missing", f"route {step.address} metric {step.metric} missing"))
         elif kind == "Neigh" and step.add:
-            lladdr, permanent = net.neighs.get((vif, _norm(step.address)), (None, False))
+            lladdr, permanent = net.neighs.get((vif, norm(step.address)), (None, False))
             if lladdr is None:
                 out.append(Drift(vif, "neighbour-missing", f"neighbour {step.address} lladdr {step.mac} missing"))
             elif lladdr != step.mac:
@@ -228,76 +199,6 @@ def discover(net: NetState) -> list[str]:
 
 
 # -- reading the system ---------------------------------------------------
-
-def _read_proc(path: str) -> str | None:
-    try:
-        with open("/proc/sys/" + path) as handle:
-            return handle.read().strip()
-    except OSError:
-        return None
-
-
-def _route_text(version: int, dst_len: int, dst: str | None) -> str:
-    """A destination as `ip route` prints it: host routes without /32, /128."""
-    if not dst_len or dst is None:
-        return "default"
-    return _norm(dst) if dst_len == (128 if version == 6 else 32) else f"{_norm(dst)}/{dst_len}"
-
-
-def read_state(extra: tuple = (), backend: str = "iptables") -> NetState:
-    from vif_route_qubes.system import ip_dumps
-
-    try:
-        by_index = ip_dumps.link_states()
-        found_addrs = ip_dumps.addresses()
-        found_routes = ip_dumps.main_routes()
-        found_neighs = ip_dumps.neighbours()
-    except OSError as exc:
-        raise VifError(f"reading links, addresses, routes and neighbours failed: {exc.strerror or exc}") from None
-    links = {name: up for name, up, _ in by_index.values()}
-    groups = {name: group for name, _, group in by_index.values()}
-    addrs = {name: set() for name in links}
-    for index, address, prefixlen in found_addrs:
-        if index in by_index:
-            addrs[by_index[index][0]].add(f"{_norm(address)}/{prefixlen}")
-    addrs = {name: frozenset(found) for name, found in addrs.items()}
-    name_of = {index: name for index, (name, _, _) in by_index.items()}
-    routes = tuple((_route_text(version, dst_len, dst), name_of.get(oif), metric)
-                   for version, dst_len, dst, oif, metric in found_routes)
-    neighs = {(name_of[index], _norm(dst)): (lladdr, permanent)
-              for index, dst, lladdr, permanent in found_neighs if index in name_of}
-    fw = antispoof_drift.read(backend)
-    names = [n for n in links if VIF_NAME.fullmatch(n)] + [n for n in extra if n]
-    sysctl = {path: _read_proc(path) for name in names for family, keys in _SYSCTLS for key in keys
-              for path in [f"net/{family}/conf/{name}/{key}"]}
-    netns = frozenset(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else frozenset()
-    return NetState(links, addrs, routes, neighs, fw, sysctl, netns, groups)
-
-
-@contextmanager
-def shared_lock(path: str, timeout: float):
-    """The events' lock, shared: a check never reads half an event, and checks
-    never wait for each other.  No lock file: no event ever ran."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        fd = None
-    try:
-        deadline = time.monotonic() + timeout
-        while fd is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise VifError(f"lock {path} still held after {timeout:g} s") from None
-                time.sleep(0.02)
-        yield
-    finally:
-        if fd is not None:
-            os.close(fd)
-
-
 
 def report(logger: str, collect, as_json: bool, out) -> int:
     """Print what collect() found: one line each, or JSON; a failure to collect is one line on stderr."""

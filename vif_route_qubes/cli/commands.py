@@ -5,8 +5,8 @@ import sys
 import click
 
 from vif_route_qubes import __version__
-from vif_route_qubes.cli.optspec import ARGS, EVENT, INIT, RunOptions
 from vif_route_qubes.cli.options import options_of
+from vif_route_qubes.cli.optspec import ARGS, EVENT, INIT, RunOptions
 
 EXIT_CODES = """Exit status: 0 success (also for add/remove of a vif and offline of a
 vif that is gone), 1 failure, 2 usage error or refused input."""
@@ -52,11 +52,11 @@ def init_command(**params):
     Idempotent: a second run changes nothing, and the rules of vifs already
     online and the DNS rules are kept.
     """
-    from vif_route_qubes.system import backend as backends
     from vif_route_qubes import logsetup
-    from vif_route_qubes.inputs import sources
-    from vif_route_qubes.errors import VifError
     from vif_route_qubes.app.init import read_init_inputs, run_init
+    from vif_route_qubes.errors import VifError
+    from vif_route_qubes.inputs import sources
+    from vif_route_qubes.system import backend as backends
 
     opts = RunOptions.from_params(params)
     log = logsetup.setup(opts.verbose)

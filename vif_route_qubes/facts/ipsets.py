@@ -5,15 +5,12 @@ are missing (or of the old layout) or this may be the last vif's offline.
 The `allowed` set is read whole only when it has more pairs than
 `downstream` has addresses (a pair made by hand, or a restarted VM's two vifs)."""
 
-import re
 import socket
 
-from vif_route_qubes.plan import antispoof_ipt
 from vif_route_qubes.facts import ipt_state
-from vif_route_qubes.plan import elements
+from vif_route_qubes.inputs.parse import VIF_NAME
+from vif_route_qubes.plan import antispoof_ipt, elements
 from vif_route_qubes.system.ipset import Ipsets, SetInfo
-
-VIF_NAME = re.compile(r"vif(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)")
 
 
 def read_sets(ipsets: Ipsets) -> dict[str, SetInfo]:

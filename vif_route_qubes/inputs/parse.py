@@ -12,7 +12,9 @@ from vif_route_qubes.errors import InputError
 MAX_DOMID = 32752
 IFNAMSIZ = 15  # usable characters of a Linux interface name
 
-_VIF_RE = re.compile(r"vif(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)(-emu)?")
+# A vif's interface name, vifD.N; the -emu suffix only where a name from Xen is parsed.
+VIF_NAME = re.compile(r"vif(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)")
+_VIF_RE = re.compile(VIF_NAME.pattern + r"(-emu)?")
 _MAC_RE = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 # Relative (xl devd, the kernel's uevent: resolved against this domain's home) or absolute.
 _XENBUS_RE = re.compile(r"(?:/local/domain/(0|[1-9][0-9]{0,4})/)?backend/vif/(0|[1-9][0-9]{0,4})/(0|[1-9][0-9]{0,4})")

@@ -8,8 +8,8 @@ import os
 import re
 
 from vif_route_qubes.cli import optspec
-from vif_route_qubes.inputs import parse, sources
 from vif_route_qubes.errors import InputError, VifError
+from vif_route_qubes.inputs import parse, sources
 from vif_route_qubes.model import VifInputs
 
 QDB_GATEWAY = "/qubes-netvm-gateway"

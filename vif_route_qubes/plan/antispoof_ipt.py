@@ -20,9 +20,9 @@ the rules, so a vif is protected by one layout or the other at every moment.
 import re
 from typing import NamedTuple
 
-from vif_route_qubes.plan.batch import IpsetCreate, IpsetDestroy, IpsetElements, Restore
 from vif_route_qubes.facts.ipt_state import TableState, delete, table
 from vif_route_qubes.plan import elements
+from vif_route_qubes.plan.batch import IpsetCreate, IpsetDestroy, IpsetElements, Restore
 
 DISPATCH = "QBS-ANTISPOOF"
 PREFIX = "QBS-AS-"  # the old layout's per-vif chains

@@ -14,8 +14,8 @@ import os
 from ipaddress import IPv4Address
 from typing import NamedTuple
 
-from vif_route_qubes.plan.batch import Exec, LinkDel, MoveLink, ReturnLink, VethAdd
 from vif_route_qubes.model import VifInputs
+from vif_route_qubes.plan.batch import Exec, LinkDel, MoveLink, ReturnLink, VethAdd
 
 UPLINK = "uplink"
 VIF_MAC = "fe:ff:ff:ff:ff:ff"

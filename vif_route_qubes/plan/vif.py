@@ -4,10 +4,10 @@ One builder per feature, each taking `enable` so that offline is the mirror of
 online; the two orders below are the only place that says what comes first.
 """
 
-from vif_route_qubes.plan import antispoof_ipt
-from vif_route_qubes.plan.batch import (Addr, Batch, ConntrackPurge, Group, Hook, Link, Neigh, Nft, Note, Rename, Route,
-                                   Sysctl, XenstoreWrite)
 from vif_route_qubes.model import VifFacts, VifInputs
+from vif_route_qubes.plan import antispoof_ipt
+from vif_route_qubes.plan.batch import (Addr, Batch, ConntrackPurge, Group, Hook, Link, Neigh, Nft, Note, Rename,
+                                        Route, Sysctl, XenstoreWrite)
 
 # Hardening: the settings of Qubes' network/81-qubes.conf.optional, per vif and system-wide.
 # IPv6 accept_source_route -1: no routing header at all (0 would still take type 2).

@@ -12,11 +12,11 @@ import os
 import time
 
 from vif_route_qubes import logsetup
+from vif_route_qubes.errors import VifError
 from vif_route_qubes.inputs import sources
 from vif_route_qubes.plan.batch import (Addr, Batch, ConntrackPurge, Exec, Group, Hook, IpsetCreate, IpsetDestroy,
-                                   IpsetElements, Link, LinkDel, MoveLink, Neigh, Note, Nft, Rename, Restore,
-                                   ReturnLink, Route, Run, Sysctl, VethAdd, XenstoreWrite)
-from vif_route_qubes.errors import VifError
+                                        IpsetElements, Link, LinkDel, MoveLink, Neigh, Nft, Note, Rename, Restore,
+                                        ReturnLink, Route, Run, Sysctl, VethAdd, XenstoreWrite)
 from vif_route_qubes.system import ip, tools
 
 log = logsetup.get_logger("vif-route-qubes")
