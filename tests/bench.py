@@ -2,7 +2,7 @@
 """Benchmark of vif-route-qubes and qubes-setup-dnat-to-ns, in namespaces (root).
 
     .venv/bin/python tests/bench.py [--runs N] [--json] [--skip-scale] [--skip-storm]
-                                    [--backend iptables|nft] [--mode server|in-process|both]
+                                    [--backend iptables|nft] [--mode server|in-process|both] [--no-init]
 
 Prints, for each target, the median and the min-max spread of N runs (>= 10):
   pair      online+offline of one vif (manual form: no xenstore/qubesdb stand-ins,
@@ -326,8 +326,10 @@ def main() -> None:
     parser.add_argument("--skip-storm", action="store_true")
     parser.add_argument("--skip-memory", action="store_true", help="no 1,000 events for the server's memory")
     parser.add_argument("--mode", choices=("server", "in-process", "both"), default="both")
+    parser.add_argument("--no-init", action="store_true",
+                        help="namespaces without `init`: each first online makes the static parts, its offline removes them")
     parser.add_argument("--backend", choices=("iptables", "nft"), default="iptables",
-                        help="firewall backend measured (nft: each namespace gets `init --backend nft`)")
+                        help="firewall backend measured (each namespace gets `init` first, see --no-init)")
     args = parser.parse_args()
     runs = max(args.runs, 10)
     report = {"backend": args.backend}
@@ -338,8 +340,9 @@ def main() -> None:
             xen = XenEnv(Path(tmp))
             env = xen.env(VIF_ROUTE_TIMING="1", QUBES_RESOLV_CONF=str(Path(tmp) / "resolv.conf"),
                           QUBES_NET_BACKEND=args.backend, VIF_ROUTE_SERVER="off")
-            if args.backend == "nft":
-                # Every namespace starts as a VM that ran `init --backend nft` at boot.
+            if not args.no_init:
+                # Every namespace starts as a VM that ran `init` at boot (the documented setup:
+                # the sets and static rules are there, so an event only changes its elements).
                 make = netns.make
 
                 def make_with_base(role, make=make):
