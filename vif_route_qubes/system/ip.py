@@ -199,7 +199,10 @@ def host_routes(index: int) -> list[tuple[int, str, int]]:
     """(IP version, address, metric) of the main table's host routes out of one
     interface (a dump the kernel filters), but for the kernel's own."""
     found = []
-    for route in _socket().route("dump", oif=index, table=RT_TABLE_MAIN):
+    # dump_filter={}: pyroute2 then puts oif and table into the request, and the kernel
+    # (strict_check) filters; as plain arguments they filter in Python, after a dump
+    # of every route (~15 ms with 400 vifs).
+    for route in _socket().route("dump", oif=index, table=RT_TABLE_MAIN, dump_filter={}):
         family, dst = route["family"], route.get_attr("RTA_DST")
         if (route["dst_len"] != FULL.get(family) or route["type"] != RTN_UNICAST or dst is None
                 or route["proto"] == RTPROT_KERNEL or route.get_attr("RTA_OIF") != index
@@ -212,7 +215,9 @@ def host_routes(index: int) -> list[tuple[int, str, int]]:
 @_mapped
 def permanent_neighbours(index: int) -> list[tuple[int, str]]:
     """(IP version, address) of the permanent neighbour entries of one interface."""
-    return [(_version(n["family"]), n.get_attr("NDA_DST")) for n in _socket().neigh("dump", ifindex=index)
+    # The kernel filters by NDA_IFINDEX (see host_routes for dump_filter={}).
+    return [(_version(n["family"]), n.get_attr("NDA_DST")) for n in _socket().neigh("dump", NDA_IFINDEX=index,
+                                                                                     dump_filter={})
             if n["ifindex"] == index and n["state"] & NUD_PERMANENT and n.get_attr("NDA_DST")
             and n["family"] in FULL]
 

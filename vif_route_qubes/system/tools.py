@@ -45,7 +45,6 @@ class Result(NamedTuple):
     exit_code: int
     stdout: str
     stderr: str
-    pid: int = 0  # of the process that ran (raw_index follows the nftables commits of ours)
 
 
 def one_line(text: str, limit: int = 300) -> str:
@@ -107,8 +106,7 @@ def run(argv, *, stdin: str | None = None, timeout: float | None = DEFAULT_TIMEO
     finally:
         if timer:
             timer.cancel()
-    result = Result(proc.exit_code, "" if discard_stdout else str(proc), proc.stderr.decode(errors="replace"),
-                    proc.pid)
+    result = Result(proc.exit_code, "" if discard_stdout else str(proc), proc.stderr.decode(errors="replace"))
     if check and result.exit_code != 0:
         raise ToolFailed(f"{what} failed: {one_line(result.stderr) or f'exit {result.exit_code}'}", argv[0],
                          result.exit_code, result.stderr)
