@@ -13,12 +13,11 @@ must arrive, so a missing one was dropped, not late.
 """
 
 import re
-import subprocess
 
 import pytest
 
 from netns import BIN, run_cmd, settled
-from test_antispoof import PORT, PY, RECEIVER, no_rp_filter, send
+from test_antispoof import PORT, exchange, no_rp_filter
 from vif_route_qubes.plan import base_ipt
 from vif_route_qubes.facts import ipt_state
 
@@ -45,20 +44,9 @@ DAEMON_CHAINS = {"filter": ("QBS-FORWARD", "qbs-10-137-7-27"), "raw": ("QBS-PRER
 
 
 def arrived(receiver, sends, end) -> set[str]:
-    """Payloads that reach `receiver`: each (ns, src, dst, payload), then `end` (ns, src, dst)."""
-    proc = receiver.popen([PY, "-c", RECEIVER, str(PORT), "5"], stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().strip() == "ready"
-        for ns, src, dst, payload in sends:
-            send(ns, src, dst, payload)
-        send(*end, "end")
-        out, _ = proc.communicate(timeout=10)
-    finally:
-        proc.kill()
-        proc.wait()
-    got = {line.split(" ", 1)[1] for line in out.splitlines()}
-    assert "end" in got, f"the control datagram from {end[1]} did not arrive: {out}"
-    return got - {"end"}
+    """Payloads that reach `receiver`: each (ns, src, dst, payload), then `end` (ns, src, dst),
+    which must arrive (test_antispoof.exchange asserts it)."""
+    return {payload for _, payload in exchange(receiver, sends, end)} - {"end"}
 
 
 class Proxy:
