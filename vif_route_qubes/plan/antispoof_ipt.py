@@ -64,11 +64,6 @@ def static_ok(sets: dict) -> bool:
     return all(sets[name].exists and sets[name].references > 0 for name in SET_NAMES)
 
 
-def has_jump(state: TableState) -> bool:
-    prerouting = state.rules_of("PREROUTING")
-    return JUMP in prerouting or BASE_JUMP in prerouting
-
-
 def is_base(state: TableState) -> bool:
     return BASE_JUMP in state.rules_of("PREROUTING")
 
