@@ -111,12 +111,13 @@ def run_dns_check(read_virtual, resolv_conf: str, as_json: bool, backend: str, l
 
 def nft_dns_drift(inp) -> list[Drift]:
     """nft backend: each family's `dnat-dns` chain against what the planner installs."""
+    from setup_dnat_to_ns import nft_dns
     from vif_route_qubes.plan import nft
 
     out: list[Drift] = []
     for version in (4, 6):
-        wanted = nft.dnat_rules(version, *inp.of(version))
-        current = nft.current_dnat_rules(version)
+        wanted = nft_dns.dnat_rules(version, *inp.of(version))
+        current = nft_dns.current_dnat_rules(version)
         where = f"{nft.FAMILIES[version]} {nft.TABLE} dnat-dns"
         if current is None:
             if wanted:

@@ -162,10 +162,10 @@ def plan_dns(inp: DnsInputs, tables: dict[int, dict[str, TableState]]) -> Batch:
 def plan_dns_nft(inp: DnsInputs, current: dict, table_exists: dict) -> Batch:
     """nft backend: `F qubes dnat-dns` replaced in one transaction for both
     families; with no upstream it refuses the queries itself at prerouting."""
-    from vif_route_qubes.plan import nft
+    from setup_dnat_to_ns import nft_dns
 
     lines = [line for version in (4, 6)
-             for line in nft.plan_dns(version, current.get(version), table_exists.get(version, False),
+             for line in nft_dns.plan_dns(version, current.get(version), table_exists.get(version, False),
                                       *inp.of(version))]
     return _batch(inp, [Nft("\n".join(lines) + "\n")] if lines else [])
 

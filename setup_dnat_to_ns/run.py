@@ -91,10 +91,11 @@ def _run(*, dispatcher, params, resolv_conf, firewall_flag, dry_run, backend, lo
                     firewall_running=os.path.exists(firewall_flag), ratemask=_ratemask())
     with nullcontext() if dry_run else locked(lock_file, lock_timeout, "DNS rules") as lock_fd:
         if firewall == "nft":
+            from setup_dnat_to_ns import nft_dns
             from vif_route_qubes.plan import nft
             from vif_route_qubes.system import ip
 
-            batch = plan_dns_nft(inp, {v: nft.current_dnat_rules(v) for v in (4, 6)},
+            batch = plan_dns_nft(inp, {v: nft_dns.current_dnat_rules(v) for v in (4, 6)},
                                  {v: ip.nft_table_exists(nft.TABLE, v) for v in (4, 6)})
         else:
             batch = plan_dns(inp, read_tables())

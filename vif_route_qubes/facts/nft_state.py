@@ -1,8 +1,13 @@
 """What the nft backend's planner needs: our two tables as `nft -j list ruleset`
-prints them (through nft.run_nft), parsed by nft.parse_ruleset; the links of
+prints them, parsed by nft.parse_ruleset; the links of
 the vif group only when they can matter."""
 
-from vif_route_qubes.plan.nft import VIF_GROUP, NftState, is_base, parse_ruleset, run_nft
+from vif_route_qubes.plan.nft import VIF_GROUP, NftState, is_base, parse_ruleset
+from vif_route_qubes.system import tools
+
+
+def run_nft(args: list[str]) -> str:
+    return tools.run(["nft", *args], timeout=30).stdout
 
 
 def vif_group_links() -> frozenset[str]:

@@ -17,7 +17,6 @@ Every change is one `nft -f` transaction: all of it applies, or none.
 import json
 from typing import NamedTuple
 
-from vif_route_qubes.system import tools
 
 TABLE = "qubes"
 VIF_GROUP = 2
@@ -39,10 +38,6 @@ class NftState(NamedTuple):
 
     def table(self, family: int) -> NftTable | None:
         return self.tables.get(family)
-
-
-def run_nft(args: list[str], stdin: str | None = None, pass_fds: tuple = ()) -> str:
-    return tools.run(["nft", *args], stdin=stdin, timeout=30, pass_fds=pass_fds).stdout
 
 
 def parse_ruleset(text: str) -> NftState:
@@ -78,7 +73,7 @@ def parse_ruleset(text: str) -> NftState:
 
 # -- the objects of the base ---------------------------------------------
 
-def _base_chain(f: str, name: str, spec: str, rules: list[str]) -> list[str]:
+def base_chain(f: str, name: str, spec: str, rules: list[str]) -> list[str]:
     return [f"add chain {f} {TABLE} {name} {{ {spec} }}" if spec else f"add chain {f} {TABLE} {name}",
             *(f"add rule {f} {TABLE} {name} {rule}" for rule in rules)]
 
@@ -93,9 +88,9 @@ def antispoof_objects(version: int, table: NftTable | None) -> list[str]:
                 f"add set {f} {TABLE} allowed {{ type ifname . {ADDR_TYPE[version]}; }}"]
     rules = antispoof_chain_rules(version)
     if "antispoof" not in have:
-        out += _base_chain(f, "antispoof", "", list(rules["antispoof"]))
+        out += base_chain(f, "antispoof", "", list(rules["antispoof"]))
     if "prerouting" not in have:
-        out += _base_chain(f, "prerouting", PREROUTING_SPEC, list(rules["prerouting"]))
+        out += base_chain(f, "prerouting", PREROUTING_SPEC, list(rules["prerouting"]))
     return out
 
 
@@ -148,7 +143,7 @@ def base_objects(version: int, table: NftTable | None, routed: bool) -> list[str
         wanted.append(("dnat-dns", DNAT_SPEC, []))
     for name, spec, rules in wanted:
         if name not in have:
-            out += _base_chain(f, name, spec, rules)
+            out += base_chain(f, name, spec, rules)
     return out
 
 
@@ -195,51 +190,3 @@ def plan_vif(state: NftState, vif: str, addrs: tuple, enable: bool) -> str | Non
             out = [line for line in out if not line.startswith(f"delete element {FAMILIES[version]} ")]
             out.append(f"delete table {FAMILIES[version]} {TABLE}")
     return "\n".join(out) + "\n" if out else None
-
-
-DADDR = {4: "ip daddr", 6: "ip6 daddr"}
-CUSTOM_DNS = "custom-dnat-dns"
-
-
-def dnat_rules(version: int, virtual: tuple, upstream: tuple) -> list[str]:
-    """The user's chain first, then the DNAT of each virtual address (udp and tcp 53)
-    to upstream i mod n, or, with no upstream, an immediate refusal (nft may
-    reject at prerouting: the query never reaches forwarding)."""
-    if not virtual:
-        return []
-    rules = [f"jump {CUSTOM_DNS}"]
-    for index, addr in enumerate(virtual):
-        for proto in ("udp", "tcp"):
-            if upstream:
-                target = f"dnat to {upstream[index % len(upstream)]}"
-            else:  # ICMP(v6) port unreachable for UDP, a reset for TCP
-                target = "reject" if proto == "udp" else "reject with tcp reset"
-            rules.append(f"{DADDR[version]} {addr} {proto} dport 53 {target}")
-    return rules
-
-
-def current_dnat_rules(version: int = 4) -> list[str] | None:
-    """The rules of `F qubes dnat-dns` as nft prints them; None when the chain is missing."""
-    result = tools.run(["nft", "list", "chain", FAMILIES[version], TABLE, "dnat-dns"], timeout=30, check=False)
-    if result.exit_code != 0:
-        return None
-    lines = [line.strip() for line in result.stdout.splitlines()]
-    # The rules are the lines after the chain's `type nat hook ...` line.
-    start = next((i + 1 for i, line in enumerate(lines) if line.startswith("type nat")), len(lines))
-    return [line for line in lines[start:] if line and line != "}"]
-
-
-def plan_dns(version: int, current: list[str] | None, table_exists: bool, virtual: tuple,
-             upstream: tuple) -> list[str]:
-    """Lines of one family that make `dnat-dns` exact (none when it is)."""
-    f = FAMILIES[version]
-    wanted = dnat_rules(version, virtual, upstream)
-    if current == wanted or (current is None and not wanted):
-        return []
-    out = [] if table_exists else [f"add table {f} {TABLE}"]
-    if wanted:  # `add` leaves an existing chain and its rules alone
-        out.append(f"add chain {f} {TABLE} {CUSTOM_DNS}")
-    # add (so that delete cannot fail), delete, recreate: one atomic replacement.
-    out += [f"add chain {f} {TABLE} dnat-dns {{ {DNAT_SPEC} }}", f"delete chain {f} {TABLE} dnat-dns"]
-    out += _base_chain(f, "dnat-dns", DNAT_SPEC, wanted)
-    return out

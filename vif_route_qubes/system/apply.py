@@ -116,9 +116,7 @@ def _linkdel(app: Applier, step: LinkDel) -> None:
 
 
 def _nft(app: Applier, step: Nft) -> None:
-    from vif_route_qubes.plan.nft import run_nft
-
-    run_nft(["-f", "-"], stdin=step.text, pass_fds=app.fds)
+    tools.run(["nft", "-f", "-"], stdin=step.text, timeout=30, pass_fds=app.fds)
 
 
 def _index(ifname: str, required: bool) -> int | None:
