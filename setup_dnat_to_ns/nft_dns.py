@@ -26,15 +26,39 @@ def dnat_rules(version: int, virtual: tuple, upstream: tuple) -> list[str]:
     return rules
 
 
+def _chain_rules(text: str) -> list[str]:
+    """The rules of one listed chain: the lines after its `type nat hook ...` line."""
+    lines = [line.strip() for line in text.splitlines()]
+    start = next((i + 1 for i, line in enumerate(lines) if line.startswith("type nat")), len(lines))
+    return [line for line in lines[start:] if line and line != "}"]
+
+
 def current_dnat_rules(version: int = 4) -> list[str] | None:
     """The rules of `F qubes dnat-dns` as nft prints them; None when the chain is missing."""
     result = tools.run(["nft", "list", "chain", FAMILIES[version], TABLE, "dnat-dns"], timeout=30, check=False)
-    if result.exit_code != 0:
-        return None
-    lines = [line.strip() for line in result.stdout.splitlines()]
-    # The rules are the lines after the chain's `type nat hook ...` line.
-    start = next((i + 1 for i, line in enumerate(lines) if line.startswith("type nat")), len(lines))
-    return [line for line in lines[start:] if line and line != "}"]
+    return _chain_rules(result.stdout) if result.exit_code == 0 else None
+
+
+def current_dnat_rules_of(versions: tuple[int, ...]) -> dict[int, list[str] | None]:
+    """current_dnat_rules() of the families whose table exists, with one nft run
+    for all of them (a program run costs more than its listing); when a chain is
+    missing nft lists nothing, and each family is asked on its own."""
+    if len(versions) < 2:
+        return {v: current_dnat_rules(v) for v in versions}
+    script = "".join(f"list chain {FAMILIES[v]} {TABLE} dnat-dns\n" for v in versions)
+    result = tools.run(["nft", "-f", "-"], stdin=script, timeout=30, check=False)
+    heads = {f"table {FAMILIES[v]} {TABLE} {{": v for v in versions}
+    found: dict[int, list[str]] = {}
+    version = None
+    for line in result.stdout.splitlines():
+        if line in heads:
+            version = heads[line]
+            found[version] = []
+        elif version is not None:
+            found[version].append(line)
+    if result.exit_code != 0 or sorted(found) != sorted(versions):
+        return {v: current_dnat_rules(v) for v in versions}
+    return {v: _chain_rules("\n".join(found[v])) for v in versions}
 
 
 def plan_dns(version: int, current: list[str] | None, table_exists: bool, virtual: tuple,

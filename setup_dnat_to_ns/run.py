@@ -95,8 +95,9 @@ def _run(*, dispatcher, params, resolv_conf, firewall_flag, dry_run, backend, lo
             from vif_route_qubes.plan import nft
             from vif_route_qubes.system import ip
 
-            batch = plan_dns_nft(inp, {v: nft_dns.current_dnat_rules(v) for v in (4, 6)},
-                                 {v: ip.nft_table_exists(nft.TABLE, v) for v in (4, 6)})
+            tables = {v: ip.nft_table_exists(nft.TABLE, v) for v in (4, 6)}
+            current = dict.fromkeys((4, 6)) | nft_dns.current_dnat_rules_of(tuple(v for v in (4, 6) if tables[v]))
+            batch = plan_dns_nft(inp, current, tables)
         else:
             batch = plan_dns(inp, read_tables())
         if not batch.changes:
@@ -115,9 +116,11 @@ def read_tables() -> dict:
     """filter, nat and mangle of both families, as the iptables planner wants them."""
     from vif_route_qubes.facts import ipt_state
 
-    jobs = [(v, name) for v in (4, 6) for name in ("filter", "nat", "mangle")]
-    texts = ipt_state.save(jobs)
+    # One iptables-save of every table per family: a program run costs more than the listing.
+    texts = ipt_state.save([(4, None), (6, None)])
     tables: dict = {4: {}, 6: {}}
-    for (version, name), text in zip(jobs, texts):
-        tables[version][name] = ipt_state.table(text, name)
+    for version, text in zip((4, 6), texts):
+        parsed = ipt_state.parse_save(text)
+        for name in ("filter", "nat", "mangle"):
+            tables[version][name] = parsed.get(name, ipt_state.EMPTY_TABLE)
     return tables

@@ -199,6 +199,47 @@ def test_400_vifs_one_more_touches_only_its_own_elements(netns, xen, vifcmd):
     assert sets_of(proxy) == before
 
 
+# -- the base marker: the last offline keeps init's static parts without reading raw --
+
+NO_SAVE = """#!/bin/sh
+echo "$0 must not run here" >&2
+exit 1
+"""
+
+
+@pytest.mark.parametrize("marker", ["made-by-init", "destroyed"])
+def test_the_last_offline_keeps_the_base_init_made(netns, xen, vifcmd, tmp_path, marker):
+    """`init` makes the empty set qbs-base beside its jump: the last vif's offline
+    then knows from the sets' headers that the static parts stay, and runs no
+    iptables-save (here one that fails).  A base without the marker (made before
+    it existed) is still recognised, by its jump in the raw table."""
+    proxy = netns.make("proxy")
+    vm = netns.make("app")
+    netns.vif(proxy, vm, "vif37.0", vm_mac=VM_MAC, vm_addrs=(VM_IP,), gateway=GW)
+    env = xen.env(QUBES_NET_BACKEND="iptables")
+    assert run_cmd(proxy, [vifcmd, "init", "--gateway6", ""], env).returncode == 0
+    assert "qbs-base" in proxy.out("ipset list -n").split()
+    manual = ["vif37.0", VM_IP, "--mac", VM_MAC, "--gateway", GW, "--gateway6", "", "--visible-ip", ""]
+    assert run_cmd(proxy, [vifcmd, "online", *manual], env).returncode == 0
+    offline_env = env
+    if marker == "destroyed":
+        proxy.sh("ipset destroy qbs-base")
+    else:
+        fake = tmp_path / "bin"
+        fake.mkdir()
+        for name in ("iptables-save", "ip6tables-save"):
+            (fake / name).write_text(NO_SAVE)
+            (fake / name).chmod(0o755)
+        offline_env = dict(env, PATH=f"{fake}:{env['PATH']}")
+    result = run_cmd(proxy, [vifcmd, "offline", *manual], offline_env)
+    assert result.returncode == 0, result.stderr
+    # The sets stay (empty) and the static rules with them.
+    assert {name: ipset_members(proxy, name) for name in sets_of(proxy)} == {name: [] for name in sets_of(proxy)}
+    raw = proxy.out("iptables-save -t raw") + proxy.out("ip6tables-save -t raw")
+    assert raw.count('-A PREROUTING -m comment --comment "qubes base" -j QBS-ANTISPOOF') == 2, raw
+    assert raw.count("--match-set qbs-allowed") == 2 and raw.count("--match-set qbs-downstream") == 2, raw
+
+
 # -- check on both backends -------------------------------------------------------
 
 def _elements(ns, backend, vif):

@@ -492,3 +492,13 @@ nft -f - <<'EOF'
 delete element ip qubes allowed { "vif37.0" . 10.137.7.27 }
 EOF
 """  # and no conntrack purge: the new vif's connections live on
+
+
+def test_init_marks_the_base_with_an_empty_set_once():
+    from vif_route_qubes.app.init import InitInputs, plan_init
+
+    names = (*antispoof_ipt.SET_NAMES, antispoof_ipt.BASE_SET)
+    fresh = plan_init(InitInputs(ipv6=False), "", "", {name: SetInfo() for name in names}).render()
+    assert "ipset create -exist qbs-base hash:ip family inet\n" in fresh
+    made = plan_init(InitInputs(ipv6=False), "", "", {name: SetInfo(True) for name in names}).render()
+    assert "qbs-base" not in made

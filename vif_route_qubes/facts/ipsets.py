@@ -14,7 +14,7 @@ from vif_route_qubes.system.ipset import Ipsets, SetInfo
 
 
 def read_sets(ipsets: Ipsets) -> dict[str, SetInfo]:
-    return {name: ipsets.info(name) for name in antispoof_ipt.SET_NAMES}
+    return ipsets.infos((*antispoof_ipt.SET_NAMES, antispoof_ipt.BASE_SET))
 
 
 def read_raw() -> dict:
@@ -75,7 +75,7 @@ def read_facts(vif: str, addresses: tuple, host_routes: tuple, enable: bool) -> 
     raw = None
     if not antispoof_ipt.static_ok(sets):
         raw = read_raw()
-    elif not enable and all(sets[antispoof_ipt.set_name(elements.ALLOWED, v)].elements == len(held[v].mine)
-                            for v in (4, 6)):
-        raw = read_raw()  # perhaps the last vif: does the base (init) keep the static parts?
+    elif (not enable and not sets[antispoof_ipt.BASE_SET].exists
+          and all(sets[antispoof_ipt.set_name(elements.ALLOWED, v)].elements == len(held[v].mine) for v in (4, 6))):
+        raw = read_raw()  # perhaps the last vif, and no marker: does a base (init) keep the static parts?
     return antispoof_ipt.IptFacts(sets, held, raw)

@@ -38,6 +38,11 @@ def set_name(kind: str, version: int) -> str:
 
 
 SET_NAMES = tuple(set_name(kind, v) for v in (4, 6) for kind in (elements.ALLOWED, elements.DOWNSTREAM))
+# An empty set, never used by a rule, that `init` makes beside the base jump: it
+# tells the offline of the last vif that the static parts are the base's (to be
+# kept) from the sets' headers, without reading the raw tables.  Without it (a
+# base from before the marker) the raw table's BASE_JUMP still says so.
+BASE_SET = "qbs-base"
 
 
 class IptFacts(NamedTuple):
@@ -118,6 +123,8 @@ def plan_static(raw: dict, sets: dict, base: bool, skip: str | None = None) -> l
     """Steps that make the static parts (and migrate the old layout): sets
     first, filled from the old rules, then the rules in one restore per family."""
     steps = [IpsetCreate(name, SET_TYPES[name[4:-1]], int(name[-1])) for name in SET_NAMES if not sets[name].exists]
+    if base and not (BASE_SET in sets and sets[BASE_SET].exists):
+        steps.append(IpsetCreate(BASE_SET, SET_TYPES[elements.DOWNSTREAM], 4))
     fill = [change for v in (4, 6) for change in old_elements(v, raw[v], skip)]
     if fill:
         steps.append(IpsetElements(tuple(fill)))

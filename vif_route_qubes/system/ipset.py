@@ -58,20 +58,18 @@ class Ipsets:
 
     def info(self, name: str) -> SetInfo:
         """Whether the set exists, how many elements it has and how many rules use it (no element read)."""
-        from pyroute2.netlink.exceptions import NetlinkError
+        return self.infos((name,))[name]
 
-        try:
-            found = list(self._ipset.list(name, flags=IPSET_FLAG_LIST_HEADER))
-        except NetlinkError as exc:
-            if exc.code == errno.ENOENT:
-                return SetInfo()
-            raise _fail(f"list {name}", exc) from None
+    def infos(self, names: tuple[str, ...]) -> dict[str, SetInfo]:
+        """info() of several sets from one header-only dump of every set (one request)."""
+        found = self._call("list", lambda: list(self._ipset.list(None, flags=IPSET_FLAG_LIST_HEADER)))
+        out = dict.fromkeys(names, SetInfo())
         for msg in found:
-            data = msg.get_attr("IPSET_ATTR_DATA")
-            if msg.get_attr("IPSET_ATTR_SETNAME") == name and data is not None:
-                return SetInfo(True, data.get_attr("IPSET_ATTR_ELEMENTS") or 0,
-                               data.get_attr("IPSET_ATTR_REFERENCES") or 0)
-        return SetInfo()
+            name, data = msg.get_attr("IPSET_ATTR_SETNAME"), msg.get_attr("IPSET_ATTR_DATA")
+            if name in out and data is not None:
+                out[name] = SetInfo(True, data.get_attr("IPSET_ATTR_ELEMENTS") or 0,
+                                    data.get_attr("IPSET_ATTR_REFERENCES") or 0)
+        return out
 
     def create(self, name: str, stype: str, family: int) -> None:
         self._call(f"create {name}", self._ipset.create, name, stype=stype, family=AF[family], exclusive=False)
