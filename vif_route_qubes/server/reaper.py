@@ -80,3 +80,12 @@ class Ending:
         if alive:
             for pid in _freeze(set(alive), {}):
                 _signal(pid, signal.SIGKILL)
+
+
+def outcome(pid: int, status: int) -> tuple[dict, str]:
+    """The reply to the client for a reaped child's wait status, and its log text."""
+    if os.WIFEXITED(status):
+        code = os.WEXITSTATUS(status)
+        return {"status": code}, f"status {code}"
+    signum = os.WTERMSIG(status)
+    return {"failed": f"child {pid} killed by signal {signum}"}, f"killed by signal {signum}"

@@ -18,18 +18,9 @@ import struct
 import sys
 import time
 
-from vif_route_qubes.server import child, listen, protocol, reaper, warm
+from vif_route_qubes.server import child, intake, listen, protocol, reaper, warm
 
-REQUEST_TIMEOUT = 2.0
 _CRED = struct.Struct("3i")  # pid, uid, gid
-
-
-class Reading:
-    """A connection whose request is still arriving."""
-
-    def __init__(self, conn: socket.socket) -> None:
-        self.conn, self.buffer, self.fds = conn, b"", []
-        self.deadline = time.monotonic() + REQUEST_TIMEOUT
 
 
 class Job:
@@ -48,7 +39,7 @@ class Server:
         self.selector = selectors.PollSelector()  # no descriptor of its own for the children to inherit
         self.selector.register(listener, selectors.EVENT_READ, ("accept", None))
         self.jobs: dict[int, Job] = {}
-        self.readings: list[Reading] = []
+        self.readings: list[intake.Reading] = []
         self.endings: list[reaper.Ending] = []
         self.accepting = True
         self.last_request = time.monotonic()
@@ -101,7 +92,7 @@ class Server:
     def adopt(self, early: "Server") -> None:
         """The connections greeted before the warm-up: their requests are read now."""
         for reading in early.readings:
-            reading.deadline = time.monotonic() + REQUEST_TIMEOUT
+            reading.deadline = time.monotonic() + intake.REQUEST_TIMEOUT
             self.readings.append(reading)
             self.selector.register(reading.conn, selectors.EVENT_READ, ("request", reading))
         early.selector.close()
@@ -167,64 +158,46 @@ class Server:
                 raise protocol.ProtocolError(f"peer pid {pid} uid {uid} is not root")
             if self._code_changed():
                 self.log("installed code changed since the start: refusing, exiting")
-                self._refuse(conn, "installed code changed since the server started")
+                intake.refuse(conn, "installed code changed since the server started")
                 self._stop_accepting()
                 return
             conn.settimeout(0.2)
             protocol.send(conn, {"hello": protocol.NAME, "version": protocol.VERSION, "pid": os.getpid()})
         except (protocol.ProtocolError, OSError) as exc:
             self.log(f"refused a connection: {exc}")
-            self._refuse(conn, str(exc))
+            intake.refuse(conn, str(exc))
             return
         conn.setblocking(False)
-        reading = Reading(conn)
+        reading = intake.Reading(conn)
         self.readings.append(reading)
         self.selector.register(conn, selectors.EVENT_READ, ("request", reading))
 
-    def _read_request(self, reading: "Reading") -> None:
+    def _read_request(self, reading: intake.Reading) -> None:
         """More of a request (non-blocking: a slow client never stalls the loop)."""
         try:
-            data, fds, flags, _ = socket.recv_fds(reading.conn, 1 << 16, len(protocol.FD_NAMES))
-            reading.fds += fds
-            if flags & socket.MSG_CTRUNC or len(reading.fds) > len(protocol.FD_NAMES):
-                raise protocol.ProtocolError("too many descriptors")
-            if not data:
-                raise protocol.ProtocolError(f"connection closed after {len(reading.buffer)} bytes of the request")
-            reading.buffer += data
-            message = protocol.parse(reading.buffer, protocol.REQUEST_CAP)
-            if message is None:
-                return
-            if len(reading.fds) != len(protocol.FD_NAMES):
-                raise protocol.ProtocolError(f"{len(reading.fds)} descriptors, not {len(protocol.FD_NAMES)}")
-            request = child.decode(message)
+            request = intake.read_more(reading)
         except BlockingIOError:
             return
         except (protocol.ProtocolError, OSError) as exc:
             self._drop_reading(reading, str(exc))
+            return
+        if request is None:
             return
         self._forget_reading(reading)
         self.last_request = time.monotonic()
         reading.conn.setblocking(True)
         self._fork(reading.conn, request, reading.fds)
 
-    def _forget_reading(self, reading: "Reading") -> None:
+    def _forget_reading(self, reading: intake.Reading) -> None:
         self.selector.unregister(reading.conn)
         self.readings.remove(reading)
 
-    def _drop_reading(self, reading: "Reading", why: str) -> None:
+    def _drop_reading(self, reading: intake.Reading, why: str) -> None:
         self._forget_reading(reading)
         for fd in reading.fds:
             os.close(fd)
         self.log(f"refused a connection: {why}")
-        self._refuse(reading.conn, why)
-
-    def _refuse(self, conn: socket.socket, why: str) -> None:
-        try:
-            conn.settimeout(0.2)
-            protocol.send(conn, {"refused": why})
-        except OSError:
-            pass
-        conn.close()
+        intake.refuse(reading.conn, why)
 
     def _fork(self, conn: socket.socket, request: dict, fds: list[int]) -> None:
         for stream in (sys.stdout, sys.stderr):
@@ -284,7 +257,7 @@ class Server:
     def _end_overdue(self) -> None:
         now = time.monotonic()
         for reading in [r for r in self.readings if r.deadline <= now]:
-            self._drop_reading(reading, f"no whole request within {REQUEST_TIMEOUT:g} s")
+            self._drop_reading(reading, f"no whole request within {intake.REQUEST_TIMEOUT:g} s")
         for ending in [e for e in self.endings if e.deadline <= now]:
             ending.finish()
             self.endings.remove(ending)
@@ -294,14 +267,7 @@ class Server:
         self.selector.unregister(job.pidfd)
         os.close(job.pidfd)
         del self.jobs[job.pid]
-        if os.WIFEXITED(status):
-            code = os.WEXITSTATUS(status)
-            reply = {"status": code}
-            outcome = f"status {code}"
-        else:
-            signum = os.WTERMSIG(status)
-            reply = {"failed": f"child {job.pid} killed by signal {signum}"}
-            outcome = f"killed by signal {signum}"
+        reply, outcome = reaper.outcome(job.pid, status)
         took = (time.monotonic() - job.started) * 1000
         self.served += 1
         self.log(f"served {job.entry} by child {job.pid}: {outcome}, {took:.1f} ms, peak {usage.ru_maxrss} kB"
