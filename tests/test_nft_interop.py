@@ -426,3 +426,18 @@ def test_dns_without_any_table_makes_dnat_dns(netns, xen):
     assert chain_rules(proxy.ns, "dnat-dns") == dnat_rules((DNS1, f"dnat to {RESOLVER_A}"),
                                                           (DNS2, f"dnat to {RESOLVER_A}"))
     assert proxy.dnat(RESOLVER_A).returncode == 100
+
+
+def test_dns_reads_both_families_when_one_table_has_no_dnat_dns(netns, xen):
+    """Both tables there, `ip6 qubes` without the chain (made by hand): the one
+    nft listing of both chains fails, each family is read on its own, the DNS
+    rules are made and a rerun is unchanged."""
+    proxy = Provider(netns, xen, None)
+    proxy.ns.sh("nft add table ip qubes; nft add table ip6 qubes")
+    ok(proxy.dnat(RESOLVER_A))
+    assert chain_rules(proxy.ns, "dnat-dns") == dnat_rules((DNS1, f"dnat to {RESOLVER_A}"),
+                                                          (DNS2, f"dnat to {RESOLVER_A}"))
+    assert proxy.dnat(RESOLVER_A).returncode == 100
+    ok(proxy.dnat(RESOLVER_B))
+    assert chain_rules(proxy.ns, "dnat-dns") == dnat_rules((DNS1, f"dnat to {RESOLVER_B}"),
+                                                          (DNS2, f"dnat to {RESOLVER_B}"))

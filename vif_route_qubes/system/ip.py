@@ -25,8 +25,9 @@ GONE = frozenset({errno.ENOENT, errno.ESRCH, errno.EADDRNOTAVAIL, errno.ENODEV, 
 RT_TABLE_MAIN, RTPROT_KERNEL, RTN_UNICAST, NUD_PERMANENT = 254, 2, 1, 0x80
 FULL = {socket.AF_INET: 32, socket.AF_INET6: 128}
 
+# Opened by the event that needs it.  The command server never opens it (it only
+# imports before forking), so each served child starts with none.
 _ipr: IPRoute | None = None
-_owner = 0  # the pid that opened it: a forked child (the command server's) opens its own
 
 
 def _family(address: str) -> int:
@@ -38,15 +39,15 @@ def _version(family: int) -> int:
 
 
 def _socket() -> IPRoute:
-    global _ipr, _owner
-    if _ipr is None or _owner != os.getpid():
-        _ipr, _owner = IPRoute(strict_check=True), os.getpid()
+    global _ipr
+    if _ipr is None:
+        _ipr = IPRoute(strict_check=True)
     return _ipr
 
 
 def close() -> None:
     global _ipr
-    if _ipr is not None and _owner == os.getpid():
+    if _ipr is not None:
         _ipr.close()
     _ipr = None
 
