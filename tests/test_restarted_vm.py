@@ -9,7 +9,7 @@ Upstream forges the VM's address towards the sibling: it must be dropped for
 as long as a vif holds the address, and arrive once none does (the control:
 then nothing of ours names the address, so the drop was the rules' doing).
 The new VM's connections survive the old vif's offline too (a UDP flow
-through the masquerade of `init`; nft only so far, see the xfail).
+through the masquerade of `init`), on both backends.
 """
 
 import subprocess
@@ -160,11 +160,7 @@ def flow(restart):
                 proc.wait()
 
 
-def test_late_offline_of_the_old_vif_keeps_the_new_vms_connections(restart, flow, backend, request):
-    if backend == "iptables":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "the per-vif iptables layout reads only the vif's own rules: who else holds the address is not "
-            "known, so the old vif's offline still purges the connection tracking of the address")))
+def test_late_offline_of_the_old_vif_keeps_the_new_vms_connections(restart, flow):
     assert flow("first") == "first"
     restart.old_vif_vanishes()
     restart.hotplug("offline", 12)

@@ -33,14 +33,17 @@ def antispoof(inp: VifInputs, facts: VifFacts, enable: bool) -> list:
 def held_by_other_vifs(inp: VifInputs, facts: VifFacts) -> frozenset[str]:
     """This VM's addresses that another vif's anti-spoofing still holds (the
     VM restarted under a new domid before this, its old vif's, offline):
-    their shared state is that vif's now.  Known with nft, whose every
-    `allowed` pair is read; the iptables per-vif layout reads only this vif's
-    rules (each vif has its own drop of its addresses from upstream, so there
-    only the connection tracking is not spared)."""
-    if facts.backend != "nft" or facts.nft is None:
+    their shared state, the connection tracking among it, is that vif's now.
+    nft reads every `allowed` pair; the ipset layout asks the kernel about
+    each address this offline would release (facts.ipsets: route and test)."""
+    if facts.backend == "nft":
+        if facts.nft is None:
+            return frozenset()
+        return frozenset(addr for table in facts.nft.tables.values() for name, addr in table.allowed
+                         if name != inp.vif)
+    if facts.ipt is None:
         return frozenset()
-    return frozenset(addr for table in facts.nft.tables.values() for name, addr in table.allowed
-                     if name != inp.vif)
+    return frozenset(addr for held in facts.ipt.held.values() for addr in held.others)
 
 
 def conntrack(inp: VifInputs, keep: frozenset[str] = frozenset()) -> list:
