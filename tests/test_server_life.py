@@ -39,6 +39,31 @@ def test_the_clients_death_ends_the_child_and_its_programs(netns, xen, vifcmd, c
     assert is_up(proxy, "vif37.0") and xen.xs_read(f"{path}/hotplug-status") == "connected"
 
 
+def test_a_program_started_as_a_hook_dies_is_ended_too(netns, xen, vifcmd, command_server, own_server, tmp_path):
+    """A hook that, on the SIGTERM the client's death brings, starts a program in
+    a session of its own and exits: the orphan is reparented to the child (a
+    subreaper, kept alive until the end), so it is found and killed as well."""
+    server = command_server or own_server()
+    proxy, _ = provider_with_vif(netns, xen)
+    pids = tmp_path / "pids"
+    late = tmp_path / "late"
+    hook = xen.hooks / "50-late"
+    hook.write_text(f"#!/bin/sh\ntrap 'setsid sleep 60 & echo $! > {late}; exit 0' TERM\necho $$ > {pids}\n"
+                    "while :; do sleep 0.05; done\n")
+    hook.chmod(0o755)
+    env = xen.env(vif="vif37.0", XENBUS_PATH=PATH37, VIF_ROUTE_HOOK_TIMEOUT="30", **server.env())
+    client = proxy.popen([vifcmd, "online", "type_if=vif"], env=env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    assert wait_for(lambda: pids.exists() and pids.read_text().strip(), 15), "the hook never ran"
+    client.kill()
+    client.wait()
+    assert wait_for(lambda: late.exists() and late.read_text().strip(), 5), "the hook's trap did not run"
+    orphan = int(late.read_text())
+    assert wait_for(lambda: not alive(orphan), 5), "the program the dying hook started outlived the event"
+    assert wait_for(lambda: pids_in(proxy) == [], 5), pids_in(proxy)
+    hook.unlink()
+
+
 # -- idle exit, socket activation, many at once -------------------------------------
 
 def test_idle_exit_then_clients_run_in_process(own_server):

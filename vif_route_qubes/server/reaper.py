@@ -3,9 +3,11 @@ gone (libxl's SIGKILL after 40 s, udev's timeout).
 
 Tools and hooks run in process groups and sessions of their own, so a group
 kill is not enough: the tree is found from /proc by parent pid.  The child
-is a subreaper, so programs orphaned inside the tree stay in it.  The tree
-is stopped first (a stopped process cannot fork), then sent SIGTERM and
-SIGCONT; whatever is left after the grace period gets SIGKILL.
+is a subreaper, so programs orphaned inside the tree stay in it, as long as
+the child lives: it is stopped first and killed last.  The tree is stopped
+first (a stopped process cannot fork), then every program in it is sent
+SIGTERM and SIGCONT; after the grace period whatever is left, the child
+and the orphans it adopted meanwhile among it, gets SIGKILL.
 """
 
 import os
@@ -64,10 +66,12 @@ class Ending:
     """One tree being ended: SIGTERM sent, SIGKILL due at `deadline`."""
 
     def __init__(self, root: int, grace: float = GRACE) -> None:
+        self.root = root
         self.members = _freeze({root}, {})
         for pid in self.members:
-            _signal(pid, signal.SIGTERM)
-            _signal(pid, signal.SIGCONT)
+            if pid != root:  # the child stays stopped: what its programs leave is reparented to it
+                _signal(pid, signal.SIGTERM)
+                _signal(pid, signal.SIGCONT)
         self.deadline = time.monotonic() + grace
 
     def alive(self) -> list[int]:
@@ -78,7 +82,8 @@ class Ending:
         """SIGKILL for every member still there and whatever it started since."""
         alive = self.alive()
         if alive:
-            for pid in _freeze(set(alive), {}):
+            # The child last: killed first, its adopted orphans would go to init, out of reach.
+            for pid in sorted(_freeze(set(alive), {}), key=lambda pid: pid == self.root):
                 _signal(pid, signal.SIGKILL)
 
 
