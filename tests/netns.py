@@ -231,12 +231,37 @@ def state_of(ns: Namespace) -> str:
     return "\n".join(parts)
 
 
+# Per interface: its operational state line, whether IPv6 is on, its link-local addresses' flags.
+_LINK_LOCAL_PROBE = r"""
+for dev in /sys/class/net/*; do
+  name=${dev##*/}
+  [ "$name" = lo ] && continue
+  echo "dev $name $(cat $dev/carrier 2>/dev/null || echo 0) $(cat /proc/sys/net/ipv6/conf/$name/disable_ipv6 2>/dev/null || echo 1)"
+done
+ip -6 -o addr show scope link
+"""
+
+
+def _ipv6_unsettled(ns: Namespace) -> bool:
+    """Some address still in duplicate address detection, or an interface with
+    carrier and IPv6 on that has no link-local address yet (the kernel adds it
+    only once the carrier event went through its link watch, up to a second)."""
+    out = ns.out(_LINK_LOCAL_PROBE)
+    if "tentative" in out:
+        return True
+    with_ll = {line.split()[1] for line in out.splitlines() if not line.startswith("dev ")}
+    waiting = [line.split()[1] for line in out.splitlines()
+               if line.startswith("dev ") and line.split()[2:] == ["1", "0"]]
+    return any(name not in with_ll for name in waiting)
+
+
 def settled(ns: Namespace, timeout: float = 5.0) -> str:
-    """state_of once IPv6 duplicate address detection is over (kernel timing)."""
+    """state_of once IPv6 addresses are settled (kernel timing): every link-local
+    address made and its duplicate address detection over."""
     import time
 
     deadline = time.monotonic() + timeout
-    while "tentative" in ns.out("ip -6 addr") and time.monotonic() < deadline:
+    while _ipv6_unsettled(ns) and time.monotonic() < deadline:
         time.sleep(0.1)
     return state_of(ns)
 
