@@ -80,28 +80,20 @@ def run(argv, *, stdin: str | None = None, timeout: float | None = DEFAULT_TIMEO
         options["_preexec_fn"] = lambda: [os.set_inheritable(fd, True) for fd in fds]
     if discard_stdout:
         options["_out"] = os.devnull
-    # The timer starts before the program: a thread started once sh's I/O threads
-    # run waits for the GIL among them (~3 ms a call measured in a served child).
-    fired, started = threading.Event(), []
+    try:
+        proc = command(*argv[1:], **options)
+    except OSError as exc:  # exec failed in the child (sh reports it here)
+        raise ToolMissing(f"{what}: {exc.strerror or exc}", argv[0]) from None
+    fired = threading.Event()
 
     def expire() -> None:
         fired.set()
-        if started:
-            _end_group(started[0].pid)
+        _end_group(proc.pid)
 
     timer = threading.Timer(timeout, expire) if timeout else None
     if timer:
         timer.daemon = True
         timer.start()
-    try:
-        proc = command(*argv[1:], **options)
-    except OSError as exc:  # exec failed in the child (sh reports it here)
-        if timer:
-            timer.cancel()
-        raise ToolMissing(f"{what}: {exc.strerror or exc}", argv[0]) from None
-    started.append(proc)
-    if fired.is_set():  # the timeout passed while the program was being started
-        _end_group(proc.pid)
     try:
         proc.wait()
     except (sh.TimeoutException, sh.ErrorReturnCode) as exc:  # killed by a signal (SignalException)
