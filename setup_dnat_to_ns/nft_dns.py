@@ -39,26 +39,31 @@ def current_dnat_rules(version: int = 4) -> list[str] | None:
     return _chain_rules(result.stdout) if result.exit_code == 0 else None
 
 
-def current_dnat_rules_of(versions: tuple[int, ...]) -> dict[int, list[str] | None]:
-    """current_dnat_rules() of the families whose table exists, with one nft run
-    for all of them (a program run costs more than its listing); when a chain is
-    missing nft lists nothing, and each family is asked on its own."""
-    if len(versions) < 2:
-        return {v: current_dnat_rules(v) for v in versions}
-    script = "".join(f"list chain {FAMILIES[v]} {TABLE} dnat-dns\n" for v in versions)
-    result = tools.run(["nft", "-f", "-"], stdin=script, timeout=30, check=False)
-    heads = {f"table {FAMILIES[v]} {TABLE} {{": v for v in versions}
-    found: dict[int, list[str]] = {}
+def dnat_state() -> tuple[dict[int, bool], dict[int, list[str] | None]]:
+    """Whether `ip qubes` / `ip6 qubes` exist and their `dnat-dns` rules (None: no
+    such chain), from one `nft -t list ruleset` (terse: no set elements).  One run
+    for both families: nft 1.0.6 lists only one family's objects in one `-f`
+    script, and a program run costs more than the listing."""
+    heads = {f"table {FAMILIES[v]} {TABLE} {{": v for v in (4, 6)}
+    tables = {4: False, 6: False}
+    rules: dict[int, list[str] | None] = {4: None, 6: None}
     version = None
-    for line in result.stdout.splitlines():
-        if line in heads:
-            version = heads[line]
-            found[version] = []
-        elif version is not None:
-            found[version].append(line)
-    if result.exit_code != 0 or sorted(found) != sorted(versions):
-        return {v: current_dnat_rules(v) for v in versions}
-    return {v: _chain_rules("\n".join(found[v])) for v in versions}
+    in_chain = False
+    for line in tools.run(["nft", "-t", "list", "ruleset"], timeout=30).stdout.splitlines():
+        if not line:
+            continue  # between two objects of a table
+        if not line.startswith("\t"):  # a table's head or end
+            version = heads.get(line)
+            if version is not None:
+                tables[version] = True
+            in_chain = False
+        elif version is not None and line == "\tchain dnat-dns {":
+            in_chain, rules[version] = True, []
+        elif in_chain and line == "\t}":
+            in_chain = False
+        elif in_chain:
+            rules[version].append(line)
+    return tables, {v: None if found is None else _chain_rules("\n".join(found)) for v, found in rules.items()}
 
 
 def plan_dns(version: int, current: list[str] | None, table_exists: bool, virtual: tuple,

@@ -92,11 +92,8 @@ def _run(*, dispatcher, params, resolv_conf, firewall_flag, dry_run, backend, lo
     with nullcontext() if dry_run else locked(lock_file, lock_timeout, "DNS rules") as lock_fd:
         if firewall == "nft":
             from setup_dnat_to_ns import nft_dns
-            from vif_route_qubes.plan import nft
-            from vif_route_qubes.system import ip
 
-            tables = {v: ip.nft_table_exists(nft.TABLE, v) for v in (4, 6)}
-            current = dict.fromkeys((4, 6)) | nft_dns.current_dnat_rules_of(tuple(v for v in (4, 6) if tables[v]))
+            tables, current = nft_dns.dnat_state()
             batch = plan_dns_nft(inp, current, tables)
         else:
             batch = plan_dns(inp, read_tables())

@@ -429,9 +429,9 @@ def test_dns_without_any_table_makes_dnat_dns(netns, xen):
 
 
 def test_dns_reads_both_families_when_one_table_has_no_dnat_dns(netns, xen):
-    """Both tables there, `ip6 qubes` without the chain (made by hand): the one
-    nft listing of both chains fails, each family is read on its own, the DNS
-    rules are made and a rerun is unchanged."""
+    """Both tables there without the chain (made by hand): the one listing of the
+    ruleset finds no `dnat-dns` in either, the DNS rules are made in `ip qubes`
+    (only IPv4 virtual addresses), a rerun is unchanged, a change replaces them."""
     proxy = Provider(netns, xen, None)
     proxy.ns.sh("nft add table ip qubes; nft add table ip6 qubes")
     ok(proxy.dnat(RESOLVER_A))
