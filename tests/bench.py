@@ -344,6 +344,9 @@ def main() -> None:
                         help="also time the shell original in DIR (R4.0's for iptables, R4.2's for nft; see README)")
     args = parser.parse_args()
     runs = max(args.runs, 10)
+    if args.originals and bench_originals.kind_of(args.originals) != args.backend:
+        parser.error(f"{args.originals} holds the {bench_originals.kind_of(args.originals)} original, "
+                     f"not one for --backend {args.backend}")
     report = {"backend": args.backend}
     for mode in (("in-process", "server") if args.mode == "both" else (args.mode,)):
         netns = Namespaces()
