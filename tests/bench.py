@@ -49,7 +49,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_originals  # noqa: E402
-from netns import BIN, RUN_PREFIX, Namespaces, XenEnv  # noqa: E402
+from netns import BIN, FAKEBIN, RUN_PREFIX, Namespaces, XenEnv  # noqa: E402
 from server_mode import TestServer  # noqa: E402
 
 VIF = str(BIN / "vif-route-qubes")
@@ -318,7 +318,7 @@ def measure(netns, env, args, runs, xen, server=None) -> dict:
     if args.originals:
         report["originals"] = bench_originals.measure(
             netns, env, xen, runs, args.originals, args.backend, "server" if server else "in-process",
-            plain_make=lambda role: Namespaces.make(netns, role), ours=VIF)
+            plain_make=lambda role: Namespaces.make(netns, role), ours=VIF, fakebin=FAKEBIN)
     if not args.skip_scale:
         report["scale"] = scale_bench(netns, env, runs)
     if not args.skip_storm:
@@ -390,10 +390,11 @@ def main() -> None:
         for key, value in figures.items():
             print(f"{key:28} {json.dumps(value)}")
     for mode, figures in report.items():
-        if isinstance(figures, dict) and "originals" in figures:
-            o = figures["originals"]
-            print(f"ours/original ({mode:10}) {o['ratio_ours_to_original']} (paired {o['paired_ratio']}): "
-                  f"ours {o['ours_pair']['median_ms']} ms, original {o['original_pair']['median_ms']} ms")
+        for kind, o in (figures.get("originals", {}).items() if isinstance(figures, dict) else ()):
+            if isinstance(o, dict):
+                print(f"ours/original {mode:10} {kind:15} {o['ratio_ours_to_original']} (paired "
+                      f"{o['paired_ratio']}): ours {o['ours_pair']['median_ms']} ms, "
+                      f"original {o['original_pair']['median_ms']} ms")
 
 
 if __name__ == "__main__":

@@ -7,9 +7,11 @@ is measured with --backend iptables, R4.2's (nft) with --backend nft.
 
 Both run in Xen's form, as libxl runs a vif script: `online`/`offline` with
 `type_if=vif`, vif=vifD.N, a relative XENBUS_PATH, stdin /dev/null, with the
-same file-backed xenstore/qubesdb stand-ins on PATH (tests/fakebin), each in a
-namespace of its own with one vif, turn about (ours' pair, the original's
-pair, ...) so that a slow spell of the machine weighs on both alike.  Each
+same file-backed xenstore/qubesdb stand-ins on PATH, each in a namespace of
+its own with one vif, turn about (ours' pair, the original's pair, ...) so
+that a slow spell of the machine weighs on both alike; twice: with the suite's Python stand-ins (tests/fakebin, ~8 ms a call) and with
+their shell twins (tests/fakebin/sh, ~2 ms, nearer the real C tools), since
+the original calls them four times as often as ours.  Each
 side sees its namespace's /sys, as `ip netns exec` gives it (R4.2's offline
 tests /sys/class/net/VIF), through one mount namespace for all its runs and
 not one `ip netns exec` per call.  The namespace of the original is as Qubes
@@ -19,8 +21,8 @@ PREROUTING), the R4.2 tables (`init` makes that layout) for nft.
 Before the timed runs each side does one online and one offline whose effect
 is checked (route to the VM via the vif, the anti-spoofing rules or set
 elements, hotplug-status `connected`; all gone after offline), so the figure
-cannot be that of a script failing early; a timed run that exits non-zero
-stops the benchmark.
+cannot be that of a script failing early, and its stand-in calls are counted;
+a timed run that exits non-zero stops the benchmark.
 """
 
 import ctypes
@@ -105,49 +107,85 @@ def state(ns, backend: str) -> dict:
     return {"route": route, "firewall": firewall}
 
 
-def measure(netns, env, xen, runs: int, directory: Path, backend: str, mode: str, plain_make, ours: str) -> dict:
+STANDINS = ("xenstore-read", "xenstore-write", "qubesdb-read")
+COUNTER = """#!/bin/sh
+echo "${0##*/}" >> "$STANDIN_CALLS"
+exec "$STANDIN_REAL/${0##*/}" "$@"
+"""
+
+
+def pair(argv, env, log) -> tuple[float, float]:
+    return run([*argv, "online", "type_if=vif"], env, log), run([*argv, "offline", "type_if=vif"], env, log)
+
+
+def check(name, ns, argv, env, log, xen, path, backend) -> dict:
+    """One online and one offline, their effect checked, the stand-in calls counted."""
+    calls = xen.root / "standin-calls"
+    counters = xen.root / "counters"
+    counters.mkdir(exist_ok=True)
+    for tool in STANDINS:
+        (counters / tool).write_text(COUNTER)
+        (counters / tool).chmod(0o755)
+    real = env["PATH"].split(":", 1)[0]
+    counted = dict(env, PATH=f"{counters}:{env['PATH']}", STANDIN_CALLS=str(calls), STANDIN_REAL=real)
+    calls.write_text("")
+    with inside_with_sys(ns):
+        run([*argv, "online", "type_if=vif"], counted, log)
+    up, status = state(ns, backend), xen.xs_read(f"{path}/hotplug-status")
+    with inside_with_sys(ns):
+        run([*argv, "offline", "type_if=vif"], counted, log)
+    down = state(ns, backend)
+    if not (all(up.values()) and status == "connected" and not any(down.values())):
+        raise SystemExit(f"bench: {name} did not do its job in {ns.name}: after online {up}, "
+                         f"hotplug-status {status!r}; after offline {down}")
+    xen.xs_rm(f"{path}/hotplug-status")
+    return {"after_online": up, "hotplug_status": status, "after_offline": down,
+            "standin_calls_per_pair": len(calls.read_text().split())}
+
+
+def figures(samples: list[float]) -> dict:
+    ms = [s * 1000 for s in samples]
+    return {"median_ms": round(statistics.median(ms), 2), "min_ms": round(min(ms), 2),
+            "max_ms": round(max(ms), 2), "runs": len(ms)}
+
+
+def measure(netns, env, xen, runs: int, directory: Path, backend: str, mode: str, plain_make, ours: str,
+            fakebin: Path) -> dict:
+    """Ours and the original, with the suite's Python stand-ins (tests/fakebin) and
+    with their shell twins (tests/fakebin/sh, nearer the C tools' cost)."""
     directory = Path(directory).resolve()
-    if kind_of(directory) != backend:
-        raise SystemExit(f"bench: the original in {directory} is the {kind_of(directory)} one, "
-                         f"not for --backend {backend}")
     path = xen.backend(DOMID, ip=ADDR, mac=MAC)
     for key, value in QUBESDB.items():
         xen.qdb_write(key, value)
-    hot_env = {key: value for key, value in env.items() if key != "VIF_ROUTE_TIMING"}
-    hot_env.update(vif=VIF, XENBUS_PATH=path)
+    base = {key: value for key, value in env.items() if key != "VIF_ROUTE_TIMING"}
+    base.update(vif=VIF, XENBUS_PATH=path)
     log = directory / "log" / "xen-hotplug.log"
     # the original's namespace as Qubes leaves a VM at boot: R4.2's tables, or nothing
     sides = {"ours": (netns.make("ours"), [ours]),
              "original": (netns.make("orig") if backend == "nft" else plain_make("orig"),
                           [str(directory / "vif-route-qubes")])}
-    checked = {}
-    for name, (ns, argv) in sides.items():
+    for ns, _ in sides.values():
         netns.vif(ns, plain_make("ovm"), VIF)
-        with inside_with_sys(ns):
-            run([*argv, "online", "type_if=vif"], hot_env, log)
-        up, status = state(ns, backend), xen.xs_read(f"{path}/hotplug-status")
-        with inside_with_sys(ns):
-            run([*argv, "offline", "type_if=vif"], hot_env, log)
-        down = state(ns, backend)
-        if not (all(up.values()) and status == "connected" and not any(down.values())):
-            raise SystemExit(f"bench: {name} did not do its job in {ns.name}: after online {up}, "
-                             f"hotplug-status {status!r}; after offline {down}")
-        checked[name] = {"after_online": up, "hotplug_status": status, "after_offline": down}
-    pairs = {"ours": [], "original": []}
-    for _ in range(runs):
-        for name, (ns, argv) in sides.items():
-            with inside_with_sys(ns):
-                pairs[name].append(run([*argv, "online", "type_if=vif"], hot_env, log)
-                                   + run([*argv, "offline", "type_if=vif"], hot_env, log))
-    ms = {name: [s * 1000 for s in samples] for name, samples in pairs.items()}
-    report = {"original_dir": str(directory), "checked_once": checked}
-    for name, samples in ms.items():
-        report[f"{name}_pair"] = {"median_ms": round(statistics.median(samples), 2),
-                                  "min_ms": round(min(samples), 2), "max_ms": round(max(samples), 2),
-                                  "runs": len(samples)}
-    report["ratio_ours_to_original"] = round(statistics.median(ms["ours"]) / statistics.median(ms["original"]), 3)
-    # each round's two pairs ran one after the other: their ratio cancels the machine's spells
-    report["paired_ratio"] = round(statistics.median(o / r for o, r in zip(ms["ours"], ms["original"])), 3)
-    report["mode"] = mode
+    report = {"original_dir": str(directory), "mode": mode}
+    for kind, folder in (("python_standins", fakebin), ("shell_standins", fakebin / "sh")):
+        kind_env = dict(base, PATH=f"{folder}:{base['PATH']}")
+        checked = {name: check(name, ns, argv, kind_env, log, xen, path, backend)
+                   for name, (ns, argv) in sides.items()}
+        pairs, onlines, offlines = ({"ours": [], "original": []} for _ in range(3))
+        for _ in range(runs):
+            for name, (ns, argv) in sides.items():
+                with inside_with_sys(ns):
+                    on, off = pair(argv, kind_env, log)
+                pairs[name].append(on + off)
+                onlines[name].append(on)
+                offlines[name].append(off)
+        ours_ms, orig_ms = statistics.median(pairs["ours"]), statistics.median(pairs["original"])
+        report[kind] = {
+            "ours_pair": figures(pairs["ours"]), "original_pair": figures(pairs["original"]),
+            "ratio_ours_to_original": round(ours_ms / orig_ms, 3),
+            # each round's two pairs ran one after the other: their ratio cancels the machine's spells
+            "paired_ratio": round(statistics.median(o / r for o, r in zip(pairs["ours"], pairs["original"])), 3),
+            "online_median_ms": {name: round(statistics.median(t) * 1000, 2) for name, t in onlines.items()},
+            "offline_median_ms": {name: round(statistics.median(t) * 1000, 2) for name, t in offlines.items()},
+            "checked_once": checked}
     return report
-
