@@ -9,14 +9,15 @@ Both run in Xen's form, as libxl runs a vif script: `online`/`offline` with
 `type_if=vif`, vif=vifD.N, a relative XENBUS_PATH, stdin /dev/null, with the
 same file-backed xenstore/qubesdb stand-ins on PATH, each in a namespace of
 its own with one vif, turn about (ours' pair, the original's pair, ...) so
-that a slow spell of the machine weighs on both alike; twice: with the suite's Python stand-ins (tests/fakebin, ~8 ms a call) and with
-their shell twins (tests/fakebin/sh, ~2 ms, nearer the real C tools), since
-the original calls them four times as often as ours.  Each
-side sees its namespace's /sys, as `ip netns exec` gives it (R4.2's offline
-tests /sys/class/net/VIF), through one mount namespace for all its runs and
-not one `ip netns exec` per call.  The namespace of the original is as Qubes
-leaves it at boot: nothing for R4.0 (it only inserts rules into raw
-PREROUTING), the R4.2 tables (`init` makes that layout) for nft.
+that a slow spell of the machine weighs on both alike; twice: with the suite's
+Python stand-ins (tests/fakebin, ~8 ms a call) and with their shell twins
+(tests/fakebin/sh, ~2 ms, nearer the real C tools), since the original calls
+them four times as often as ours. Each side sees its namespace's /sys, as `ip
+netns exec` gives it (R4.2's offline tests /sys/class/net/VIF), through one
+mount namespace for all its runs and not one `ip netns exec` per call. The
+namespace of the original is as Qubes leaves it at boot: nothing for R4.0 (it
+only inserts rules into raw PREROUTING), the R4.2 tables (`init` makes that
+layout) for nft.
 
 Before the timed runs each side does one online and one offline whose effect
 is checked (route to the VM via the vif, the anti-spoofing rules or set
