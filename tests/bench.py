@@ -3,6 +3,7 @@
 
     .venv/bin/python tests/bench.py [--runs N] [--json] [--skip-scale] [--skip-storm]
                                     [--backend iptables|nft] [--mode server|in-process|both] [--no-init]
+                                    [--originals DIR]
 
 Prints, for each target, the median and the min-max spread of N runs (>= 10):
   pair      online+offline of one vif (manual form: no xenstore/qubesdb stand-ins,
@@ -13,6 +14,10 @@ Prints, for each target, the median and the min-max spread of N runs (>= 10):
             (300 rounds or more, turn about)
   storm     100 online events started at once vs the same 100 one by one
   dns       qubes-setup-dnat-to-ns with unchanged inputs (exit 100)
+  originals with --originals DIR: online+offline in Xen's form of ours and of
+            the shell original in DIR (R4.0's for iptables, R4.2's for nft),
+            turn about, same stand-ins, and the ratio ours/original
+            (tests/bench_originals.py)
 and the in-process split (imports, inputs, lock, facts, plan, apply, and
 each applied step) from VIF_ROUTE_TIMING, the interpreter's bare start-up,
 the five most expensive imports (python -X importtime), and the split of a
@@ -43,7 +48,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from netns import BIN, RUN_PREFIX, Namespaces, XenEnv  # noqa: E402
+import bench_originals  # noqa: E402
+from netns import BIN, FAKEBIN, RUN_PREFIX, Namespaces, XenEnv  # noqa: E402
 from server_mode import TestServer  # noqa: E402
 
 VIF = str(BIN / "vif-route-qubes")
@@ -311,6 +317,10 @@ def measure(netns, env, args, runs, xen, server=None) -> dict:
                + timed([VIF, "offline", "type_if=vif"], hot_env)[0] for _ in range(runs)]
     report["hotplug_pair_with_standins"] = stats(hot)
     report["dns_unchanged"] = dns_bench(netns, env, runs)
+    if args.originals:
+        report["originals"] = bench_originals.measure(
+            netns, env, xen, runs, args.originals, args.backend, "server" if server else "in-process",
+            plain_make=lambda role: Namespaces.make(netns, role), ours=VIF, fakebin=FAKEBIN)
     if not args.skip_scale:
         report["scale"] = scale_bench(netns, env, runs)
     if not args.skip_storm:
@@ -332,8 +342,13 @@ def main() -> None:
                         help="namespaces without `init`: each first online makes the static parts, its offline removes them")
     parser.add_argument("--backend", choices=("iptables", "nft"), default="iptables",
                         help="firewall backend measured (each namespace gets `init` first, see --no-init)")
+    parser.add_argument("--originals", metavar="DIR", type=Path,
+                        help="also time the shell original in DIR (R4.0's for iptables, R4.2's for nft; see README)")
     args = parser.parse_args()
     runs = max(args.runs, 10)
+    if args.originals and bench_originals.kind_of(args.originals) != args.backend:
+        parser.error(f"{args.originals} holds the {bench_originals.kind_of(args.originals)} original, "
+                     f"not one for --backend {args.backend}")
     report = {"backend": args.backend}
     for mode in (("in-process", "server") if args.mode == "both" else (args.mode,)):
         netns = Namespaces()
@@ -376,6 +391,12 @@ def main() -> None:
         print(f"-- {mode}")
         for key, value in figures.items():
             print(f"{key:28} {json.dumps(value)}")
+    for mode, figures in report.items():
+        for kind, o in (figures.get("originals", {}).items() if isinstance(figures, dict) else ()):
+            if isinstance(o, dict):
+                print(f"ours/original {mode:10} {kind:15} {o['ratio_ours_to_original']} (paired "
+                      f"{o['paired_ratio']}): ours {o['ours_pair']['median_ms']} ms, "
+                      f"original {o['original_pair']['median_ms']} ms")
 
 
 if __name__ == "__main__":

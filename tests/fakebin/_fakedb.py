@@ -1,7 +1,9 @@
 """File-backed stand-ins for xenstore and qubesdb (tests only).
 
 Each key is one file in $FAKE_XENSTORE_DIR or $FAKE_QUBESDB_DIR, named by the
-key with every character but letters and digits percent-encoded; the file
+key with every character but ASCII letters, digits and `_.-~` percent-encoded
+(its UTF-8 bytes, uppercase hex: urllib.parse.quote(key, safe=""), which the
+tests use, without importing urllib, ~7 ms of each stand-in's start); the file
 holds the value with no trailing newline.  Writes are atomic (rename).
 A relative xenstore path is resolved as xenstored does, against the caller's
 home /local/domain/<own domid>/ ($FAKE_XENSTORE_DOMID, default 0).
@@ -9,11 +11,17 @@ home /local/domain/<own domid>/ ($FAKE_XENSTORE_DOMID, default 0).
 
 import os
 import sys
-from urllib.parse import quote
+
+_UNQUOTED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-~")
+
+
+def quote(key: str) -> str:
+    """urllib.parse.quote(key, safe=""): a key that is not UTF-8 fails alike (UnicodeEncodeError)."""
+    return "".join(chr(byte) if byte in _UNQUOTED else f"%{byte:02X}" for byte in key.encode("utf-8"))
 
 
 def key_file(directory: str, key: str) -> str:
-    return os.path.join(directory, quote(key, safe=""))
+    return os.path.join(directory, quote(key))
 
 
 def read(directory: str, key: str):
