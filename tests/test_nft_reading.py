@@ -102,9 +102,12 @@ for vif, addrs in json.loads(sys.argv[1]):
         state = nft_state.read_state(vif, addrs)
     finally:
         tools.run = run
+    # What the offline's connection-tracking purge spares (plan/vif.held_by_other_vifs).
+    kept = [sorted({a for t in s.tables.values() for n, a in t.allowed if n != vif} & {str(a) for a in addrs})
+            for s in (state, listed)]
     for enable in (True, False):
         out.append({"vif": vif, "enable": enable, "netlink": nft.plan_vif(state, vif, addrs, enable),
-                    "listed": nft.plan_vif(listed, vif, addrs, enable),
+                    "listed": nft.plan_vif(listed, vif, addrs, enable), "kept": kept,
                     "mine": sorted(a for t in state.tables.values() for n, a in t.allowed if n == vif)})
 print(json.dumps(out))
 """
@@ -116,7 +119,7 @@ def _probe(ns, cases) -> list[dict]:
     assert result.returncode == 0, stderr
     plans = json.loads(stdout)
     for plan in plans:
-        assert plan["netlink"] == plan["listed"], plan
+        assert plan["netlink"] == plan["listed"] and plan["kept"][0] == plan["kept"][1], plan
     return plans
 
 
@@ -150,6 +153,7 @@ def test_after_init_among_400_vifs(netns):
     assert 'delete element ip qubes allowed { "vif37.0" . 10.137.7.99 }' in _plan(plans, "vif37.0", True)
     # A restarted VM: the late offline keeps the address another vif holds.
     assert _plan(plans, "vif12.0", False) == 'delete element ip qubes allowed { "vif12.0" . 10.137.7.50 }\n'
+    assert next(p["kept"][0] for p in plans if p["vif"] == "vif12.0") == ["10.137.7.50"]
     assert "downstream { 10.137.7.50 }" not in _plan(plans, "vif1001.0", True)
     # ...and so does an online moving off it.
     moved = _probe(ns, [("vif13.0", ["10.137.7.51"])])

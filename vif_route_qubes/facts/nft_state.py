@@ -65,14 +65,13 @@ def read_vif_state(vif: str, addresses: tuple) -> NftState:
             if found is None:
                 continue
             chains, sets = found
-            keys = reader.set_keys(version, TABLE, ALLOWED) if ALLOWED in sets else []
-            # Compared as the kernel's bytes: only the few that matter are decoded.
-            own = [key for key in keys if key[:nftables.IFNAMSIZ] == mine]
-            asked = ({key[nftables.IFNAMSIZ:] for key in own}
-                     | {nftables.address_key(str(a)) for a in addresses if a.version == version})
+            keys = [key for key in (reader.set_keys(version, TABLE, ALLOWED) if ALLOWED in sets else ())
+                    if nftables.is_pair_key(key, version)]
+            # Compared as the kernel's bytes: only the few pairs that matter are decoded.
+            own = {key[nftables.IFNAMSIZ:] for key in keys if key[:nftables.IFNAMSIZ] == mine}
+            asked = own | {nftables.address_key(str(a)) for a in addresses if a.version == version}
             other_vifs = other_vifs or len(own) < len(keys)
-            pairs = frozenset(pair for pair in (nftables.decode_pair(key, version) for key in keys
-                                                if key[nftables.IFNAMSIZ:] in asked or key in own) if pair)
+            pairs = frozenset(nftables.decode_pair(key, version) for key in keys if key[nftables.IFNAMSIZ:] in asked)
             down = frozenset(nftables.decode_address(key) for key in sorted(asked) if DOWNSTREAM in sets
                              and reader.has_key(version, TABLE, DOWNSTREAM, key))
             tables[version] = NftTable(chains, pairs, down, ALLOWED in sets and DOWNSTREAM in sets)

@@ -16,6 +16,7 @@ answer, not an error.
 """
 
 import errno
+import functools
 import ipaddress
 import os
 import struct
@@ -34,6 +35,7 @@ def _fail(what: str, exc: Exception) -> VifError:
     return VifError(f"nftables {what}: {reason}")
 
 
+@functools.cache
 def _raw_elements_class():
     """nft_set_elem_list_msg with the element list left undecoded."""
     from pyroute2.netlink.nfnetlink import nfgen_msg
@@ -88,9 +90,14 @@ def decode_address(key: bytes) -> str:
     return str(ipaddress.ip_address(key))
 
 
+def is_pair_key(key: bytes, version: int) -> bool:
+    """The key has the shape of an `ifname . ipvN_addr` element."""
+    return len(key) == IFNAMSIZ + ADDR_LEN[version]
+
+
 def decode_pair(key: bytes, version: int) -> tuple[str, str] | None:
     """(ifname, address) of an `ifname . ipvN_addr` key; None for any other shape."""
-    if len(key) != IFNAMSIZ + ADDR_LEN[version]:
+    if not is_pair_key(key, version):
         return None
     name = key[:IFNAMSIZ].split(b"\0", 1)[0].decode(errors="replace")
     return name, str(ipaddress.ip_address(key[IFNAMSIZ:]))
