@@ -35,6 +35,9 @@ class NftTable(NamedTuple):
 class NftState(NamedTuple):
     tables: dict  # family (4/6) -> NftTable, only for tables that exist
     vif_links: frozenset[str] = frozenset()  # interfaces in the vif group (2)
+    # A vif event's reading keeps in `allowed` only the pairs it may touch;
+    # this says whether other vifs have pairs at all.
+    other_vifs: bool = False
 
     def table(self, family: int) -> NftTable | None:
         return self.tables.get(family)
@@ -170,6 +173,11 @@ def is_base(table: NftTable) -> bool:
     return bool(table.chains - {"antispoof", "prerouting"})
 
 
+def another_vif(state: NftState, vif: str) -> bool:
+    """Another vif has a pair in `allowed` (of either family)."""
+    return state.other_vifs or any(name != vif for table in state.tables.values() for name, _ in table.allowed)
+
+
 def plan_vif(state: NftState, vif: str, addrs: tuple, enable: bool) -> str | None:
     """One transaction for both families: this vif's elements (and, online, the
     anti-spoofing objects that are missing); offline also removes a table that
@@ -177,8 +185,7 @@ def plan_vif(state: NftState, vif: str, addrs: tuple, enable: bool) -> str | Non
     out = []
     # Another vif still relies on both tables, whatever its address families
     # (with no IPv6 address, the ip6 table is what drops its IPv6).
-    others = (any(name != vif for table in state.tables.values() for name, _ in table.allowed)
-              or bool(state.vif_links - {vif}))
+    others = another_vif(state, vif) or bool(state.vif_links - {vif})
     for version in (4, 6):
         table = state.table(version)
         if enable:
