@@ -34,8 +34,9 @@ def held_by_other_vifs(inp: VifInputs, facts: VifFacts) -> frozenset[str]:
     """This VM's addresses that another vif's anti-spoofing still holds (the
     VM restarted under a new domid before this, its old vif's, offline):
     their shared state, the connection tracking among it, is that vif's now.
-    nft reads every `allowed` pair; the ipset layout asks the kernel about
-    each address this offline would release (facts.ipsets: route and test)."""
+    nft's facts hold every `allowed` pair of this VM's addresses; the ipset
+    layout asks the kernel about each address this offline would release
+    (facts.ipsets: route and test)."""
     if facts.backend == "nft":
         if facts.nft is None:
             return frozenset()
