@@ -231,14 +231,14 @@ def state_of(ns: Namespace) -> str:
     return "\n".join(parts)
 
 
-# Per interface: its operational state line, whether IPv6 is on, its link-local addresses' flags.
+# Per interface: its carrier and whether IPv6 is off; then every IPv6 address with its flags.
 _LINK_LOCAL_PROBE = r"""
 for dev in /sys/class/net/*; do
   name=${dev##*/}
   [ "$name" = lo ] && continue
   echo "dev $name $(cat $dev/carrier 2>/dev/null || echo 0) $(cat /proc/sys/net/ipv6/conf/$name/disable_ipv6 2>/dev/null || echo 1)"
 done
-ip -6 -o addr show scope link
+ip -6 -o addr show
 """
 
 
@@ -249,7 +249,8 @@ def _ipv6_unsettled(ns: Namespace) -> bool:
     out = ns.out(_LINK_LOCAL_PROBE)
     if "tentative" in out:
         return True
-    with_ll = {line.split()[1] for line in out.splitlines() if not line.startswith("dev ")}
+    with_ll = {line.split()[1] for line in out.splitlines()
+               if not line.startswith("dev ") and " scope link " in line}
     waiting = [line.split()[1] for line in out.splitlines()
                if line.startswith("dev ") and line.split()[2:] == ["1", "0"]]
     return any(name not in with_ll for name in waiting)
