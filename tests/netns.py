@@ -232,7 +232,7 @@ def state_of(ns: Namespace) -> str:
 
 
 # Per interface: its carrier and whether IPv6 is off; then every IPv6 address with its flags.
-_LINK_LOCAL_PROBE = r"""
+_IPV6_PROBE = r"""
 for dev in /sys/class/net/*; do
   name=${dev##*/}
   [ "$name" = lo ] && continue
@@ -246,7 +246,7 @@ def _ipv6_unsettled(ns: Namespace) -> bool:
     """Some address still in duplicate address detection, or an interface with
     carrier and IPv6 on that has no link-local address yet (the kernel adds it
     only once the carrier event went through its link watch, up to a second)."""
-    out = ns.out(_LINK_LOCAL_PROBE)
+    out = ns.out(_IPV6_PROBE)
     if "tentative" in out:
         return True
     with_ll = {line.split()[1] for line in out.splitlines()
@@ -257,8 +257,8 @@ def _ipv6_unsettled(ns: Namespace) -> bool:
 
 
 def settled(ns: Namespace, timeout: float = 5.0) -> str:
-    """state_of once IPv6 addresses are settled (kernel timing): every link-local
-    address made and its duplicate address detection over."""
+    """state_of once IPv6 addresses are settled (kernel timing): every address's
+    duplicate address detection over and every link-local address made."""
     import time
 
     deadline = time.monotonic() + timeout
