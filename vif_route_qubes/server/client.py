@@ -2,7 +2,8 @@
 run it in-process when no server takes it.
 
 Imports nothing heavy (no click, pyroute2, sh: tests/test_server.py proves it
-with `python -X importtime`).  The event runs exactly once: the client falls
+with `python -X importtime`), and of the standard library only what a served
+event needs.  The event runs exactly once: the client falls
 back to the in-process entry only when the server cannot have started it
 (no socket, refused connection, no hello within HELLO_TIMEOUT, another
 protocol version, an explicit refusal such as "installed code changed", a
@@ -13,9 +14,12 @@ VIF_ROUTE_SERVER=require (for tests) makes "no server" a failure too.
 
 from vif_route_qubes import timing  # noqa: F401  (first: the benchmark's clock starts here)
 
+# The C modules behind `socket` and `signal`: those two build their enum
+# classes at import (socket.py also imports selectors), a few ms of every
+# event here, for names this client does not need.
+import _signal
+import _socket
 import os
-import signal
-import socket
 import sys
 
 from vif_route_qubes.server import protocol
@@ -88,12 +92,36 @@ def socket_path() -> str:
     return os.environ.get("VIF_ROUTE_SERVER_SOCKET") or protocol.DEFAULT_SOCKET
 
 
-def _connect(path: str) -> tuple[socket.socket, dict]:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+def _read_exact(sock: _socket.socket, count: int) -> bytes:
+    got = b""
+    while len(got) < count:
+        chunk = sock.recv(count - len(got))
+        if not chunk:
+            raise protocol.ProtocolError(f"connection closed after {len(got)} of {count} bytes")
+        got += chunk
+    return got
+
+
+def receive(sock: _socket.socket) -> dict:
+    """One message from the server (ProtocolError: closed, too long, not JSON)."""
+    size = protocol.body_size(_read_exact(sock, protocol.HEAD), protocol.REPLY_CAP)
+    return protocol.decode(_read_exact(sock, size))
+
+
+def send_with_fds(sock: _socket.socket, data: bytes, fds: list[int]) -> None:
+    """`data` with `fds` as SCM_RIGHTS on its first bytes (socket.send_fds, then the rest)."""
+    rights = b"".join(fd.to_bytes(4, sys.byteorder) for fd in fds)  # an array of C ints
+    sent = sock.sendmsg([data], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, rights)])
+    if sent < len(data):
+        sock.sendall(data[sent:])
+
+
+def _connect(path: str) -> tuple[_socket.socket, dict]:
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     sock.settimeout(HELLO_TIMEOUT)
     try:
         sock.connect(path)
-        hello, _ = protocol.receive(sock, protocol.REPLY_CAP)
+        hello = receive(sock)
     except (OSError, protocol.ProtocolError) as exc:
         sock.close()
         raise Unserved(f"server at {path}: {getattr(exc, 'strerror', None) or exc}") from None
@@ -107,19 +135,19 @@ def _connect(path: str) -> tuple[socket.socket, dict]:
 
 
 def request_of(entry: str) -> dict:
-    ignored = [int(s) for s in signal.valid_signals() if s not in (signal.SIGPIPE, signal.SIGXFSZ)
+    ignored = [s for s in _signal.valid_signals() if s not in (_signal.SIGPIPE, _signal.SIGXFSZ)
                and _ignored(s)]
     return {"version": protocol.VERSION, "entry": entry,
             "argv": [protocol.b64(os.fsencode(a)) for a in sys.argv],
             "env": [[protocol.b64(k), protocol.b64(v)] for k, v in os.environb.items()],
             "umask": _umask(), "nice": os.getpriority(os.PRIO_PROCESS, 0), "started": timing._START, "ignored": ignored,
-            "blocked": sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])),
+            "blocked": sorted(_signal.pthread_sigmask(_signal.SIG_BLOCK, [])),
             "stdio": [[s.encoding, s.errors] for s in (sys.stdin, sys.stdout, sys.stderr)]}
 
 
 def _ignored(signum) -> bool:
     try:
-        return signal.getsignal(signum) == signal.SIG_IGN
+        return _signal.getsignal(signum) == _signal.SIG_IGN
     except (ValueError, OSError):
         return False
 
@@ -155,22 +183,22 @@ def offer(entry: str) -> int:
     marks = [("client_start", timing.time.perf_counter())]
     sock, hello = _connect(path)
     marks.append(("connect_hello", timing.time.perf_counter()))
-    with sock:
+    try:
         data = protocol.frame(request_of(entry))
         if len(data) > protocol.REQUEST_CAP:
             raise Unserved(f"request of {len(data)} bytes is over the limit")
         fds = _namespace_fds()
         try:
-            sent = socket.send_fds(sock, [data], [0, 1, 2, *fds])
+            send_with_fds(sock, data, [0, 1, 2, *fds])
             sock.settimeout(None)
-            if sent < len(data):
-                sock.sendall(data[sent:])
         except OSError as exc:  # the request did not arrive whole: the server refuses it
             raise Unserved(f"server at {path}: {exc.strerror or exc}") from None
         finally:
             for fd in fds:
                 os.close(fd)
         return _outcome(sock, hello, marks)
+    finally:
+        sock.close()
 
 
 def _report(marks: list) -> None:
@@ -187,17 +215,17 @@ def _report(marks: list) -> None:
     sys.stderr.write("client-timing " + json.dumps(split) + "\n")
 
 
-def _outcome(sock: socket.socket, hello: dict, marks: list) -> int:
+def _outcome(sock: _socket.socket, hello: dict, marks: list) -> int:
     """After the request: every failure from here on is the event's failure."""
     server = f"vif-route-qubes server pid {hello.get('pid')}"
     try:
-        reply, _ = protocol.receive(sock, protocol.REPLY_CAP)
+        reply = receive(sock)
         if "refused" in reply:  # the server forks nothing after a refusal
             raise Unserved(f"server refused the request: {reply['refused']}")
         if "accepted" not in reply:
             raise protocol.ProtocolError(f"unexpected reply {sorted(reply)}")
         marks.append(("fork", timing.time.perf_counter()))
-        reply, _ = protocol.receive(sock, protocol.REPLY_CAP)
+        reply = receive(sock)
         marks.append(("child", timing.time.perf_counter()))
         _report(marks)
     except (OSError, protocol.ProtocolError) as exc:

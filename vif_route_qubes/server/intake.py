@@ -1,5 +1,6 @@
-"""A request arriving at the server: read without blocking, as it comes,
-then checked and decoded (child.decode); a refusal is one message, then close."""
+"""The server's side of a connection: a request read without blocking, as it
+comes, then checked and decoded (child.decode); the server's messages sent;
+a refusal is one message, then close."""
 
 import socket
 import time
@@ -35,10 +36,14 @@ def read_more(reading: Reading) -> dict | None:
     return child.decode(message)
 
 
+def send(conn: socket.socket, message: dict) -> None:
+    conn.sendall(protocol.frame(message))
+
+
 def refuse(conn: socket.socket, why: str) -> None:
     try:
         conn.settimeout(0.2)
-        protocol.send(conn, {"refused": why})
+        send(conn, {"refused": why})
     except OSError:
         pass
     conn.close()

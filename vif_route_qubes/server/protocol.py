@@ -7,12 +7,13 @@ descriptors as SCM_RIGHTS.  No pickle: a request is data, never code.
     server -> client  {"accepted": child pid}  or {"refused": why}
     server -> client  {"status": exit status}  or {"failed": why}
 
-Light on purpose: the client imports this module before anything else.
+Encoding and decoding only, no socket: the client imports this module at
+every event, so it takes json (whose `re` the entry point's wrapper has
+loaded already) and binascii (C), and each side does its own I/O.
 """
 
-import base64
+import binascii
 import json
-import socket
 
 NAME = "vif-route-qubes"
 VERSION = 1
@@ -20,7 +21,7 @@ DEFAULT_SOCKET = "/run/vif-route-qubes/server.sock"
 REQUEST_CAP = 4 << 20   # bytes of one request (the environment and argv of exec() fit in 2 MiB, x4/3 base64)
 REPLY_CAP = 64 << 10
 FD_NAMES = ("stdin", "stdout", "stderr", "netns", "mntns", "cwd")
-_HEAD = 4
+HEAD = 4  # bytes of the length prefix (big-endian)
 
 
 class ProtocolError(Exception):
@@ -28,87 +29,34 @@ class ProtocolError(Exception):
 
 
 def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
+    return binascii.b2a_base64(data, newline=False).decode("ascii")
 
 
 def unb64(text) -> bytes:
     if not isinstance(text, str):
         raise ProtocolError("a bytes field is not a base64 string")
     try:
-        return base64.b64decode(text.encode("ascii"), validate=True)
-    except (ValueError, UnicodeEncodeError):
+        return binascii.a2b_base64(text.encode("ascii"), strict_mode=True)
+    except (ValueError, UnicodeEncodeError):  # binascii.Error is a ValueError
         raise ProtocolError("a bytes field is not valid base64") from None
 
 
 def frame(message: dict) -> bytes:
     body = json.dumps(message, separators=(",", ":")).encode("ascii")
-    return len(body).to_bytes(_HEAD, "big") + body
+    return len(body).to_bytes(HEAD, "big") + body
 
 
-def send(sock: socket.socket, message: dict, fds: list[int] = ()) -> None:
-    data = frame(message)
-    if fds:
-        sent = socket.send_fds(sock, [data], list(fds))
-        data = data[sent:]
-    if data:
-        sock.sendall(data)
-
-
-def _read_exact(sock: socket.socket, count: int, got: bytes) -> bytes:
-    while len(got) < count:
-        chunk = sock.recv(min(count - len(got), 1 << 16))
-        if not chunk:
-            raise ProtocolError(f"connection closed after {len(got)} of {count} bytes")
-        got += chunk
-    return got
-
-
-def receive(sock: socket.socket, cap: int, max_fds: int = 0) -> tuple[dict, list[int]]:
-    """One message (and the descriptors sent with its first bytes).  Raises
-    ProtocolError for a closed connection, a frame over `cap`, or bad JSON;
-    descriptors received with a bad message are closed."""
-    fds: list[int] = []
-    try:
-        if max_fds:
-            first, fds, flags, _ = socket.recv_fds(sock, _HEAD, max_fds)
-            if flags & socket.MSG_CTRUNC:
-                raise ProtocolError("too many descriptors")
-        else:
-            first = sock.recv(_HEAD)
-        if not first:
-            raise ProtocolError("connection closed")
-        head = _read_exact(sock, _HEAD, first)
-        size = int.from_bytes(head, "big")
-        if size > cap:
-            raise ProtocolError(f"message of {size} bytes is over the limit of {cap}")
-        body = _read_exact(sock, size, b"")
-        try:
-            message = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            raise ProtocolError("message is not JSON") from None
-        if not isinstance(message, dict):
-            raise ProtocolError("message is not a JSON object")
-        return message, fds
-    except BaseException:
-        for fd in fds:
-            _close(fd)
-        raise
-
-
-def parse(buffer: bytes, cap: int) -> dict | None:
-    """The message in `buffer` once it is whole (None before); ProtocolError
-    as soon as its length is over `cap` or its body is not a JSON object."""
-    if len(buffer) < _HEAD:
-        return None
-    size = int.from_bytes(buffer[:_HEAD], "big")
+def body_size(head: bytes, cap: int) -> int:
+    """The length a frame's prefix announces; ProtocolError when it is over `cap`."""
+    size = int.from_bytes(head, "big")
     if size > cap:
         raise ProtocolError(f"message of {size} bytes is over the limit of {cap}")
-    if len(buffer) < _HEAD + size:
-        return None
-    if len(buffer) > _HEAD + size:
-        raise ProtocolError("bytes after the message")
+    return size
+
+
+def decode(body: bytes) -> dict:
     try:
-        message = json.loads(buffer[_HEAD:])
+        message = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise ProtocolError("message is not JSON") from None
     if not isinstance(message, dict):
@@ -116,10 +64,14 @@ def parse(buffer: bytes, cap: int) -> dict | None:
     return message
 
 
-def _close(fd: int) -> None:
-    import os
-
-    try:
-        os.close(fd)
-    except OSError:
-        pass
+def parse(buffer: bytes, cap: int) -> dict | None:
+    """The message in `buffer` once it is whole (None before); ProtocolError
+    as soon as its length is over `cap` or its body is not a JSON object."""
+    if len(buffer) < HEAD:
+        return None
+    size = body_size(buffer[:HEAD], cap)
+    if len(buffer) < HEAD + size:
+        return None
+    if len(buffer) > HEAD + size:
+        raise ProtocolError("bytes after the message")
+    return decode(buffer[HEAD:])

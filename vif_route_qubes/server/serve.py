@@ -162,7 +162,7 @@ class Server:
                 self._stop_accepting()
                 return
             conn.settimeout(0.2)
-            protocol.send(conn, {"hello": protocol.NAME, "version": protocol.VERSION, "pid": os.getpid()})
+            intake.send(conn, {"hello": protocol.NAME, "version": protocol.VERSION, "pid": os.getpid()})
         except (protocol.ProtocolError, OSError) as exc:
             self.log(f"refused a connection: {exc}")
             intake.refuse(conn, str(exc))
@@ -212,7 +212,7 @@ class Server:
         self.jobs[pid] = job
         self.selector.register(job.pidfd, selectors.EVENT_READ, ("exit", job))
         try:
-            protocol.send(conn, {"accepted": pid})
+            intake.send(conn, {"accepted": pid})
             self.selector.register(conn, selectors.EVENT_READ, ("client", job))
         except OSError:
             self._client_gone(job)
@@ -275,7 +275,7 @@ class Server:
         if not job.client_gone:
             try:
                 job.conn.settimeout(1.0)
-                protocol.send(job.conn, reply)
+                intake.send(job.conn, reply)
             except OSError:
                 pass
             self.selector.unregister(job.conn)
