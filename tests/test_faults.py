@@ -135,10 +135,11 @@ def test_sigkill_at_random_points_never_unguards_and_reruns_converge(box, tmp_pa
     signal_file = tmp_path / "rules-read"
     rng = random.Random(SEED)
     figures, states_seen = Counter(), set()
-    i = -1
     # KILLS kills, and more (up to twice as many) while fewer than 10 left the link up to
     # be probed: where a kill lands depends on the machine's speed, the evidence asked does not.
-    while (i := i + 1) < KILLS or (box.probe.count < 10 and i < 2 * KILLS):
+    for i in range(2 * KILLS):
+        if i >= KILLS and box.probe.count >= 10:
+            break
         command = ("online", "offline")[i % 2]
         expect_before, expect_after = (box.base, online) if command == "online" else (online, box.base)
         run_time = windows[command][0]

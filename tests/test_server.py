@@ -54,8 +54,8 @@ def _sockets(pid: int) -> list[str]:
 
 def _inodes(pid: int, table: str, column: int) -> set[str]:
     """Socket inodes of /proc/PID/net/TABLE: those of that process's network namespace."""
-    rows = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
-    return {row.split()[column] for row in rows if len(row.split()) > column}
+    rows = [line.split() for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]]
+    return {row[column] for row in rows if len(row) > column}
 
 
 def test_the_server_has_one_thread_and_no_netlink_socket(own_server):

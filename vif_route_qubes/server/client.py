@@ -3,8 +3,8 @@ run it in-process when no server takes it.
 
 Imports nothing heavy (no click, pyroute2, sh: tests/test_server.py proves it
 with `python -X importtime`), and of the standard library only what a served
-event needs.  The event runs exactly once: the client falls
-back to the in-process entry only when the server cannot have started it
+event needs.  The event runs exactly once: the client falls back to the
+in-process entry only when the server cannot have started it
 (no socket, refused connection, no hello within HELLO_TIMEOUT, another
 protocol version, an explicit refusal such as "installed code changed", a
 stdio descriptor missing, VIF_ROUTE_SERVER=off).  Once the server has the
