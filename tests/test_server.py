@@ -37,6 +37,8 @@ def test_a_served_event_imports_nothing_heavy_in_the_client(command_server, own_
     imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
     assert "vif_route_qubes.server.client" in imported
     assert not {name for name in imported if name.split(".")[0] in HEAVY}, sorted(imported)
+    # Nor what costs most of a light start: re (pip's wrappers import it) and json (which imports it).
+    assert not {"re", "enum", "json"} & imported, sorted(imported)
 
 
 def test_in_process_run_does_import_them(command_server):
@@ -130,6 +132,7 @@ def framed(obj) -> bytes:
     ("oversized", struct.pack(">I", 512 << 20) + b"{}", True),
     ("truncated", struct.pack(">I", 1000) + b'{"version": 1', True),
     ("not-json", struct.pack(">I", 5) + b"\xff\xfe{}x", True),
+    ("deeply-nested", struct.pack(">I", 200_000) + b"[" * 200_000, True),  # deeper than the recursion limit
     ("no-descriptors", framed({"version": 1, "entry": "vif-route-qubes", "argv": [], "env": []}), False),
     ("bad-fields", framed({"version": 1, "entry": "vif-route-qubes", "argv": ["!!"], "env": [],
                            "umask": 18, "started": 0, "ignored": [], "blocked": [],

@@ -206,13 +206,11 @@ def _report(marks: list) -> None:
     event, one JSON line on stderr (client_start: from its first import)."""
     if not os.environ.get("VIF_ROUTE_TIMING"):
         return
-    import json
-
     last, split = timing._START, {}
     for name, when in marks:
         split[name] = round((when - last) * 1000, 3)
         last = when
-    sys.stderr.write("client-timing " + json.dumps(split) + "\n")
+    sys.stderr.write("client-timing " + protocol.dumps(split) + "\n")
 
 
 def _outcome(sock: _socket.socket, hello: dict, marks: list) -> int:
