@@ -10,6 +10,7 @@ import ctypes
 import importlib
 import io
 import os
+import resource
 import signal
 import sys
 
@@ -117,8 +118,10 @@ def exit_status(exc: SystemExit) -> int:
     return 1
 
 
-def run(request: dict, fds: list[int], server_pid: int) -> None:
-    """In the forked child; never returns."""
+def run(request: dict, fds: list[int], server_pid: int, report_fd: int) -> None:
+    """In the forked child; never returns.  Its last act before os._exit is to
+    write its exit status and peak size to `report_fd`: the server answers the
+    client then, not after the kernel has torn this process down (~2 ms here)."""
     status = 1
     try:
         try:
@@ -145,6 +148,10 @@ def run(request: dict, fds: list[int], server_pid: int) -> None:
                 stream.flush()
             except (OSError, ValueError):
                 status = status or 120
+        try:
+            os.write(report_fd, f"{status} {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}".encode())
+        except OSError:
+            pass  # the server learns the status from the exit instead
         os._exit(status)
 
 

@@ -1,8 +1,10 @@
 """`vif-route-qubes serve`: the engine imported once, a child forked per event.
 
 Single-threaded: one poll loop over the listening socket, the connections
-of running children (readable = the client is gone) and the children's
-pidfds (readable = exited; then reaped and the status sent).  Nothing opens
+of running children (readable = the client is gone), the pipe each child
+writes its exit status to just before it exits (then the status is sent)
+and the children's pidfds (readable = exited; then reaped, and the status
+sent if the child could not report it).  Nothing opens
 a netlink socket, a thread or an event loop before a fork: the warm-up only
 imports.  Each request: SO_PEERCRED uid 0, the installed code unchanged
 (else refuse and exit once the running children are done), hello, the
@@ -24,11 +26,14 @@ _CRED = struct.Struct("3i")  # pid, uid, gid
 
 
 class Job:
-    def __init__(self, pid: int, conn: socket.socket, entry: str) -> None:
+    def __init__(self, pid: int, conn: socket.socket, entry: str, report_fd: int) -> None:
         self.pid, self.conn, self.entry = pid, conn, entry
         self.pidfd = os.pidfd_open(pid)
+        self.report_fd: int | None = report_fd
         self.started = time.monotonic()
         self.client_gone = False
+        self.reported: int | None = None  # the exit status the child reported
+        self.answered = False
 
 
 class Server:
@@ -79,6 +84,8 @@ class Server:
                         self._accept()
                 elif kind == "request":
                     self._read_request(job)
+                elif kind == "report":
+                    self._read_report(job)
                 elif kind == "exit":
                     self._reap(job)
                 else:
@@ -202,15 +209,19 @@ class Server:
     def _fork(self, conn: socket.socket, request: dict, fds: list[int]) -> None:
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
+        report_r, report_w = os.pipe2(os.O_CLOEXEC)
         pid = os.fork()
         if pid == 0:
+            os.close(report_r)
             self._close_for_child(conn)
-            child.run(request, fds, os.getppid())
+            child.run(request, fds, os.getppid(), report_w)
+        os.close(report_w)
         for fd in fds:
             os.close(fd)
-        job = Job(pid, conn, request["entry"])
+        job = Job(pid, conn, request["entry"], report_r)
         self.jobs[pid] = job
         self.selector.register(job.pidfd, selectors.EVENT_READ, ("exit", job))
+        self.selector.register(report_r, selectors.EVENT_READ, ("report", job))
         try:
             intake.send(conn, {"accepted": pid})
             self.selector.register(conn, selectors.EVENT_READ, ("client", job))
@@ -226,6 +237,8 @@ class Server:
         for job in self.jobs.values():
             job.conn.close()
             os.close(job.pidfd)
+            if job.report_fd is not None:
+                os.close(job.report_fd)
         for reading in self.readings:
             reading.conn.close()
             for fd in reading.fds:
@@ -244,7 +257,7 @@ class Server:
         self._client_gone(job)
 
     def _client_gone(self, job: Job) -> None:
-        if job.client_gone:
+        if job.client_gone or job.answered:  # an event of this turn, from before the answer
             return
         job.client_gone = True
         try:
@@ -262,15 +275,43 @@ class Server:
             ending.finish()
             self.endings.remove(ending)
 
+    def _read_report(self, job: Job) -> None:
+        """The status and peak size the child wrote as it exits (nothing when
+        it died first: its wait status tells then)."""
+        if job.report_fd is None:  # read already, by _reap in this loop turn
+            return
+        try:
+            data = os.read(job.report_fd, 64)
+        except OSError:
+            data = b""
+        self.selector.unregister(job.report_fd)
+        os.close(job.report_fd)
+        job.report_fd = None
+        try:
+            status, peak = (int(field) for field in data.split())
+        except ValueError:
+            return
+        job.reported = status
+        self._answer(job, {"status": status}, f"status {status}", peak)
+
     def _reap(self, job: Job) -> None:
         _, status, usage = os.wait4(job.pid, 0)
         self.selector.unregister(job.pidfd)
         os.close(job.pidfd)
         del self.jobs[job.pid]
-        reply, outcome = reaper.outcome(job.pid, status)
+        if job.report_fd is not None:  # its report and its exit seen in one turn
+            self._read_report(job)
+        if job.reported is None:
+            self._answer(job, *reaper.outcome(job.pid, status), usage.ru_maxrss)
+        elif not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == job.reported):
+            self.log(f"child {job.pid} ended with {reaper.outcome(job.pid, status)[1]} "
+                     f"after reporting status {job.reported}")
+
+    def _answer(self, job: Job, reply: dict, outcome: str, peak: int) -> None:
+        job.answered = True
         took = (time.monotonic() - job.started) * 1000
         self.served += 1
-        self.log(f"served {job.entry} by child {job.pid}: {outcome}, {took:.1f} ms, peak {usage.ru_maxrss} kB"
+        self.log(f"served {job.entry} by child {job.pid}: {outcome}, {took:.1f} ms, peak {peak} kB"
                  + (" (client gone)" if job.client_gone else ""))  # before the reply: tests count it
         if not job.client_gone:
             try:
