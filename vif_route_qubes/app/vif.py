@@ -10,6 +10,7 @@ from vif_route_qubes.inputs.read import VifArgs, read_vif_inputs
 from vif_route_qubes.model import VifFacts, VifInputs
 from vif_route_qubes.plan import vif as plan_vif
 from vif_route_qubes.system import backend
+from vif_route_qubes.system.ipset import Ipsets
 from vif_route_qubes.system.lock import locked
 
 log = logsetup.get_logger("vif-route-qubes")
@@ -56,8 +57,9 @@ def _harden_defaults(vif: str) -> tuple:
     return tuple(pairs)
 
 
-def read_facts(inp: VifInputs, firewall: str = "iptables") -> VifFacts:
-    """What the system has now for this vif, read once under the lock."""
+def read_facts(inp: VifInputs, firewall: str, ipsets: Ipsets) -> VifFacts:
+    """What the system has now for this vif, read once under the lock (the
+    iptables backend's sets over `ipsets`, the event's ipset socket)."""
     exists = os.path.isdir(f"/proc/sys/net/ipv4/conf/{inp.vif}")
     rename_pending = bool(inp.rename_from and not exists
                           and os.path.isdir(f"/proc/sys/net/ipv4/conf/{inp.rename_from}"))
@@ -76,9 +78,10 @@ def read_facts(inp: VifInputs, firewall: str = "iptables") -> VifFacts:
 
         return VifFacts(exists=exists, rename_pending=rename_pending, ipv6_enabled=ipv6_enabled,
                         backend="nft", nft=nft_state.read_state(inp.vif, inp.addresses), **extra)
-    from vif_route_qubes.facts import ipsets
+    from vif_route_qubes.facts import ipsets as ipset_facts
 
-    ipt = ipsets.read_facts(inp.vif, inp.addresses, extra.get("host_routes", ()), inp.command == "online")
+    ipt = ipset_facts.read_facts(ipsets, inp.vif, inp.addresses, extra.get("host_routes", ()),
+                                 inp.command == "online")
     return VifFacts(exists=exists, rename_pending=rename_pending, ipv6_enabled=ipv6_enabled, ipt=ipt, **extra)
 
 
@@ -111,9 +114,10 @@ def run_vif(args: VifArgs, opts: RunOptions, out) -> int:
     clock.mark("inputs")
     firewall = backend.resolve(opts.backend)
     # A dry run only reads, so it takes no lock (and needs no write access to /run).
-    with nullcontext() if opts.dry_run else locked(opts.lock_file, opts.lock_timeout, inp.vif) as lock_fd:
+    with (nullcontext() if opts.dry_run else locked(opts.lock_file, opts.lock_timeout, inp.vif)) as lock_fd, \
+            Ipsets() as ipsets:  # one ipset socket for reading and applying, opened by its first request
         clock.mark("lock")
-        facts = read_facts(inp, firewall)
+        facts = read_facts(inp, firewall, ipsets)
         clock.mark("facts")
         batch = plan(inp, facts)
         clock.mark("plan")
@@ -122,7 +126,7 @@ def run_vif(args: VifArgs, opts: RunOptions, out) -> int:
             return 0
         from vif_route_qubes.system.apply import Applier
 
-        with Applier(lock_fd) as applier:
+        with Applier(lock_fd, ipsets) as applier:
             applier.run(batch)
         clock.mark("apply")
     clock.report(applier.timings)

@@ -51,27 +51,27 @@ def _held_elsewhere(ipsets: Ipsets, version: int, addr: str, vif: str) -> bool:
             and ipsets.test(antispoof_ipt.set_name(elements.ALLOWED, version), version, (addr, dev)))
 
 
-def read_facts(vif: str, addresses: tuple, host_routes: tuple, enable: bool) -> antispoof_ipt.IptFacts:
-    with Ipsets() as ipsets:
-        sets = read_sets(ipsets)
-        held = {}
-        for version in (4, 6):
-            allowed = antispoof_ipt.set_name(elements.ALLOWED, version)
-            downstream = antispoof_ipt.set_name(elements.DOWNSTREAM, version)
-            want = {str(a) for a in addresses if a.version == version}
-            # The vif's own pairs: the addresses it is given and those it routes.
-            candidates = want | {addr for v, addr, _ in host_routes if v == version}
-            mine = {a for a in candidates if sets[allowed].exists and ipsets.test(allowed, version, (a, vif))}
-            down = {a for a in candidates if sets[downstream].exists and ipsets.test(downstream, version, (a,))}
-            if sets[allowed].elements > sets[downstream].elements or (want - mine) & down:
-                # More pairs than addresses, or an address of ours with no pair: a pair
-                # changed by hand, or a restarted VM's two vifs.  Only then is the set read whole.
-                extra = {e[0] for e in ipsets.members(allowed) or () if e[1:] == (vif,)} - mine
-                mine |= extra
-                down |= {a for a in extra if ipsets.test(downstream, version, (a,))}
-            going = (mine - want if enable else mine) & down
-            others = {a for a in going if _held_elsewhere(ipsets, version, a, vif)}
-            held[version] = elements.Held(frozenset(mine), frozenset(down), frozenset(others))
+def read_facts(ipsets: Ipsets, vif: str, addresses: tuple, host_routes: tuple,
+               enable: bool) -> antispoof_ipt.IptFacts:
+    sets = read_sets(ipsets)
+    held = {}
+    for version in (4, 6):
+        allowed = antispoof_ipt.set_name(elements.ALLOWED, version)
+        downstream = antispoof_ipt.set_name(elements.DOWNSTREAM, version)
+        want = {str(a) for a in addresses if a.version == version}
+        # The vif's own pairs: the addresses it is given and those it routes.
+        candidates = want | {addr for v, addr, _ in host_routes if v == version}
+        mine = {a for a in candidates if sets[allowed].exists and ipsets.test(allowed, version, (a, vif))}
+        down = {a for a in candidates if sets[downstream].exists and ipsets.test(downstream, version, (a,))}
+        if sets[allowed].elements > sets[downstream].elements or (want - mine) & down:
+            # More pairs than addresses, or an address of ours with no pair: a pair
+            # changed by hand, or a restarted VM's two vifs.  Only then is the set read whole.
+            extra = {e[0] for e in ipsets.members(allowed) or () if e[1:] == (vif,)} - mine
+            mine |= extra
+            down |= {a for a in extra if ipsets.test(downstream, version, (a,))}
+        going = (mine - want if enable else mine) & down
+        others = {a for a in going if _held_elsewhere(ipsets, version, a, vif)}
+        held[version] = elements.Held(frozenset(mine), frozenset(down), frozenset(others))
     raw = None
     if not antispoof_ipt.static_ok(sets):
         raw = read_raw()

@@ -24,18 +24,19 @@ RESTORE_TIMEOUT = 30.0
 
 
 class Applier:
-    def __init__(self, lock_fd: int | None = None) -> None:
+    def __init__(self, lock_fd: int | None = None, ipsets=None) -> None:
         # Children that change the system keep the lock alive if we are killed.
         self.fds = (lock_fd,) if lock_fd is not None else ()
         self.timings: list[tuple[str, float]] = []  # (step kind, seconds), for the benchmark
-        self._ipsets = None
+        self._ipsets = ipsets  # the event's, when it read the sets already (its owner closes it)
+        self._own_ipsets = ipsets is None
 
     def __enter__(self) -> "Applier":
         return self
 
     def __exit__(self, *exc) -> None:
         ip.close()
-        if self._ipsets is not None:
+        if self._ipsets is not None and self._own_ipsets:
             self._ipsets.close()
 
     @property

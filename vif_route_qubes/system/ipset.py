@@ -1,6 +1,7 @@
 """Thin wrappers of pyroute2's IPSet: plain values in (names, 4/6, tuples of
 strings), errors mapped once to VifError, "already there" and "already gone"
-tolerated.  One socket per event (`Ipsets`, a context manager)."""
+tolerated.  One socket per event (`Ipsets`, a context manager), opened by
+its first request and shared by the event's reading and its applier."""
 
 import errno
 import os
@@ -32,15 +33,23 @@ class Ipsets:
     """One netlink socket to the kernel's ipset subsystem."""
 
     def __init__(self) -> None:
-        from pyroute2.ipset import IPSet
+        self._socket = None
 
-        try:
-            self._ipset = IPSet()
-        except OSError as exc:
-            raise _fail("open", exc) from None
+    @property
+    def _ipset(self):
+        if self._socket is None:
+            from pyroute2.ipset import IPSet
+
+            try:
+                self._socket = IPSet()
+            except OSError as exc:
+                raise _fail("open", exc) from None
+        return self._socket
 
     def close(self) -> None:
-        self._ipset.close()
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
 
     def __enter__(self) -> "Ipsets":
         return self
