@@ -31,8 +31,9 @@ Each mode (issue 16) is measured alike: `server` through one
 (VIF_ROUTE_SERVER=require: an event no server took fails the benchmark),
 `in-process` with VIF_ROUTE_SERVER=off.  Server mode adds the client's split
 of one event (client start, connect and hello, fork, child's work) and the
-memory: the server's resident size after start and after 1,000 events, and
-each child's peak (the server logs it per event).
+memory: the server's resident size after start and after 1,000 events,
+each child's peak (the server logs it per event) and the waiting spare
+child's resident size (`--no-spare`: a server without one).
 """
 
 import argparse
@@ -129,11 +130,14 @@ def served_bench(ns, env, server, runs, events=1000):
             timed([VIF, "online", "vif37.0", "10.137.7.27", *MANUAL], env)
             timed([VIF, "offline", "vif37.0", "10.137.7.27", *MANUAL], env)
     after = rss_kb(server.pid)
+    time.sleep(1)  # the spare child made after the last event, ready
+    spares = [int(p) for p in Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split()]
     peaks = [int(line.rsplit("peak ", 1)[1].split()[0]) for line in server.log().splitlines() if " peak " in line]
     return {"client_split_ms": {k: round(statistics.median(s[k] for s in splits), 2) for k in splits[0]},
             "server_rss_kb": {"after_start": after_start, f"after_{events}_more_events": after,
                               "growth_pct": round(100 * (after / after_start - 1), 1)},
-            "child_peak_rss_kb": {"median": statistics.median(peaks), "max": max(peaks), "events": len(peaks)}}
+            "child_peak_rss_kb": {"median": statistics.median(peaks), "max": max(peaks), "events": len(peaks)},
+            "spare_rss_kb": [rss_kb(pid) for pid in spares]}
 
 
 def pair_bench(ns, env, runs: int, vif="vif37.0", addr="10.137.7.27"):
@@ -338,6 +342,7 @@ def main() -> None:
     parser.add_argument("--skip-storm", action="store_true")
     parser.add_argument("--skip-memory", action="store_true", help="no 1,000 events for the server's memory")
     parser.add_argument("--mode", choices=("server", "in-process", "both"), default="both")
+    parser.add_argument("--no-spare", action="store_true", help="server mode without its spare child (serve --no-spare)")
     parser.add_argument("--no-init", action="store_true",
                         help="namespaces without `init`: each first online makes the static parts, its offline removes them")
     parser.add_argument("--backend", choices=("iptables", "nft"), default="iptables",
@@ -373,7 +378,7 @@ def main() -> None:
                     subprocess.run(["ip", "netns", "add", home], check=True)
                     folder = Path(tmp) / "server"
                     folder.mkdir()
-                    server = TestServer(BIN, home, folder)
+                    server = TestServer(BIN, home, folder, args=("--no-spare",) if args.no_spare else ())
                     env.update(server.env())
                 report[mode] = measure(netns, env, args, runs, xen, server)
             finally:

@@ -22,14 +22,14 @@ def own_server(tmp_path):
     """A server of the test's own (its own namespace, socket and log), stopped by pid."""
     made = []
 
-    def start(idle=3600.0, folder=None, **env):
+    def start(idle=3600.0, folder=None, args=(), **env):
         home = f"{RUN_PREFIX}-srv{len(made)}"
         sh(f"ip netns add {home}")
         if folder is None:
             folder = tmp_path / f"server{len(made)}"
             folder.mkdir()
         try:
-            server = server_mode.TestServer(BIN, home, folder, idle=idle, extra_env=env)
+            server = server_mode.TestServer(BIN, home, folder, idle=idle, extra_env=env, args=tuple(args))
         except BaseException:
             sh(f"ip netns del {home}", check=False)
             raise

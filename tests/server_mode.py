@@ -31,7 +31,7 @@ class TestServer:
     """One server: `ip netns exec NS vif-route-qubes serve --socket ...`, stopped by pid."""
 
     def __init__(self, bin_dir: Path, netns: str, folder: Path, idle: float = 3600,
-                 extra_env: dict | None = None) -> None:
+                 extra_env: dict | None = None, args: tuple = ()) -> None:
         self.socket = folder / "server.sock"
         self.log_path = folder / "server.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("VIF_ROUTE_")}
@@ -39,7 +39,7 @@ class TestServer:
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(["ip", "netns", "exec", netns, "nice", "-n", "-10",  # as the unit's Nice=
                                           str(bin_dir / "vif-route-qubes"), "serve",
-                                          "--socket", str(self.socket), "--idle-timeout", str(idle)],
+                                          "--socket", str(self.socket), "--idle-timeout", str(idle), *args],
                                          stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env)
         deadline = time.monotonic() + 30
         while not self.log_path.read_text().count("listening on"):

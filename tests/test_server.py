@@ -65,20 +65,40 @@ def _inodes(pid: int, table: str, column: int) -> set[str]:
     return {row[column] for row in rows if len(row) > column}
 
 
-def test_the_server_has_one_thread_and_no_netlink_socket(own_server):
-    server = own_server()
+def _children(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+@pytest.mark.parametrize("spare", [True, False], ids=["spare", "no-spare"])
+def test_the_server_has_one_thread_and_no_netlink_socket(own_server, spare):
+    """Nor its spare child, forked ahead of the next request: it holds nothing of one."""
+    server = own_server(args=[] if spare else ["--no-spare"])
     assert run_help(server).returncode == 0  # after a request too
+    want = 2 if spare else 1  # the listening socket, and the spare's channel
     deadline = time.monotonic() + 5
     while True:  # the request's connection is closed once its child is reaped, a moment after the client exits
-        sockets = _sockets(server.pid)
-        if len(sockets) == 1 or time.monotonic() > deadline:
+        sockets, children = _sockets(server.pid), _children(server.pid)
+        if (len(sockets), len(children)) == (want, want - 1) or time.monotonic() > deadline:
             break
         time.sleep(0.05)
-    assert os.listdir(f"/proc/{server.pid}/task") == [str(server.pid)]
+    for pid in (server.pid, *children):
+        assert os.listdir(f"/proc/{pid}/task") == [str(pid)]
     netlink = _inodes(server.pid, "netlink", 9)
     assert netlink, "the namespace's own netlink sockets are listed (the check can fail)"
-    # The listening socket only: a unix socket of the server's namespace, not a netlink one.
-    assert len(sockets) == 1 and set(sockets) <= _inodes(server.pid, "unix", 6) - netlink, sockets
+    # Unix sockets of the server's namespace only, no netlink one.
+    assert len(sockets) == want and set(sockets) <= _inodes(server.pid, "unix", 6) - netlink, sockets
+    assert len(children) == want - 1, children
+    for pid in children:
+        assert set(_sockets(pid)) <= _inodes(server.pid, "unix", 6) - netlink
+    if spare:  # and a later event is run by it, once it is ready (it makes its memory its own on idle CPU time)
+        for _ in range(25):
+            time.sleep(0.2)
+            assert run_help(server).returncode == 0
+            if "served vif-route-qubes by spare child" in server.log().splitlines()[-1]:
+                break
+        assert "served vif-route-qubes by spare child" in server.log().splitlines()[-1], server.log()
+        server.stop()
+        assert not any(Path(f"/proc/{pid}").exists() for pid in children), "the spare outlived the server"
 
 
 # -- refusals: the server keeps serving -----------------------------------------

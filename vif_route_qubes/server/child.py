@@ -83,11 +83,16 @@ def _environment(pairs: list) -> None:
             pass
 
 
-def become_client(request: dict, fds: list[int], server_pid: int) -> None:
-    """Everything before the entry runs; raises OSError on a failure."""
-    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the server killed: the event fails, no orphan
+def set_death_signal(server_pid: int) -> None:
+    """The server killed: this process dies too (the event fails, no orphan)."""
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != server_pid:
         os._exit(1)
+
+
+def become_client(request: dict, fds: list[int], server_pid: int) -> None:
+    """Everything before the entry runs; raises OSError on a failure."""
+    set_death_signal(server_pid)
     _prctl(PR_SET_CHILD_SUBREAPER, 1)  # orphans of our programs stay in our tree
     os.setpgid(0, 0)
     _stdio(fds, request["stdio"])

@@ -13,7 +13,10 @@ from vif_route_qubes.server.protocol import DEFAULT_SOCKET
               help="Listen here (mode 0600) unless systemd passes a socket (LISTEN_FDS).")
 @click.option("--idle-timeout", type=Seconds(0.0), default=60.0, show_default=True,
               help="Exit after this many seconds without a request (running events finish first).")
-def serve(socket_path, idle_timeout):
+@click.option("--spare/--no-spare", "spare", default=True, show_default=True,
+              help="Keep one child forked ahead, its memory already its own, for the next "
+                   "request: a faster event, for about 30 MB while it waits.")
+def serve(socket_path, idle_timeout, spare):
     """Serve events: the engine loaded once, a child forked per event.
 
     The commands' entry points offer each event here first and run it
@@ -23,4 +26,4 @@ def serve(socket_path, idle_timeout):
     """
     from vif_route_qubes.server.serve import serve as run
 
-    run(socket_path, idle_timeout)
+    run(socket_path, idle_timeout, spare)

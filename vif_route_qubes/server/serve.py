@@ -1,15 +1,16 @@
-"""`vif-route-qubes serve`: the engine imported once, a child forked per event.
+"""`vif-route-qubes serve`: the engine imported once, a child per event.
 
 Single-threaded: one poll loop over the listening socket, the connections
 of running children (readable = the client is gone), the pipe each child
-writes its exit status to just before it exits (then the status is sent)
-and the children's pidfds (readable = exited; then reaped, and the status
-sent if the child could not report it).  Nothing opens
-a netlink socket, a thread or an event loop before a fork: the warm-up only
-imports.  Each request: SO_PEERCRED uid 0, the installed code unchanged
-(else refuse and exit once the running children are done), hello, the
-request with its descriptors (read with a short timeout: a stuck client
-delays the loop by at most that), fork.
+writes its exit status to just before it exits (then the status is sent),
+the children's pidfds (readable = exited; then reaped, and the status sent
+if the child could not report it) and the spare child's channel (ready, or
+gone).  Nothing opens a netlink socket, a thread or an event loop before a
+fork: the warm-up only imports.  Each request: SO_PEERCRED uid 0, the
+installed code unchanged (else refuse and exit once the running children
+are done), hello, the request with its descriptors (read with a short
+timeout: a stuck client delays the loop by at most that), then it runs in
+the spare or in a child forked for it (jobs.py, spare.py).
 """
 
 import os
@@ -17,28 +18,19 @@ import selectors
 import signal
 import socket
 import struct
-import sys
 import time
 
-from vif_route_qubes.server import child, intake, listen, protocol, reaper, warm
+from vif_route_qubes.server import intake, listen, protocol, reaper, warm
+from vif_route_qubes.server.jobs import Job, Jobs
 
 _CRED = struct.Struct("3i")  # pid, uid, gid
 
 
-class Job:
-    def __init__(self, pid: int, conn: socket.socket, entry: str, report_fd: int) -> None:
-        self.pid, self.conn, self.entry = pid, conn, entry
-        self.pidfd = os.pidfd_open(pid)
-        self.report_fd: int | None = report_fd
-        self.started = time.monotonic()
-        self.client_gone = False
-        self.reported: int | None = None  # the exit status the child reported
-        self.answered = False
-
-
-class Server:
-    def __init__(self, listener: socket.socket, idle: float, path: str | None, early: bool = False) -> None:
+class Server(Jobs):
+    def __init__(self, listener: socket.socket, idle: float, path: str | None, early: bool = False,
+                 spares: bool = False) -> None:
         self.listener, self.idle, self.path = listener, idle, path
+        self.spares, self.spare = spares, None
         self.path_ino = os.stat(path).st_ino if path else None
         self.listener.setblocking(False)
         self.selector = selectors.PollSelector()  # no descriptor of its own for the children to inherit
@@ -69,6 +61,7 @@ class Server:
         signal.set_wakeup_fd(self.wakeup_w)
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
+        self._make_spare()
         while self.accepting or self.jobs or self.endings or self.readings:
             events = self.selector.select(self._timeout())
             self.turn += 1
@@ -86,6 +79,8 @@ class Server:
                     self._read_request(job)
                 elif kind == "report":
                     self._read_report(job)
+                elif kind == "spare":
+                    self._spare_says(job)
                 elif kind == "exit":
                     self._reap(job)
                 else:
@@ -133,6 +128,7 @@ class Server:
         if not self.accepting:
             return
         self.accepting = False
+        self._drop_spare()
         self.selector.unregister(self.listener)
         if self.path:  # our own socket: later clients find none and run in-process
             try:
@@ -193,7 +189,7 @@ class Server:
         self._forget_reading(reading)
         self.last_request = time.monotonic()
         reading.conn.setblocking(True)
-        self._fork(reading.conn, request, reading.fds)
+        self._start(reading.conn, request, reading.fds, reading.buffer)
 
     def _forget_reading(self, reading: intake.Reading) -> None:
         self.selector.unregister(reading.conn)
@@ -206,67 +202,6 @@ class Server:
         self.log(f"refused a connection: {why}")
         intake.refuse(reading.conn, why)
 
-    def _fork(self, conn: socket.socket, request: dict, fds: list[int]) -> None:
-        for stream in (sys.stdout, sys.stderr):
-            stream.flush()
-        report_r, report_w = os.pipe2(os.O_CLOEXEC)
-        pid = os.fork()
-        if pid == 0:
-            os.close(report_r)
-            self._close_for_child(conn)
-            child.run(request, fds, os.getppid(), report_w)
-        os.close(report_w)
-        for fd in fds:
-            os.close(fd)
-        job = Job(pid, conn, request["entry"], report_r)
-        self.jobs[pid] = job
-        self.selector.register(job.pidfd, selectors.EVENT_READ, ("exit", job))
-        self.selector.register(report_r, selectors.EVENT_READ, ("report", job))
-        try:
-            intake.send(conn, {"accepted": pid})
-            self.selector.register(conn, selectors.EVENT_READ, ("client", job))
-        except OSError:
-            self._client_gone(job)
-
-    def _close_for_child(self, conn: socket.socket) -> None:
-        for signum in (signal.SIGTERM, signal.SIGINT):  # the server's handlers: a TERM must end a child
-            signal.signal(signum, signal.SIG_DFL)
-        conn.close()
-        if self.accepting:
-            self.listener.close()
-        for job in self.jobs.values():
-            job.conn.close()
-            os.close(job.pidfd)
-            if job.report_fd is not None:
-                os.close(job.report_fd)
-        for reading in self.readings:
-            reading.conn.close()
-            for fd in reading.fds:
-                os.close(fd)
-        os.close(self.log_fd)
-        os.close(self.wakeup_r)
-        os.close(self.wakeup_w)
-        signal.set_wakeup_fd(-1)
-
-    def _client_readable(self, job: Job) -> None:
-        try:
-            if job.conn.recv(4096):
-                return  # nothing is expected; not a close
-        except OSError:
-            pass
-        self._client_gone(job)
-
-    def _client_gone(self, job: Job) -> None:
-        if job.client_gone or job.answered:  # an event of this turn, from before the answer
-            return
-        job.client_gone = True
-        try:
-            self.selector.unregister(job.conn)
-        except (KeyError, ValueError):
-            pass
-        self.log(f"client of child {job.pid} is gone: ending the child and its programs")
-        self.endings.append(reaper.Ending(job.pid))
-
     def _end_overdue(self) -> None:
         now = time.monotonic()
         for reading in [r for r in self.readings if r.deadline <= now]:
@@ -275,55 +210,7 @@ class Server:
             ending.finish()
             self.endings.remove(ending)
 
-    def _read_report(self, job: Job) -> None:
-        """The status and peak size the child wrote as it exits (nothing when
-        it died first: its wait status tells then)."""
-        if job.report_fd is None:  # read already, by _reap in this loop turn
-            return
-        try:
-            data = os.read(job.report_fd, 64)
-        except OSError:
-            data = b""
-        self.selector.unregister(job.report_fd)
-        os.close(job.report_fd)
-        job.report_fd = None
-        try:
-            status, peak = (int(field) for field in data.split())
-        except ValueError:
-            return
-        job.reported = status
-        self._answer(job, {"status": status}, f"status {status}", peak)
-
-    def _reap(self, job: Job) -> None:
-        _, status, usage = os.wait4(job.pid, 0)
-        self.selector.unregister(job.pidfd)
-        os.close(job.pidfd)
-        del self.jobs[job.pid]
-        if job.report_fd is not None:  # its report and its exit seen in one turn
-            self._read_report(job)
-        if job.reported is None:
-            self._answer(job, *reaper.outcome(job.pid, status), usage.ru_maxrss)
-        elif not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == job.reported):
-            self.log(f"child {job.pid} ended with {reaper.outcome(job.pid, status)[1]} "
-                     f"after reporting status {job.reported}")
-
-    def _answer(self, job: Job, reply: dict, outcome: str, peak: int) -> None:
-        job.answered = True
-        took = (time.monotonic() - job.started) * 1000
-        self.served += 1
-        self.log(f"served {job.entry} by child {job.pid}: {outcome}, {took:.1f} ms, peak {peak} kB"
-                 + (" (client gone)" if job.client_gone else ""))  # before the reply: tests count it
-        if not job.client_gone:
-            try:
-                job.conn.settimeout(1.0)
-                intake.send(job.conn, reply)
-            except OSError:
-                pass
-            self.selector.unregister(job.conn)
-        job.conn.close()
-
-
-def serve(socket_path: str, idle: float) -> None:
+def serve(socket_path: str, idle: float, spares: bool = True) -> None:
     listener = listen.systemd_listener()
     path = None
     if listener is None:
@@ -334,6 +221,6 @@ def serve(socket_path: str, idle: float) -> None:
     for conn in listen.waiting(listener):
         early.greet(conn)
     warm.load()
-    server = Server(listener, idle, path)
+    server = Server(listener, idle, path, spares=spares)
     server.adopt(early)
     server.run()
