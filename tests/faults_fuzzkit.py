@@ -213,7 +213,7 @@ class Recorder:
     """Stands in for the applier: records the batches, applies nothing."""
     scripts: list = []
 
-    def __init__(self, lock_fd=None):
+    def __init__(self, lock_fd=None, ipsets=None):
         self.timings = []
 
     def __enter__(self):
