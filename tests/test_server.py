@@ -101,6 +101,28 @@ def test_the_server_has_one_thread_and_no_netlink_socket(own_server, spare):
         assert not any(Path(f"/proc/{pid}").exists() for pid in children), "the spare outlived the server"
 
 
+def test_a_spare_killed_while_it_waits_is_replaced_and_events_still_run(own_server):
+    server = own_server()
+    assert run_help(server).returncode == 0
+    deadline = time.monotonic() + 5
+    while not _children(server.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (spare,) = _children(server.pid)
+    os.kill(spare, signal.SIGKILL)  # a child of the test's own server
+    deadline = time.monotonic() + 5
+    while f"spare child {spare} ended unused" not in server.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert f"spare child {spare} ended unused" in server.log()
+    result = run_help(server)
+    assert result.returncode == 0 and "version" in result.stdout, result.stderr
+    assert "served vif-route-qubes by child" in server.log().splitlines()[-1]  # forked for it
+    deadline = time.monotonic() + 5
+    while _children(server.pid) in ([], [spare]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _children(server.pid) not in ([], [spare]), "no new spare"
+    assert server.proc.poll() is None
+
+
 # -- refusals: the server keeps serving -----------------------------------------
 
 def test_a_non_root_peer_is_refused_in_one_line_and_changes_nothing(own_server, netns, xen, vifcmd):

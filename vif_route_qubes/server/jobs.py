@@ -53,9 +53,12 @@ class Jobs:
         report_r, report_w = os.pipe2(os.O_CLOEXEC)
         pid = os.fork()
         if pid == 0:
-            os.close(report_r)
-            conn.close()
-            self._close_inherited()
+            try:
+                os.close(report_r)
+                conn.close()
+                self._close_inherited()
+            except BaseException:  # noqa: BLE001  (never back into the server's loop)
+                os._exit(1)
             child.run(request, fds, os.getppid(), report_w)
         os.close(report_w)
         return pid, report_r, False

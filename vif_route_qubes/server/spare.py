@@ -11,11 +11,12 @@ sent it (the frame and its six descriptors) and it runs it as a child forked
 at that moment would: same checks (intake.read_more), same child.run.
 
 It holds nothing of a request's before one arrives: it is the server as it
-was when idle, no netlink socket, thread or event loop.  It costs its
-private copy of the server's memory while it waits (about 30 MB here), is
-killed when the server stops accepting, and dies with the server
-(PR_SET_PDEATHSIG).  The server makes one only when no request is running,
-so a burst of events is not slowed by spares made for it.
+was when idle, no netlink socket, thread or event loop.  It prefaults on
+idle CPU time only (SCHED_IDLE), costs its private copy of the server's
+memory while it waits (about 30 MB here), is killed when the server stops
+accepting, and dies with the server (PR_SET_PDEATHSIG).  The server makes
+one only while at most the request just started is running, so a burst of
+events is not slowed by spares made for it.
 """
 
 import ctypes
@@ -23,7 +24,7 @@ import os
 import signal
 import socket
 
-from vif_route_qubes.server import child, intake, protocol
+from vif_route_qubes.server import child, intake
 
 MADV_POPULATE_WRITE = 23
 READY = b"r"
@@ -56,9 +57,12 @@ class Spare:
         server_pid = os.getpid()
         self.pid = os.fork()
         if self.pid == 0:
-            ours.close()
-            os.close(self.report_r)
-            close_inherited()
+            try:
+                ours.close()
+                os.close(self.report_r)
+                close_inherited()
+            except BaseException:  # noqa: BLE001  (never back into the server's loop)
+                os._exit(1)
             _wait_and_run(theirs, report_w, server_pid)
         theirs.close()
         os.close(report_w)
@@ -115,7 +119,7 @@ def _wait_and_run(channel: socket.socket, report_w: int, server_pid: int) -> Non
         while request is None:
             request = intake.read_more(reading)
         _schedule(policy)
-    except (OSError, protocol.ProtocolError) as exc:
+    except BaseException as exc:  # noqa: BLE001  (never back into the server's loop)
         try:  # the hand-over broke: the server answers the client with this
             os.write(report_w, f"failed spare child: {exc}".encode(errors="replace")[:200])
         except OSError:
