@@ -32,18 +32,16 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 
 
-def prefault() -> int:
-    """Write-fault every private writable mapping now; the bytes made our own."""
-    done = 0
+def prefault() -> None:
+    """Write-fault every private writable mapping now (a mapping the kernel
+    refuses, or a kernel without MADV_POPULATE_WRITE, is left as it is)."""
     with open("/proc/self/maps") as maps:
         for line in maps:
             fields = line.split()
             if fields[1][:2] != "rw" or fields[1][3] != "p":
                 continue
             start, end = (int(x, 16) for x in fields[0].split("-"))
-            if _libc.madvise(start, end - start, MADV_POPULATE_WRITE) == 0:
-                done += end - start
-    return done
+            _libc.madvise(start, end - start, MADV_POPULATE_WRITE)
 
 
 class Spare:
@@ -66,8 +64,7 @@ class Spare:
             _wait_and_run(theirs, report_w, server_pid)
         theirs.close()
         os.close(report_w)
-        self.channel = ours
-        self.pidfd = os.pidfd_open(self.pid)
+        self.channel = ours  # also how its death is seen: the channel closes
         self.ready = False
 
     def take(self, frame: bytes, fds: list[int]) -> bool:
@@ -91,7 +88,6 @@ class Spare:
 
     def close(self) -> None:
         self.channel.close()
-        os.close(self.pidfd)
         if self.report_r is not None:
             os.close(self.report_r)
             self.report_r = None
