@@ -153,8 +153,13 @@ def _rename(app: Applier, step: Rename) -> None:
 
 def _link(app: Applier, step: Link) -> None:
     index = _index(step.ifname, not step.tolerant)
-    if index is not None:
+    if index is None:
+        return
+    try:
         ip.link_set_up(index, step.up)
+    except OSError:
+        if not step.tolerant:  # `|| true`: also when the link vanishes after its look-up (ENODEV)
+            raise
 
 
 def _addr(app: Applier, step: Addr) -> None:
