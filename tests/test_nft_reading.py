@@ -106,8 +106,9 @@ for vif, addrs in json.loads(sys.argv[1]):
     kept = [sorted({a for t in s.tables.values() for n, a in t.allowed if n != vif} & {str(a) for a in addrs})
             for s in (state, listed)]
     for enable in (True, False):
-        out.append({"vif": vif, "enable": enable, "netlink": nft.plan_vif(state, vif, addrs, enable),
-                    "listed": nft.plan_vif(listed, vif, addrs, enable), "kept": kept,
+        planned = [nft.plan_vif(s, vif, addrs, enable) for s in (state, listed)]
+        out.append({"vif": vif, "enable": enable, "netlink": planned[0] and planned[0].text,
+                    "listed": planned[1] and planned[1].text, "kept": kept,
                     "mine": sorted(a for t in state.tables.values() for n, a in t.allowed if n == vif)})
 print(json.dumps(out))
 """

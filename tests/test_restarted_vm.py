@@ -184,19 +184,19 @@ def _state(*pairs):
 
 def test_nft_offline_keeps_a_downstream_address_another_vif_holds():
     state = _state(("vif12.0", VM_IP), ("vif13.0", VM_IP))
-    script = nft.plan_vif(state, "vif12.0", (ip_address(VM_IP),), False)
+    script = nft.plan_vif(state, "vif12.0", (ip_address(VM_IP),), False).text
     assert script == f'delete element ip qubes allowed {{ "vif12.0" . {VM_IP} }}\n'
 
 
 def test_nft_offline_of_the_last_holder_removes_the_downstream_address():
-    script = nft.plan_vif(_state(("vif13.0", VM_IP)), "vif13.0", (ip_address(VM_IP),), False)
+    script = nft.plan_vif(_state(("vif13.0", VM_IP)), "vif13.0", (ip_address(VM_IP),), False).text
     assert script == (f'delete element ip qubes allowed {{ "vif13.0" . {VM_IP} }}\n'
                       f"delete element ip qubes downstream {{ {VM_IP} }}\n")
 
 
 def test_nft_online_moving_off_an_address_another_vif_holds_keeps_it():
     state = _state(("vif12.0", VM_IP), ("vif13.0", VM_IP))
-    script = nft.plan_vif(state, "vif12.0", (ip_address("10.137.7.29"),), True)
+    script = nft.plan_vif(state, "vif12.0", (ip_address("10.137.7.29"),), True).text
     assert f"delete element ip qubes downstream {{ {VM_IP} }}" not in script
     assert f'delete element ip qubes allowed {{ "vif12.0" . {VM_IP} }}' in script
     assert "add element ip qubes downstream { 10.137.7.29 }" in script

@@ -176,7 +176,7 @@ def vif_drift(inp: VifInputs, net: NetState) -> list[Drift]:
     out = _drifts(antispoof_drift.vif_drift(net.fw, inp.vif, inp.addresses))
     # The planner's own verdict is the last word: it must not see a change we cannot name.
     # (A missing set or static rule is named once for all vifs.)
-    if (not out and any(type(s).__name__ in ("IpsetElements", "Nft") for s in batch.steps)
+    if (not out and any(type(s).__name__ in ("IpsetElements", "Nft", "NftElements") for s in batch.steps)
             and not antispoof_drift.static_drift(net.fw)):
         out.append(Drift(inp.vif, "rules-differ", "anti-spoofing elements differ from what online would install"))
     if pending:

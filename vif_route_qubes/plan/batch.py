@@ -132,6 +132,25 @@ class Nft(NamedTuple):
         return f"nft -f - <<'EOF'\n{self.text}EOF"
 
 
+class NftElements(NamedTuple):
+    """One atomic nftables transaction of set element changes only (plan/elements.py
+    Changes in table `table` of each change's family); rendered as the `nft -f`
+    it is equivalent to, applied over netlink (system/nft_elements.py)."""
+
+    table: str
+    changes: tuple
+
+    @property
+    def text(self) -> str:
+        """The `nft -f` input this transaction is equivalent to."""
+        from vif_route_qubes.plan.nft import render_element
+
+        return "".join(render_element(change) + "\n" for change in self.changes)
+
+    def render(self) -> str:
+        return Nft(self.text).render()
+
+
 class Group(NamedTuple):
     """The interface group (the nft backend matches vifs by group 2)."""
 

@@ -11,7 +11,8 @@ Vif links get interface group 2 before they come up.  Per-vif events only
 add and delete set elements; `init` only creates what is missing and never
 touches a chain that exists (it may hold Qubes' or the user's rules); the DNS
 command replaces `dnat-dns` in one transaction (add, delete, recreate).
-Every change is one `nft -f` transaction: all of it applies, or none.
+Every change is one nftables transaction: all of it applies, or none (`nft -f`,
+or for element changes alone one netlink batch, system/nft_elements.py).
 """
 
 import json
@@ -153,13 +154,13 @@ def base_objects(version: int, table: NftTable | None, routed: bool) -> list[str
 DNAT_SPEC = "type nat hook prerouting priority dstnat; policy accept;"
 
 
-def vif_elements(version: int, table: NftTable | None, vif: str, addrs: tuple, enable: bool) -> list[str]:
-    """Element changes that make this vif's pairs exactly `addrs` (online) or none (offline):
-    the shared planner's (plan/elements.py), rendered for nft."""
+def vif_elements(version: int, table: NftTable | None, vif: str, addrs: tuple, enable: bool) -> list:
+    """The element changes that make this vif's pairs exactly `addrs` (online) or
+    none (offline): the shared planner's (plan/elements.py)."""
     from vif_route_qubes.plan import elements
 
     held = elements.of_pairs(vif, table.allowed if table else (), table.downstream if table else ())
-    return [render_element(change) for change in elements.changes(vif, version, addrs, enable, held)]
+    return elements.changes(vif, version, addrs, enable, held)
 
 
 def render_element(change) -> str:
@@ -178,11 +179,15 @@ def another_vif(state: NftState, vif: str) -> bool:
     return state.other_vifs or any(name != vif for table in state.tables.values() for name, _ in table.allowed)
 
 
-def plan_vif(state: NftState, vif: str, addrs: tuple, enable: bool) -> str | None:
+def plan_vif(state: NftState, vif: str, addrs: tuple, enable: bool):
     """One transaction for both families: this vif's elements (and, online, the
     anti-spoofing objects that are missing); offline also removes a table that
-    only a per-vif event made once its sets are empty."""
-    out = []
+    only a per-vif event made once its sets are empty.  An NftElements step when
+    it only changes elements (every event after `init`), else an Nft step; None
+    when there is nothing to change."""
+    from vif_route_qubes.plan.batch import Nft, NftElements
+
+    out, changes = [], []  # out: the whole transaction; changes: its element lines
     # Another vif still relies on both tables, whatever its address families
     # (with no IPv6 address, the ip6 table is what drops its IPv6).
     others = another_vif(state, vif) or bool(state.vif_links - {vif})
@@ -192,8 +197,16 @@ def plan_vif(state: NftState, vif: str, addrs: tuple, enable: bool) -> str | Non
             out += antispoof_objects(version, table)
         elif table is None:
             continue
-        out += vif_elements(version, table, vif, addrs, enable)
+        mine = vif_elements(version, table, vif, addrs, enable)
         if not enable and not is_base(table) and not others:
-            out = [line for line in out if not line.startswith(f"delete element {FAMILIES[version]} ")]
+            mine = [change for change in mine if change.add]  # the table's deletion takes them
+            out += [render_element(change) for change in mine]
             out.append(f"delete table {FAMILIES[version]} {TABLE}")
-    return "\n".join(out) + "\n" if out else None
+        else:
+            out += [render_element(change) for change in mine]
+        changes += mine
+    if not out:
+        return None
+    if len(out) == len(changes):
+        return NftElements(TABLE, tuple(changes))
+    return Nft("\n".join(out) + "\n")

@@ -6,7 +6,7 @@ online; the two orders below are the only place that says what comes first.
 
 from vif_route_qubes.model import VifFacts, VifInputs
 from vif_route_qubes.plan import antispoof_ipt
-from vif_route_qubes.plan.batch import (Addr, Batch, ConntrackPurge, Group, Hook, Link, Neigh, Nft, Note, Rename,
+from vif_route_qubes.plan.batch import (Addr, Batch, ConntrackPurge, Group, Hook, Link, Neigh, Note, Rename,
                                         Route, Sysctl, XenstoreWrite)
 
 # Hardening: the settings of Qubes' network/81-qubes.conf.optional, per vif and system-wide.
@@ -25,8 +25,8 @@ def antispoof(inp: VifInputs, facts: VifFacts, enable: bool) -> list:
     if facts.backend == "nft":
         from vif_route_qubes.plan import nft
 
-        text = nft.plan_vif(facts.nft, inp.vif, inp.addresses, enable)
-        return [Nft(text)] if text else []
+        step = nft.plan_vif(facts.nft, inp.vif, inp.addresses, enable)
+        return [step] if step else []
     return antispoof_ipt.plan_vif(facts.ipt, inp.vif, inp.addresses, enable)
 
 

@@ -3,7 +3,8 @@
 It carries out a Batch step by step, in order, and stops at the first step
 that fails (raising VifError with the step's rendered line).  Each step type
 has one function (STEPS below).  Kernel requests go through system.ip
-(pyroute2: links, addresses, routes, neighbours, conntrack), /proc/sys is
+(pyroute2: links, addresses, routes, neighbours, conntrack), set elements
+through system.ipset and system.nft_elements (netlink too), /proc/sys is
 written directly, and every program (iptables-restore, nft, ip netns, hooks,
 xenstore-write, systemctl) runs through system.tools (sh).
 """
@@ -15,8 +16,8 @@ from vif_route_qubes import logsetup
 from vif_route_qubes.errors import VifError
 from vif_route_qubes.inputs import sources
 from vif_route_qubes.plan.batch import (Addr, Batch, ConntrackPurge, Exec, Group, Hook, IpsetCreate, IpsetDestroy,
-                                        IpsetElements, Link, LinkDel, MoveLink, Neigh, Nft, Note, Rename, Restore,
-                                        ReturnLink, Route, Run, Sysctl, VethAdd, XenstoreWrite)
+                                        IpsetElements, Link, LinkDel, MoveLink, Neigh, Nft, NftElements, Note, Rename,
+                                        Restore, ReturnLink, Route, Run, Sysctl, VethAdd, XenstoreWrite)
 from vif_route_qubes.system import ip, tools
 
 log = logsetup.get_logger("vif-route-qubes")
@@ -30,12 +31,15 @@ class Applier:
         self.timings: list[tuple[str, float]] = []  # (step kind, seconds), for the benchmark
         self._ipsets = ipsets  # the event's, when it read the sets already (its owner closes it)
         self._own_ipsets = ipsets is None
+        self._nft_elements = None
 
     def __enter__(self) -> "Applier":
         return self
 
     def __exit__(self, *exc) -> None:
         ip.close()
+        if self._nft_elements is not None:
+            self._nft_elements.close()
         if self._ipsets is not None and self._own_ipsets:
             self._ipsets.close()
 
@@ -126,6 +130,15 @@ def _index(ifname: str, required: bool) -> int | None:
     if index is None and required:
         raise VifError(f"{ifname}: no such interface")
     return index
+
+
+def _nftelements(app: Applier, step: NftElements) -> None:
+    if app._nft_elements is None:
+        from vif_route_qubes.system.nft_elements import ElementWriter
+
+        app._nft_elements = ElementWriter()
+    # An error names the `nft -f` input the transaction stands for.
+    app._nft_elements.apply(step.table, step.changes, "nftables: " + "; ".join(step.text.splitlines()))
 
 
 def _group(app: Applier, step: Group) -> None:
@@ -232,7 +245,7 @@ def _xenstorewrite(app: Applier, step: XenstoreWrite) -> None:
 
 STEPS = {
     Note: _note, Restore: _restore, IpsetCreate: _ipsetcreate, IpsetElements: _ipsetelements,
-    IpsetDestroy: _ipsetdestroy, Exec: _exec, ReturnLink: _returnlink, Nft: _nft,
+    IpsetDestroy: _ipsetdestroy, Exec: _exec, ReturnLink: _returnlink, Nft: _nft, NftElements: _nftelements,
     MoveLink: _movelink, VethAdd: _vethadd, LinkDel: _linkdel,
     Group: _group, Sysctl: _sysctl, Rename: _rename, Link: _link, Addr: _addr, Route: _route, Neigh: _neigh,
     ConntrackPurge: _conntrackpurge, Hook: _hook, Run: _run, XenstoreWrite: _xenstorewrite,
