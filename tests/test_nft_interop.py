@@ -340,6 +340,27 @@ exec {shutil.which("nft")} "$@"
     assert proxy.xs(vif, "hotplug-status") == "error"
 
 
+def test_with_the_tables_an_event_changes_elements_without_the_nft_program(netns, xen, tmp_path):
+    """With Qubes' tables in place, online and offline change the set elements over
+    netlink: an `nft` first on PATH that fails every `nft -f` changes nothing."""
+    proxy = Provider(netns, xen, "qubes")
+    fake = tmp_path / "failing-nft"
+    fake.mkdir()
+    (fake / "nft").write_text(f"""#!/bin/sh
+for arg; do [ "$arg" = -f ] && {{ echo "Error: nft -f ran" >&2; exit 1; }}; done
+exec {shutil.which("nft")} "$@"
+""")
+    (fake / "nft").chmod(0o755)
+    vif = proxy.add_vm(37, "10.137.7.27")
+    path = f"{fake}:{proxy.env()['PATH']}"
+    ok(proxy.hotplug("online", vif, PATH=path))
+    assert antispoof_sources(proxy.ns, "nft", vif) == {"10.137.7.27"}
+    assert "10.137.7.27" in proxy.ns.out("nft list set ip qubes downstream")
+    ok(proxy.hotplug("offline", vif, PATH=path))
+    for name in ("allowed", "downstream"):
+        assert "10.137.7.27" not in proxy.ns.out(f"nft list set ip qubes {name}"), name
+
+
 # -- (e) auto detection --------------------------------------------------------------
 
 def test_auto_without_the_qubes_table_uses_iptables(netns, xen):

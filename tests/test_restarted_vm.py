@@ -215,3 +215,25 @@ def test_offline_spares_the_connections_of_an_address_another_vif_holds():
     assert "conntrack -D -f ipv4 -s 10.137.7.29 " in script
     assert VM_IP not in script.split("EOF\n")[-1]  # no conntrack line names the address vif13.0 holds
     assert f"delete element ip qubes downstream {{ {VM_IP} }}" not in script
+
+
+def test_nft_event_on_existing_tables_is_one_element_batch_rendered_as_nft_f():
+    """After `init` a vif event only changes elements: one netlink batch (NftElements),
+    which dry-run and error messages show as the `nft -f` input it stands for."""
+    step = nft.plan_vif(_state(), "vif12.0", (ip_address(VM_IP),), True)
+    assert type(step).__name__ == "NftElements"
+    assert [(c.add, c.set, c.version, c.address, c.vif) for c in step.changes] == [
+        (True, "allowed", 4, VM_IP, "vif12.0"), (True, "downstream", 4, VM_IP, None)]
+    assert step.render() == ("nft -f - <<'EOF'\n"
+                             f'add element ip qubes allowed {{ "vif12.0" . {VM_IP} }}\n'
+                             f"add element ip qubes downstream {{ {VM_IP} }}\nEOF")
+    assert nft.plan_vif(_state(("vif12.0", VM_IP)), "vif12.0", (ip_address(VM_IP),), True) is None
+
+
+def test_nft_event_without_tables_is_an_nft_f_transaction():
+    """Objects to create (no `init`): the whole transaction goes to `nft -f`."""
+    step = nft.plan_vif(nft.NftState({}), "vif12.0", (ip_address(VM_IP),), True)
+    assert type(step).__name__ == "Nft"
+    lines = step.text.splitlines()
+    assert lines[0] == "add table ip qubes" and f"add element ip qubes downstream {{ {VM_IP} }}" in lines
+
