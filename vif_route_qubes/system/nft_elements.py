@@ -14,10 +14,12 @@ fails the whole batch with ENOENT, as in `nft -f`; the planner deletes only
 what it read under the event's lock.
 """
 
+import os
+
 from vif_route_qubes.errors import VifError
 from vif_route_qubes.system.nftables import NFPROTO, address_key, pair_key
 
-NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
+NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11  # linux/netfilter/nfnetlink.h
 
 
 def _marker(kind: int):
@@ -62,8 +64,8 @@ class ElementWriter:
         self._deleted = False
 
     def apply(self, table: str, changes, what: str) -> None:
-        """All of `changes` in one transaction; VifError names `what` (the
-        step's rendered first line) and the kernel's reason."""
+        """All of `changes` in one transaction; a VifError names `what` (the
+        transaction as `nft -f` input) and the kernel's reason."""
         from pyroute2.netlink.exceptions import NetlinkError
         from pyroute2.netlink.nfnetlink.nftsocket import NFTSocket
 
@@ -74,14 +76,10 @@ class ElementWriter:
                 self._sock = NFTSocket()
             self._deleted = self._deleted or not all(change.add for change in changes)
             self._sock.nlm_request_batch(messages)
-        except (NetlinkError, OSError) as exc:
-            code = getattr(exc, "code", None) or getattr(exc, "errno", None)
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else None
-            if reason is None:
-                import os
-
-                reason = os.strerror(code) if isinstance(code, int) and code > 0 else str(exc)
-            raise VifError(f"{what}: {reason}") from None
+        except NetlinkError as exc:
+            raise VifError(f"{what}: {os.strerror(exc.code) if exc.code else exc}") from None
+        except OSError as exc:
+            raise VifError(f"{what}: {exc.strerror or exc}") from None
 
     def close(self) -> None:
         """Close the socket; but one that deleted elements is left for the process's
