@@ -314,6 +314,19 @@ def test_a_failed_transaction_applies_nothing_and_the_link_stays_down(netns, xen
     assert qubes.xs(vif, "hotplug-status") == "error"
 
 
+def failing_nft(tmp_path, message: str):
+    """A folder (to go first on PATH) with an `nft` that reads as usual and fails
+    every `nft -f` with `message`."""
+    fake = tmp_path / "failing-nft"
+    fake.mkdir()
+    (fake / "nft").write_text(f"""#!/bin/sh
+for arg; do [ "$arg" = -f ] && {{ echo "{message}" >&2; exit 1; }}; done
+exec {shutil.which("nft")} "$@"
+""")
+    (fake / "nft").chmod(0o755)
+    return fake
+
+
 @pytest.mark.parametrize("base", [None], ids=["no-table"])
 def test_nft_refusing_the_transaction_leaves_everything_as_it_was(netns, xen, tmp_path, base):
     """An `nft` that reads as usual but fails every `nft -f` (as a kernel without
@@ -321,13 +334,7 @@ def test_nft_refusing_the_transaction_leaves_everything_as_it_was(netns, xen, tm
     `nft -f` (it creates them); with them it changes elements over netlink,
     whose refusal the test above makes the kernel's."""
     proxy = Provider(netns, xen, base)
-    fake = tmp_path / "failing-nft"
-    fake.mkdir()
-    (fake / "nft").write_text(f"""#!/bin/sh
-for arg; do [ "$arg" = -f ] && {{ echo "Error: Could not process rule: Operation not supported" >&2; exit 1; }}; done
-exec {shutil.which("nft")} "$@"
-""")
-    (fake / "nft").chmod(0o755)
+    fake = failing_nft(tmp_path, "Error: Could not process rule: Operation not supported")
     vif = proxy.add_vm(37, "10.137.7.27")
     before = proxy.ns.out("nft -s list ruleset")
     path = f"{fake}:{proxy.env()['PATH']}"
@@ -344,13 +351,7 @@ def test_with_the_tables_an_event_changes_elements_without_the_nft_program(netns
     """With Qubes' tables in place, online and offline change the set elements over
     netlink: an `nft` first on PATH that fails every `nft -f` changes nothing."""
     proxy = Provider(netns, xen, "qubes")
-    fake = tmp_path / "failing-nft"
-    fake.mkdir()
-    (fake / "nft").write_text(f"""#!/bin/sh
-for arg; do [ "$arg" = -f ] && {{ echo "Error: nft -f ran" >&2; exit 1; }}; done
-exec {shutil.which("nft")} "$@"
-""")
-    (fake / "nft").chmod(0o755)
+    fake = failing_nft(tmp_path, "Error: nft -f ran")
     vif = proxy.add_vm(37, "10.137.7.27")
     path = f"{fake}:{proxy.env()['PATH']}"
     ok(proxy.hotplug("online", vif, PATH=path))
