@@ -12,11 +12,11 @@ apart from everything else.
 """
 
 import json
-import shutil
+import shlex
 
 import pytest
 
-from firewall import antispoof_sources, link_group
+from firewall import antispoof_sources, link_group, nft_stand_in
 from netns import BIN, run_cmd
 
 VM_MAC = "00:16:3e:5e:6c:19"
@@ -319,10 +319,7 @@ def failing_nft(tmp_path, message: str):
     every `nft -f` with `message`."""
     fake = tmp_path / "failing-nft"
     fake.mkdir()
-    (fake / "nft").write_text(f"""#!/bin/sh
-for arg; do [ "$arg" = -f ] && {{ echo "{message}" >&2; exit 1; }}; done
-exec {shutil.which("nft")} "$@"
-""")
+    (fake / "nft").write_text(f"#!/bin/sh\n{nft_stand_in(f'echo {shlex.quote(message)} >&2; exit 1')}\n")
     (fake / "nft").chmod(0o755)
     return fake
 

@@ -197,14 +197,12 @@ def plan_vif(state: NftState, vif: str, addrs: tuple, enable: bool):
             out += antispoof_objects(version, table)
         elif table is None:
             continue
-        mine = vif_elements(version, table, vif, addrs, enable)
-        if not enable and not is_base(table) and not others:
-            mine = [change for change in mine if change.add]  # the table's deletion takes them
-            out += [render_element(change) for change in mine]
-            out.append(f"delete table {FAMILIES[version]} {TABLE}")
-        else:
-            out += [render_element(change) for change in mine]
+        drop_table = not enable and not is_base(table) and not others
+        mine = [] if drop_table else vif_elements(version, table, vif, addrs, enable)  # the deletion takes them
+        out += [render_element(change) for change in mine]
         changes += mine
+        if drop_table:
+            out.append(f"delete table {FAMILIES[version]} {TABLE}")
     if not out:
         return None
     if len(out) == len(changes):

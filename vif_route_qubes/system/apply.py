@@ -52,6 +52,15 @@ class Applier:
             self._ipsets = Ipsets()
         return self._ipsets
 
+    @property
+    def nft_elements(self):
+        """The nfnetlink socket of element changes, opened by the first such step."""
+        if self._nft_elements is None:
+            from vif_route_qubes.system.nft_elements import ElementWriter
+
+            self._nft_elements = ElementWriter()
+        return self._nft_elements
+
     def run(self, batch: Batch) -> None:
         for step in batch.steps:
             started = time.perf_counter()
@@ -133,12 +142,8 @@ def _index(ifname: str, required: bool) -> int | None:
 
 
 def _nftelements(app: Applier, step: NftElements) -> None:
-    if app._nft_elements is None:
-        from vif_route_qubes.system.nft_elements import ElementWriter
-
-        app._nft_elements = ElementWriter()
     # An error names the `nft -f` input the transaction stands for.
-    app._nft_elements.apply(step.table, step.changes, "nftables: " + "; ".join(step.text.splitlines()))
+    app.nft_elements.apply(step.table, step.changes, "nftables: " + "; ".join(step.text.splitlines()))
 
 
 def _group(app: Applier, step: Group) -> None:

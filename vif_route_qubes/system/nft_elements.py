@@ -17,7 +17,7 @@ what it read under the event's lock.
 import os
 
 from vif_route_qubes.errors import VifError
-from vif_route_qubes.system.nftables import NFPROTO, address_key, pair_key
+from vif_route_qubes.system.nftables import NFPROTO, address_key, one_element_message, pair_key
 
 NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11  # linux/netfilter/nfnetlink.h
 
@@ -41,11 +41,8 @@ def element_message(table: str, change):
     from pyroute2.netlink.nfnetlink import nftsocket as nfts
 
     key = pair_key(change.vif, change.address) if change.vif else address_key(change.address)
-    msg = nfts.nft_set_elem_list_msg()
+    msg = one_element_message(table, change.set, key)
     msg["nfgen_family"] = NFPROTO[change.version]
-    msg["attrs"] = [["NFTA_SET_ELEM_LIST_TABLE", table], ["NFTA_SET_ELEM_LIST_SET", change.set],
-                    ["NFTA_SET_ELEM_LIST_ELEMENTS",
-                     [{"attrs": [["NFTA_SET_ELEM_KEY", {"attrs": [["NFTA_DATA_VALUE", key]]}]]}]]]
     kind = nfts.NFT_MSG_NEWSETELEM if change.add else nfts.NFT_MSG_DELSETELEM
     msg["header"]["type"] = (NFNL_SUBSYS_NFTABLES << 8) | kind
     msg["header"]["flags"] = NLM_F_REQUEST | NLM_F_ACK | (NLM_F_CREATE if change.add else 0)

@@ -86,6 +86,18 @@ def pair_key(ifname: str, address: str) -> bytes:
     return ifname_field(ifname) + address_key(address)
 
 
+def one_element_message(table: str, name: str, key: bytes):
+    """An element list message naming one element of set `name` by its key
+    (a probe's GETSETELEM, an event's NEWSETELEM or DELSETELEM)."""
+    from pyroute2.netlink.nfnetlink import nftsocket as nfts
+
+    msg = nfts.nft_set_elem_list_msg()
+    msg["attrs"] = [["NFTA_SET_ELEM_LIST_TABLE", table], ["NFTA_SET_ELEM_LIST_SET", name],
+                    ["NFTA_SET_ELEM_LIST_ELEMENTS",
+                     [{"attrs": [["NFTA_SET_ELEM_KEY", {"attrs": [["NFTA_DATA_VALUE", key]]}]]}]]]
+    return msg
+
+
 def decode_address(key: bytes) -> str:
     return str(ipaddress.ip_address(key))
 
@@ -188,8 +200,5 @@ class Reader:
         """Whether the set has an element with this key (False when the set does not exist)."""
         from pyroute2.netlink.nfnetlink import nftsocket as nfts
 
-        msg = nfts.nft_set_elem_list_msg()
-        msg["attrs"] = [["NFTA_SET_ELEM_LIST_TABLE", table], ["NFTA_SET_ELEM_LIST_SET", name],
-                        ["NFTA_SET_ELEM_LIST_ELEMENTS", [{"attrs": [["NFTA_SET_ELEM_KEY",
-                                                                     {"attrs": [["NFTA_DATA_VALUE", key]]}]]}]]]
+        msg = one_element_message(table, name, key)
         return bool(self._get(version, f"get element {name}", msg, nfts.NFT_MSG_GETSETELEM, dump=False))
