@@ -171,3 +171,51 @@ def test_units_are_installed_enabled_verified_and_removed(tmp_path):
     assert undone.returncode == 0, undone.stderr
     assert not wants.is_symlink() and not (units / "vif-route-qubes.socket").exists()
     assert not (units / "vif-route-qubes.service").exists()
+
+
+def test_a_served_child_lets_go_of_the_clients_output_before_its_exit(tmp_path):
+    # The child's report to the server is held (its pipe is full), so the child
+    # stays alive just before its exit: by then the client's output must be at
+    # EOF already, or an exit slowed by the kernel (an nf_tables socket after
+    # deletes) would hold back udev and any shell reading that output.
+    import select
+    from fcntl import F_SETPIPE_SZ, fcntl
+
+    from vif_route_qubes.server import child
+
+    out_r, out_w = os.pipe()
+    report_r, report_w = os.pipe()
+    fcntl(report_w, F_SETPIPE_SZ, 4096)
+    os.write(report_w, b"x" * 4096)  # full: the child's report blocks
+    stdin = os.open(os.devnull, os.O_RDONLY)
+    fds = [stdin, out_w, os.dup(out_w), os.open("/proc/self/ns/net", os.O_RDONLY),
+           os.open("/proc/self/ns/mnt", os.O_RDONLY), os.open(str(tmp_path), os.O_RDONLY)]
+    request = {"entry": "vif-route-qubes", "argv": [b"vif-route-qubes", b"--help"], "env": [(b"PATH", b"/usr/bin")],
+               "umask": 0o022, "nice": os.getpriority(os.PRIO_PROCESS, 0), "started": time.perf_counter(),
+               "stdio": [["utf-8", "strict"]] * 3, "ignored": [], "blocked": []}
+    server_pid = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        os.close(out_r)
+        os.close(report_r)
+        child.run(request, fds, server_pid, report_w)
+    for fd in (*fds, report_w):
+        os.close(fd)
+    try:
+        output = b""
+        while select.select([out_r], [], [], 10)[0]:
+            chunk = os.read(out_r, 65536)
+            if not chunk:
+                break
+            output += chunk
+        else:
+            pytest.fail("the client's output was not at EOF while the child waited to report")
+        assert b"Usage: vif-route-qubes" in output
+        assert os.waitpid(pid, os.WNOHANG) == (0, 0), "the child exited before its report was read"
+        assert os.read(report_r, 4096) == b"x" * 4096
+        assert os.read(report_r, 100).split()[0] == b"0"
+    finally:
+        os.close(report_r)
+        os.close(out_r)
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

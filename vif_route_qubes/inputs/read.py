@@ -6,8 +6,6 @@ xenstore, then qubesdb).  Every value is parsed strictly before it is kept.
 
 import os
 import re
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 
 from vif_route_qubes.cli import optspec
 from vif_route_qubes.errors import InputError, VifError
@@ -70,14 +68,12 @@ def read_vif_inputs(args: VifArgs) -> VifInputs:
                                   (QDB_DNS[0], args.dns1), (QDB_DNS[1], args.dns2),
                                   (QDB_HARDEN, args.harden)) if have is None]
     xs: dict[str, str] = {}
-    early = None
     if xenbus:
+        # One tool after the other, also on offline where qubesdb's keys do not
+        # depend on xenstore: sh's start of a program is Python under the GIL,
+        # so two at once from threads took longer here than one after the other.
         wanted = [k for k, have in (("ip", args.addresses), ("mac", args.mac)) if have is None]
-        with ThreadPoolExecutor(1) if want and args.command == "offline" else nullcontext() as pool:
-            # An offline asks qubesdb nothing that depends on xenstore (no mapped
-            # address): both tools run at once, one program's wait saved.
-            early = pool.submit(_qubesdb, want) if pool else None
-            xs = sources.xenstore_read([f"{xenbus}/{k}" for k in (*wanted, "type", "vifname")])
+        xs = sources.xenstore_read([f"{xenbus}/{k}" for k in (*wanted, "type", "vifname")])
         xs = {path.rsplit("/", 1)[1]: value for path, value in xs.items()}
 
     rename_from = None
@@ -102,10 +98,7 @@ def read_vif_inputs(args: VifArgs) -> VifInputs:
 
     real = next((a for a in addrs if a.version == 4), None)
     mapped_keys = _mapped_keys(real) if real and args.visible_ip is None and args.command == "online" else ()
-    if early is not None:
-        qdb = early.result()
-    else:
-        qdb = _qubesdb(want + list(mapped_keys)) if want or mapped_keys else {}
+    qdb = _qubesdb(want + list(mapped_keys)) if want or mapped_keys else {}
 
     def pick(option, key, version, what):
         text = option if option is not None else qdb.get(key)

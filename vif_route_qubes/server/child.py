@@ -123,6 +123,20 @@ def exit_status(exc: SystemExit) -> int:
     return 1
 
 
+def _release_stdio() -> None:
+    """Let go of the client's stdio before exiting.  The kernel releases an
+    exiting process's files last-opened first, so a socket that waits on
+    release (an nf_tables one after deletes, see system/nft_elements) would
+    otherwise hold back the EOF that udev or a shell reads on our output
+    pipes by 6-15 ms after the event is done."""
+    try:
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+    except OSError:
+        pass  # the exit closes them anyway
+
+
 def run(request: dict, fds: list[int], server_pid: int, report_fd: int) -> None:
     """In the forked child; never returns.  Its last act before os._exit is to
     write its exit status and peak size to `report_fd`: the server answers the
@@ -153,6 +167,7 @@ def run(request: dict, fds: list[int], server_pid: int, report_fd: int) -> None:
                 stream.flush()
             except (OSError, ValueError):
                 status = status or 120
+        _release_stdio()
         try:
             os.write(report_fd, f"{status} {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}".encode())
         except OSError:
