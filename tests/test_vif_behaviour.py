@@ -9,6 +9,7 @@ runs under both backends; the others run under the default (iptables here).
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -150,6 +151,25 @@ def test_failing_hook_is_logged_and_not_fatal(netns, xen, vifcmd):
     assert str(bad) in result.stderr
     assert xen.xs_read(f"{path}/hotplug-status") == "connected"
     assert is_up(proxy, "vif37.0")
+
+
+def test_the_lock_holder_runs_first_and_a_hook_at_the_events_priority(netns, xen, vifcmd):
+    # While it holds the lock an event runs at nice -20 (system/lock.py), and so
+    # do its own programs (xenstore-write here); a hook, not ours, runs at the
+    # niceness the event was started with.
+    proxy, path = setup(netns, xen)
+    log = xen.root / "nice.log"
+    hook(xen, "10-nice", f'echo "hook $(nice)" >> {log}')
+    fake = xen.root / "bin"
+    fake.mkdir()
+    real = shutil.which("xenstore-write", path=xen.env()["PATH"])
+    (fake / "xenstore-write").write_text(f'#!/bin/sh\necho "xenstore-write $(nice)" >> {log}\nexec {real} "$@"\n')
+    (fake / "xenstore-write").chmod(0o755)
+    env = xen.env(vif="vif37.0", XENBUS_PATH=path, PATH=f"{fake}:{xen.env()['PATH']}")
+    result = run_cmd(proxy, ["nice", "-n", "5", vifcmd, "online"], env)
+    assert result.returncode == 0, result.stderr
+    assert log.read_text().splitlines() == ["hook 5", "xenstore-write -20"]
+    assert xen.xs_read(f"{path}/hotplug-status") == "connected"
 
 
 def test_hanging_hook_is_killed_with_its_children(netns, xen, vifcmd):

@@ -124,11 +124,11 @@ def exit_status(exc: SystemExit) -> int:
 
 
 def _release_stdio() -> None:
-    """Let go of the client's stdio before exiting.  The kernel releases an
-    exiting process's files last-opened first, so a socket that waits on
-    release (an nf_tables one after deletes, see system/nft_elements) would
-    otherwise hold back the EOF that udev or a shell reads on our output
-    pipes by 6-15 ms after the event is done."""
+    """Let go of the client's stdio before exiting.  At exit the kernel runs
+    the files' final releases last-closed first, highest descriptor first, so
+    a socket whose release waits (an nf_tables one after deletes, see
+    system/nft_elements) would hold back the EOF that udev or a shell reads on
+    our output pipes by 6-15 ms after the event is done."""
     try:
         null = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):

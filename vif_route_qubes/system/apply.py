@@ -18,7 +18,7 @@ from vif_route_qubes.inputs import sources
 from vif_route_qubes.plan.batch import (Addr, Batch, ConntrackPurge, Exec, Group, Hook, IpsetCreate, IpsetDestroy,
                                         IpsetElements, Link, LinkDel, MoveLink, Neigh, Nft, NftElements, Note, Rename,
                                         Restore, ReturnLink, Route, Run, Sysctl, VethAdd, XenstoreWrite)
-from vif_route_qubes.system import ip, tools
+from vif_route_qubes.system import ip, lock, tools
 
 log = logsetup.get_logger("vif-route-qubes")
 RESTORE_TIMEOUT = 30.0
@@ -220,7 +220,8 @@ def _hook(app: Applier, step: Hook) -> None:
     """A failing or hanging hook is logged, never fatal (killed with its children)."""
     what = " ".join((step.path, *step.args))
     try:
-        result = tools.run([step.path, *step.args], timeout=step.timeout, check=False, discard_stdout=True)
+        result = tools.run([step.path, *step.args], timeout=step.timeout, check=False, discard_stdout=True,
+                           nice=lock.waited_nice())
     except tools.ToolTimeout:
         log.error("hook %s: killed after %g s", what, step.timeout)
         return
@@ -235,7 +236,7 @@ def _hook(app: Applier, step: Hook) -> None:
 def _run(app: Applier, step: Run) -> None:
     """A program whose failure is logged, never fatal (service reloads)."""
     try:
-        result = tools.run(step.argv, timeout=30, check=False)
+        result = tools.run(step.argv, timeout=30, check=False, nice=lock.waited_nice())
     except tools.ToolError as exc:
         log.error("%s: %s", " ".join(step.argv), exc)
         return

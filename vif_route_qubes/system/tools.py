@@ -58,12 +58,21 @@ def _end_group(pgid: int) -> None:
         pass  # the whole group is gone already
 
 
+def _in_child(fds: set[int], nice: int | None) -> None:
+    for fd in fds:
+        os.set_inheritable(fd, True)
+    if nice is not None:
+        os.setpriority(os.PRIO_PROCESS, 0, nice)
+
+
 def run(argv, *, stdin: str | None = None, timeout: float | None = DEFAULT_TIMEOUT, pass_fds=(),
-        check: bool = True, what: str | None = None, discard_stdout: bool = False) -> Result:
+        check: bool = True, what: str | None = None, discard_stdout: bool = False,
+        nice: int | None = None) -> Result:
     """Run argv[0] with argv[1:]; stdin text (or none: EOF at once); stdout and
     stderr captured as text.  `check`: an exit status other than 0 raises
     ToolFailed.  `pass_fds`: descriptors the child inherits (the event lock).
-    `what`: how messages name the command (default: the program)."""
+    `what`: how messages name the command (default: the program).  `nice`:
+    the program's niceness, when not ours (the lock holder's, see lock.py)."""
     argv = [str(arg) for arg in argv]
     what = what or argv[0]
     try:
@@ -73,11 +82,12 @@ def run(argv, *, stdin: str | None = None, timeout: float | None = DEFAULT_TIMEO
     options = dict(_in=stdin if stdin is not None else "", _tty_out=False, _new_session=True,
                    _env=os.environ.copy(), _encoding="utf-8", _decode_errors="replace",
                    _ok_code=range(256), _bg=True, _bg_exc=False, _return_cmd=True)
-    if pass_fds:
+    fds = set(pass_fds)
+    if fds:
         # sh keeps these open in the child, but ours are close-on-exec: clear the flag there.
-        fds = set(pass_fds)
         options["_pass_fds"] = fds
-        options["_preexec_fn"] = lambda: [os.set_inheritable(fd, True) for fd in fds]
+    if fds or nice is not None:
+        options["_preexec_fn"] = lambda: _in_child(fds, nice)
     if discard_stdout:
         options["_out"] = os.devnull
     try:
