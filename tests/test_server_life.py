@@ -196,9 +196,12 @@ def test_a_served_child_lets_go_of_the_clients_output_before_its_exit(tmp_path):
     server_pid = os.getpid()
     pid = os.fork()
     if pid == 0:
-        os.close(out_r)
-        os.close(report_r)
-        child.run(request, fds, server_pid, report_w)
+        try:
+            os.close(out_r)
+            os.close(report_r)
+            child.run(request, fds, server_pid, report_w)  # never returns
+        finally:
+            os._exit(1)
     for fd in (*fds, report_w):
         os.close(fd)
     try:
