@@ -83,7 +83,8 @@ class ElementWriter:
         exit to close (at most one is kept: a later one closes it).  The kernel's
         release of a netfilter socket waits for the pending deletions to be
         freed after an RCU grace period (10-15 ms here); at exit that wait comes
-        after a served event has answered, and after the event's lock is gone."""
+        after a served event has answered, after the event's lock is gone, and
+        after the child has let go of the client's stdio (server/child.py)."""
         if self._sock is None:
             return
         if self._deleted:
