@@ -114,7 +114,7 @@ def read_tables() -> dict:
     from vif_route_qubes.facts import ipt_state
 
     # One iptables-save of every table per family: a program run costs more than the listing.
-    texts = ipt_state.save([(4, None), (6, None)])
+    texts = ipt_state.save_both()
     tables: dict = {4: {}, 6: {}}
     for version, text in zip((4, 6), texts):
         parsed = ipt_state.parse_save(text)

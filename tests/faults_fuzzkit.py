@@ -257,7 +257,7 @@ class Sandbox:
         for module in (vif, lock):
             monkeypatch.setattr(module, "locked", lambda *a, **k: contextlib.nullcontext())
         monkeypatch.setattr(apply, "Applier", Recorder)
-        monkeypatch.setattr(ipt_state, "save", lambda jobs: ["" for _ in jobs])
+        monkeypatch.setattr(ipt_state, "save", lambda family, table_name=None: "")
         monkeypatch.setattr(init, "run_init", lambda *a, **k: 0)
         # As if /dev/log were there: records go through StrictSyslog.
         monkeypatch.setattr(logsetup, "_Syslog", StrictSyslog)

@@ -75,16 +75,14 @@ def ensure_jump(state: TableState, builtin: str, jump: str, position: int = 1) -
     return [delete(jump)] * (count - 1)
 
 
-def save(jobs: list[tuple[int, str | None]]) -> list[str]:
-    """`iptables-save [-t TABLE]` for each (family, table), one after the other:
-    sh's start of a program is Python under the GIL, and two at once from
-    threads took about 2 ms longer here than one after the other (tests/bench.py,
-    DNS unchanged)."""
-    return [tools.run(["ip6tables-save" if family == 6 else "iptables-save", *(["-t", name] if name else [])],
-                      timeout=30).stdout for family, name in jobs]
+def save(family: int, table_name: str | None = None) -> str:
+    """`iptables-save [-t TABLE]` (ip6tables-save for family 6)."""
+    return tools.run(["ip6tables-save" if family == 6 else "iptables-save",
+                      *(["-t", table_name] if table_name else [])], timeout=30).stdout
 
 
 def save_both(table_name: str | None = None) -> tuple[str, str]:
-    """One table (or all) of both families."""
-    save4, save6 = save([(4, table_name), (6, table_name)])
-    return save4, save6
+    """One table (or all) of both families, one after the other: sh's start of
+    a program is Python under the GIL, and two at once from threads took about
+    2 ms longer here than one after the other (tests/bench.py, DNS unchanged)."""
+    return save(4, table_name), save(6, table_name)
