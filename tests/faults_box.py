@@ -175,10 +175,19 @@ class Box:
         self.xen.xs_rm(f"{PATH}/hotplug-status")
         return online, windows
 
-    def quiet(self):
-        """No process of ours is left in the provider (a hung tool or hook was killed)."""
-        pids = subprocess.run(["ip", "netns", "pids", self.proxy.name], capture_output=True, text=True).stdout
-        return pids.split()
+    def quiet(self, within=1.0):
+        """The processes left in the provider once `within` seconds have passed with
+        some there ([] as soon as none is): a hung tool or hook that was not killed
+        stays (they sleep 60 s).  The wait is for a served child, which answers and
+        lets go of the client's stdio before its exit, so it may still be exiting
+        (a few ms) when the client has returned."""
+        deadline = time.monotonic() + within
+        while True:
+            pids = subprocess.run(["ip", "netns", "pids", self.proxy.name], capture_output=True,
+                                  text=True).stdout.split()
+            if not pids or time.monotonic() > deadline:
+                return pids
+            time.sleep(0.01)
 
     def close(self):
         self.probe.close()

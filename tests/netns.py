@@ -93,7 +93,6 @@ class Namespaces:
 
     def cleanup(self) -> None:
         for ns in reversed(self.made):
-            subprocess.run(["ip", "netns", "pids", ns.name], capture_output=True)
             pids = subprocess.run(["ip", "netns", "pids", ns.name], capture_output=True, text=True).stdout.split()
             for pid in pids:
                 subprocess.run(["kill", "-9", pid], capture_output=True)

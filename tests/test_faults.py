@@ -162,10 +162,7 @@ def test_sigkill_at_random_points_never_unguards_and_reruns_converge(box, tmp_pa
         what = f"kill {i}: {command} killed after {delay * 1000:.0f} ms"
         # What the killed event started ends soon: in server mode the server ends the
         # child and its programs; in-process, a program left holding the lock finishes.
-        deadline = time.monotonic() + 3
-        while box.quiet() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert box.quiet() == [], f"{what}: its processes outlived it"
+        assert box.quiet(within=3) == [], f"{what}: its processes outlived it"
         if box.assert_guarded(f"kill{i}"):
             figures["link up after the kill, spoof probed"] += 1
         if (seen := box.state()) not in (expect_before, expect_after):
