@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from firewall import CHANGE_TOOL, guard_problems, nft_stand_in, nft_tables
-from netns import VIF_MAC, run_libxl, state_of
+from netns import VIF_MAC, pids_in, run_libxl, state_of, wait_for
 
 PY = sys.executable
 HERE = Path(__file__).parent
@@ -181,13 +181,8 @@ class Box:
         stays (they sleep 60 s).  The wait is for a served child, which answers and
         lets go of the client's stdio before its exit, so it may still be exiting
         (a few ms) when the client has returned."""
-        deadline = time.monotonic() + within
-        while True:
-            pids = subprocess.run(["ip", "netns", "pids", self.proxy.name], capture_output=True,
-                                  text=True).stdout.split()
-            if not pids or time.monotonic() > deadline:
-                return pids
-            time.sleep(0.01)
+        wait_for(lambda: not pids_in(self.proxy), within)
+        return pids_in(self.proxy)
 
     def close(self):
         self.probe.close()

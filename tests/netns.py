@@ -11,6 +11,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,20 @@ def sh(cmd: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
     if check and result.returncode != 0:
         raise AssertionError(f"{cmd!r} failed ({result.returncode}): {result.stderr.strip()}")
     return result
+
+
+def pids_in(ns) -> list[str]:
+    """Processes in a namespace (asked from outside it)."""
+    return subprocess.run(["ip", "netns", "pids", ns.name], capture_output=True, text=True).stdout.split()
+
+
+def wait_for(predicate, timeout=5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 @dataclass
@@ -93,8 +108,7 @@ class Namespaces:
 
     def cleanup(self) -> None:
         for ns in reversed(self.made):
-            pids = subprocess.run(["ip", "netns", "pids", ns.name], capture_output=True, text=True).stdout.split()
-            for pid in pids:
+            for pid in pids_in(ns):
                 subprocess.run(["kill", "-9", pid], capture_output=True)
             subprocess.run(["ip", "netns", "del", ns.name], capture_output=True)
         self.made.clear()
@@ -258,8 +272,6 @@ def _ipv6_unsettled(ns: Namespace) -> bool:
 def settled(ns: Namespace, timeout: float = 5.0) -> str:
     """state_of once IPv6 addresses are settled (kernel timing): every address's
     duplicate address detection over and every link-local address made."""
-    import time
-
     deadline = time.monotonic() + timeout
     while _ipv6_unsettled(ns) and time.monotonic() < deadline:
         time.sleep(0.1)

@@ -3,13 +3,12 @@ the test's own, in a namespace of its own, and small waits on processes."""
 
 import os
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 import server_mode
-from netns import BIN, RUN_PREFIX, sh
+from netns import BIN, RUN_PREFIX, pids_in, sh, wait_for  # noqa: F401  (the server tests import them from here)
 
 PY = str(BIN / "python")
 VIFCMD = str(BIN / "vif-route-qubes")
@@ -54,25 +53,11 @@ def alive(pid):
     return state != "Z"
 
 
-def pids_in(ns):
-    """Processes in a namespace (asked from outside it)."""
-    return subprocess.run(["ip", "netns", "pids", ns.name], capture_output=True, text=True).stdout.split()
-
-
 def cmdline(pid):
     try:
         return Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
     except OSError:
         return ""
-
-
-def wait_for(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 
