@@ -27,7 +27,8 @@ def cli(**params):
     \b
     At start-up:            qubes-setup-dnat-to-ns
     NetworkManager hook:    qubes-setup-dnat-to-ns IFACE ACTION
-    (acts on up, vpn-up, vpn-down, dhcp4-change; any other action is a no-op)
+    (acts on up, vpn-up, vpn-down, dhcp4-change, dhcp6-change, reapply,
+    dns-change; any other action is a no-op)
     """
     if params["iface"] is not None and params["action"] is None:
         raise click.UsageError("give both IFACE and ACTION, or neither")

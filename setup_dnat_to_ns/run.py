@@ -4,7 +4,11 @@ import os
 import sys
 
 EXIT_UNCHANGED = 100
-ACTIONS = ("up", "vpn-up", "vpn-down", "dhcp4-change")
+# The four actions Qubes' own hook acts on, and those after which NetworkManager
+# has new resolvers too: `dhcp6-change` (IPv6 resolvers), `reapply` (`nmcli
+# device reapply` rewrites resolv.conf) and `dns-change` (NetworkManager >= 1.20,
+# whenever its DNS configuration changes).  Any other action is a no-op.
+ACTIONS = ("up", "vpn-up", "vpn-down", "dhcp4-change", "dhcp6-change", "reapply", "dns-change")
 
 
 def run_dns(params: dict) -> int:

@@ -253,7 +253,7 @@ class Sandbox:
         self.store, self.reply, self.conf = {}, "", None
         monkeypatch.setattr(sources, "_run", fake_tool(self.store))
         monkeypatch.setattr(vif, "read_facts", facts)
-        monkeypatch.setattr(vif.backend, "resolve", lambda choice: "iptables")
+        monkeypatch.setattr(vif.backend, "resolve", lambda choice, wait_base=None: "iptables")
         for module in (vif, lock):
             monkeypatch.setattr(module, "locked", lambda *a, **k: contextlib.nullcontext())
         monkeypatch.setattr(apply, "Applier", Recorder)

@@ -3,6 +3,7 @@ root and run the way udev, Xen, NetworkManager and systemd run them
 (CONTRACT section 4).  Nothing is ever installed into the real /."""
 
 import fnmatch
+import os
 import re
 import shlex
 import shutil
@@ -16,70 +17,178 @@ from netns import BIN, FAKEBIN, SERVICE_PATH, run_cmd, run_libxl, state_of
 
 INSTALL = Path(__file__).parent.parent / "udev" / "install"
 TEMPLATES = INSTALL.parent
+MARKER = "# vif-route-qubes: installed by udev/install (removed by udev/install --uninstall)"
 RULES = "etc/udev/rules.d/90-vif-route-qubes.rules"
 HOOK = "etc/NetworkManager/dispatcher.d/50-qubes-setup-dnat-to-ns"
 XEN = "etc/xen/scripts/vif-route-qubes"
+QUBES_DNS = "usr/lib/qubes/qubes-setup-dnat-to-ns"
 UNIT = "etc/systemd/system/vif-route-qubes-init.service"
+SOCKET = "etc/systemd/system/vif-route-qubes.socket"
+SERVICE = "etc/systemd/system/vif-route-qubes.service"
 # destination: (template, mode)
-FILES = {
+TEMPLATE = {
     RULES: ("90-vif-route-qubes.rules.in", 0o644),
     HOOK: ("50-qubes-setup-dnat-to-ns.in", 0o755),
     XEN: ("xen-vif-route-qubes.in", 0o755),
+    QUBES_DNS: ("qubes-setup-dnat-to-ns.in", 0o755),
     UNIT: ("vif-route-qubes-init.service.in", 0o644),
-    "etc/systemd/system/vif-route-qubes.socket": ("vif-route-qubes.socket.in", 0o644),  # the command server
-    "etc/systemd/system/vif-route-qubes.service": ("vif-route-qubes.service.in", 0o644),
+    SOCKET: ("vif-route-qubes.socket.in", 0o644),  # the command server
+    SERVICE: ("vif-route-qubes.service.in", 0o644),
 }
+LINKS = {f"usr/bin/{name}": str(BIN / name)
+         for name in ("vif-route-qubes", "qubes-setup-dnat-to-ns", "qubes_setup_dnat_to_ns")}
+# What each kind of system gets (CONTRACT section 4), and the units' enabling links.
+OUTSIDE_QUBES = {XEN, HOOK, UNIT, SOCKET, SERVICE}
+ON_QUBES = {XEN, QUBES_DNS, SOCKET, SERVICE}
+WANTS = {UNIT: "multi-user.target.wants", SOCKET: "sockets.target.wants", SERVICE: "multi-user.target.wants"}
 VM_MAC = "00:16:3e:5e:6c:19"
 VM_IP = "10.137.7.27"
 VIF = "vif37.0"
 
 
-def install(root: Path, *args: str) -> subprocess.CompletedProcess:
-    result = subprocess.run([str(INSTALL), "--root", str(root), "--bindir", str(BIN), *args],
+def install(root: Path, *args: str, status: int = 0) -> subprocess.CompletedProcess:
+    # The checkout's venv: a test-only --bindir (the installer refuses it otherwise).
+    result = subprocess.run([str(INSTALL), "--root", str(root), "--bindir", str(BIN), "--any-bindir", *args],
                             capture_output=True, text=True, timeout=30)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == status, result.stderr
     return result
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
-    """One installed root shared by the tests that only read it."""
+    """One installed root (outside Qubes, with the udev rule) shared by the tests that only read it."""
     path = tmp_path_factory.mktemp("root")
-    install(path)
+    install(path, "--udev")
     return path
 
 
 def files_under(root: Path) -> set[str]:
-    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() or p.is_symlink()}
+
+
+def expected_files(ours: set[str]) -> set[str]:
+    units = {f"etc/systemd/system/{WANTS[dest]}/{Path(dest).name}" for dest in ours if dest in WANTS}
+    return ours | units | set(LINKS)
+
+
+def rendered(dest: str) -> str:
+    """The template with BINDIR filled in and the marker after its #! line (or first)."""
+    text = (TEMPLATES / TEMPLATE[dest][0]).read_text().replace("@BINDIR@", str(BIN))
+    first, rest = text.split("\n", 1)
+    return f"{first}\n{MARKER}\n{rest}" if first.startswith("#!") else f"{MARKER}\n{text}"
+
+
+def fake_dpkg(root: Path) -> None:
+    """A root with a dpkg database (empty): the installer diverts with dpkg-divert."""
+    (root / "var/lib/dpkg").mkdir(parents=True)
+    (root / "var/lib/dpkg/status").write_text("")
 
 
 # -- 1. the installer -------------------------------------------------------
 
-def test_install_is_complete_idempotent_and_undone_exactly(tmp_path):
-    install(tmp_path)
-    assert files_under(tmp_path) == set(FILES)
-    for dest, (template, mode) in FILES.items():
+@pytest.mark.parametrize("system", ["outside-qubes", "qubes"])
+def test_install_is_complete_idempotent_and_undone_exactly(tmp_path, system):
+    ours = ON_QUBES if system == "qubes" else OUTSIDE_QUBES
+    install(tmp_path, "--qubes" if system == "qubes" else "--no-qubes")
+    assert files_under(tmp_path) == expected_files(ours)
+    for dest in ours:
         path = tmp_path / dest
-        assert stat.S_IMODE(path.stat().st_mode) == mode, dest
+        assert stat.S_IMODE(path.stat().st_mode) == TEMPLATE[dest][1], dest
         text = path.read_text()
-        assert "@BINDIR@" not in text
-        assert text == (TEMPLATES / template).read_text().replace("@BINDIR@", str(BIN)), dest
-        assert f"{BIN}/" in text, dest  # the commands are called where pip put them
+        assert "@BINDIR@" not in text and MARKER in text.splitlines()
+        assert text == rendered(dest), dest
+        assert f"{BIN}/" in text or dest == SOCKET, dest  # the commands are called where pip put them
+    for link, target in LINKS.items():
+        assert os.readlink(tmp_path / link) == target
 
     # Idempotent: nothing rewritten (same inode and mtime), nothing printed.
-    before = {dest: (p.stat().st_ino, p.stat().st_mtime_ns) for dest in FILES for p in [tmp_path / dest]}
+    before = {dest: (p.stat().st_ino, p.stat().st_mtime_ns) for dest in ours for p in [tmp_path / dest]}
     again = install(tmp_path)
     assert again.stdout == "" and again.stderr == ""
-    assert before == {dest: (p.stat().st_ino, p.stat().st_mtime_ns) for dest in FILES for p in [tmp_path / dest]}
+    assert before == {dest: (p.stat().st_ino, p.stat().st_mtime_ns) for dest in ours for p in [tmp_path / dest]}
 
-    # A packager's or admin's file beside each of ours must survive uninstall.
-    unrelated = {str(Path(dest).parent / "unrelated-vif-route-qubes.conf") for dest in FILES}
+    # A packager's or admin's file beside each of ours must survive uninstall,
+    # and so must one that names our programs but lacks our marker.
+    unrelated = {str(Path(dest).parent / "unrelated-vif-route-qubes.conf") for dest in TEMPLATE}
     for name in unrelated:
-        (tmp_path / name).write_text("not ours\n")
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("exec /usr/bin/vif-route-qubes \"$@\"  # not ours\n")
     install(tmp_path, "--uninstall")
     assert files_under(tmp_path) == unrelated
     install(tmp_path, "--uninstall")  # twice is fine
     assert files_under(tmp_path) == unrelated
+
+
+@pytest.mark.parametrize("dpkg", [True, False], ids=["dpkg-divert", "no-dpkg"])
+def test_qubes_files_are_set_aside_and_put_back_byte_for_byte(tmp_path, dpkg):
+    """On Qubes: Qubes' own Xen script and DNS command (any bytes) are set aside,
+    ours take their paths, uninstall puts Qubes' back exactly."""
+    if dpkg:
+        fake_dpkg(tmp_path)
+    qubes = {XEN: b"#!/bin/bash --\n# Qubes' vif-route-qubes\n\xff\xfe\n", QUBES_DNS: b"#!/bin/sh\n# Qubes' DNS\n"}
+    for dest, data in qubes.items():
+        (tmp_path / dest).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / dest).write_bytes(data)
+        (tmp_path / dest).chmod(0o755)
+    out = install(tmp_path).stdout  # detected: /usr/lib/qubes is there
+    assert files_under(tmp_path) - {str(p.relative_to(tmp_path)) for p in (tmp_path / "var").rglob("*")} \
+        == expected_files(ON_QUBES) | {f"{dest}.distrib" for dest in qubes}
+    for dest, data in qubes.items():
+        assert f"set aside /{dest}" in out
+        assert (tmp_path / f"{dest}.distrib").read_bytes() == data
+        assert MARKER in (tmp_path / dest).read_text()
+    if dpkg:
+        listed = subprocess.run(["dpkg-divert", "--root", str(tmp_path), "--list"], capture_output=True,
+                                text=True, check=True).stdout
+        for dest in qubes:
+            assert f"local diversion of /{dest} to /{dest}.distrib" in listed
+    assert install(tmp_path).stdout == ""  # idempotent with the diversions in place
+    install(tmp_path, "--uninstall")
+    for dest, data in qubes.items():
+        assert (tmp_path / dest).read_bytes() == data
+        assert stat.S_IMODE((tmp_path / dest).stat().st_mode) == 0o755
+        assert not (tmp_path / f"{dest}.distrib").exists()
+    assert not list((tmp_path / "etc/systemd").rglob("*vif-route-qubes*"))
+    if dpkg:
+        listed = subprocess.run(["dpkg-divert", "--root", str(tmp_path), "--list"], capture_output=True,
+                                text=True, check=True).stdout
+        assert listed.strip() == ""
+
+
+def test_on_qubes_a_later_package_install_lands_beside_ours(tmp_path):
+    """Qubes' programs are diverted even before they exist: dpkg then unpacks a
+    later Qubes package's files beside ours (here: dpkg-divert's own answer)."""
+    fake_dpkg(tmp_path)
+    install(tmp_path, "--qubes")
+    for dest in (XEN, QUBES_DNS):
+        truename = subprocess.run(["dpkg-divert", "--root", str(tmp_path), "--truename", f"/{dest}"],
+                                  capture_output=True, text=True, check=True).stdout.strip()
+        assert truename == f"/{dest}.distrib"
+
+
+def test_a_choice_changed_on_a_second_run_leaves_only_the_new_set(tmp_path):
+    install(tmp_path, "--no-qubes", "--udev")
+    assert (tmp_path / RULES).exists()
+    install(tmp_path, "--no-qubes")
+    assert files_under(tmp_path) == expected_files(OUTSIDE_QUBES)
+    install(tmp_path, "--qubes")
+    assert files_under(tmp_path) == expected_files(ON_QUBES)
+
+
+@pytest.mark.parametrize("bindir", ["/usr/local/bin", "/rw/venv/bin", "/home/user/.venv/bin", "/root/venv/bin",
+                                    str(BIN)])
+def test_a_bindir_only_one_qube_sees_is_refused(tmp_path, bindir):
+    """In a TemplateBasedVM /usr/local, /rw, /home and /root are each qube's own, and a
+    checkout's venv goes with the checkout: every other qube would call a missing program."""
+    result = subprocess.run([str(INSTALL), "--root", str(tmp_path), "--bindir", bindir], capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode == 2 and "/opt" in result.stderr, result.stderr
+    assert files_under(tmp_path) == set()
+
+
+def test_the_default_install_has_no_udev_rule(tmp_path):
+    install(tmp_path)
+    assert not (tmp_path / RULES).exists()
 
 
 # -- 2. the udev rules, read and evaluated like udev ------------------------
@@ -144,13 +253,13 @@ def xen_event(action: str, kernel: str, subsystem: str = "xen-backend") -> dict[
             "DEVPATH": f"/devices/{subsystem}/{kernel}"}
 
 
-def kernel_uevent(action: str) -> dict[str, str]:
+def kernel_uevent(action: str, script: str = "/etc/xen/scripts/vif-route-qubes") -> dict[str, str]:
     """The properties of the kernel's xen-backend uevent for vif37.0: those of
     xenbus_uevent_backend (drivers/xen/xenbus/xenbus_probe_backend.c; XENBUS_PATH is
     the device's node name, relative) and of xen-netback's netback_uevent."""
     return {**xen_event(action, "vif-37-0"), "SEQNUM": "4711", "MODALIAS": "xen-backend:vif",
             "XENBUS_TYPE": "vif", "XENBUS_PATH": "backend/vif/37/0", "XENBUS_BASE_PATH": "backend",
-            "script": "/etc/xen/scripts/vif-route-qubes", "vif": VIF}
+            "script": script, "vif": VIF}
 
 
 def setup_vif(netns, xen):
@@ -173,6 +282,10 @@ def test_udev_rules_match_and_run(root, netns, xen):
     for event in (xen_event("add", VIF, "net"), xen_event("online", "vbd-37-51712"),
                   xen_event("add", "vif-37-0")):
         assert runs_of(rules, event, vif_env) == [], event
+    # A vif of the same driver domain whose script is another one (vif-bridge): nothing runs.
+    for action in ("online", "offline"):
+        event = kernel_uevent(action, script="/etc/xen/scripts/vif-bridge")
+        assert runs_of(rules, event, event) == [], event
 
     proxy, path = setup_vif(netns, xen)
     assert path == "backend/vif/37/0"
@@ -272,23 +385,42 @@ def test_dispatcher_hook(root, netns, xen, tmp_path):
     assert dnat_lines(ns) == expected_dnat("203.0.113.54")
     assert restarts() == [RESTART, RESTART]
 
+    # The actions after which NetworkManager has new resolvers, beyond Qubes' four:
+    # `nmcli device reapply` (reapply), IPv6 resolvers (dhcp6-change), any DNS change.
+    expected = [RESTART, RESTART]
+    for number, action in enumerate(("reapply", "dhcp6-change", "dns-change"), 55):
+        resolv.write_text(f"nameserver 203.0.113.{number}\n")
+        hook(action)
+        assert dnat_lines(ns) == expected_dnat(f"203.0.113.{number}"), action
+        expected.append(RESTART)
+        assert restarts() == expected
+
     state = state_of(ns)
-    hook("down")
+    for action in ("down", "pre-up", "hostname", "connectivity-change"):
+        hook(action)
     assert state_of(ns) == state
-    assert restarts() == [RESTART, RESTART]
+    assert restarts() == expected
 
 
 # -- 5. the boot unit ---------------------------------------------------------
 
-def test_systemd_analyze_verify_accepts_the_unit(root):
+@pytest.mark.parametrize("system", ["outside-qubes", "qubes"])
+def test_systemd_analyze_verify_accepts_the_units(tmp_path, system):
     if not shutil.which("systemd-analyze"):
         pytest.skip("systemd-analyze is not installed")
-    unit = root / UNIT
-    result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True,
-                            timeout=60)
+    install(tmp_path, "--qubes" if system == "qubes" else "--no-qubes")
+    units = tmp_path / "etc/systemd/system"
+    names = sorted(p.name for p in units.glob("vif-route-qubes*"))
+    assert len(names) == (2 if system == "qubes" else 3)
+    result = subprocess.run(["systemd-analyze", "verify", *(f"./{name}" for name in names)], cwd=units,
+                            capture_output=True, text=True, timeout=60)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     # Some defects (an unknown key, a bad value) are only warned about with
-    # exit 0; any line naming our unit is such a defect.  Lines about other
+    # exit 0; any line naming our units is such a defect.  Lines about other
     # units (possible on a machine without systemd as PID 1) are not ours.
-    assert unit.name not in output, output
+    assert not any(name in output for name in names), output
+    # Ordered against xl devd: listening before its first event, stopped after its last.
+    for dest in (SOCKET, SERVICE) + ((UNIT,) if system != "qubes" else ()):
+        before = next(line for line in (tmp_path / dest).read_text().splitlines() if line.startswith("Before="))
+        assert "xendriverdomain.service" in before.split("=", 1)[1].split(), dest

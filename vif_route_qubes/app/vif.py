@@ -112,7 +112,7 @@ def run_vif(args: VifArgs, opts: RunOptions, out) -> int:
     clock = timing.Clock()
     inp = read_vif_inputs(args)
     clock.mark("inputs")
-    firewall = backend.resolve(opts.backend)
+    firewall = backend.resolve(opts.backend, args.base_wait if inp.command == "online" else None)
     # A dry run only reads, so it takes no lock (and needs no write access to /run).
     with (nullcontext() if opts.dry_run else locked(opts.lock_file, opts.lock_timeout, inp.vif)) as lock_fd, \
             Ipsets() as ipsets:  # one ipset socket for reading and applying, opened by its first request

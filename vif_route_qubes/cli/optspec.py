@@ -39,7 +39,8 @@ COMMON = (
     Opt("verbose", ("-v", "--verbose"), "VIF_ROUTE_VERBOSE", "Log every step to stderr as well.",
         kind="flag", default=False),
     Opt("backend", ("--backend",), "QUBES_NET_BACKEND",
-        "Firewall backend; auto picks nft when the table `ip qubes` exists, else iptables.",
+        ("Firewall backend; auto picks nft when the table `ip qubes` exists or Qubes' nftables base "
+         "(/etc/qubes/qubes-antispoof.nft) is there to be loaded, else iptables."),
         kind="choice", choices=("auto", "iptables", "nft"), default="auto", show_default=True),
     Opt("lock_file", ("--lock-file",), "VIF_ROUTE_LOCK_FILE", "Lock held around each read-plan-apply cycle.",
         default=DEFAULT_LOCK, show_default=True),
@@ -84,6 +85,9 @@ VIF = (
     Opt("mapped_wait", ("--mapped-wait",), "VIF_ROUTE_MAPPED_WAIT",
         "Seconds to wait for mapped entries qubesdb announced but does not hold yet.", kind="seconds",
         default=5.0, show_default=True),
+    Opt("base_wait", ("--base-wait",), "VIF_ROUTE_BASE_WAIT",
+        "Seconds an online waits for Qubes' nftables base when its files are there but it is not "
+        "loaded yet (early in the boot).", kind="seconds", default=10.0, show_default=True),
     Opt("netns_prefix", ("--netns-prefix",), "VIF_ROUTE_NETNS_PREFIX",
         "Prefix of the namespace a mapped vif gets (its name is PREFIX + VIF).", default=""),
     Opt("type_if", ("--type-if",), "type_if", "Xen device kind (Xen passes type_if=...).", kind="choice",
