@@ -21,7 +21,8 @@ def own_server(tmp_path):
     """A server of the test's own (its own namespace, socket and log), stopped by pid."""
     made = []
 
-    def start(idle=3600.0, folder=None, args=(), **env):
+    def start(idle=None, folder=None, args=(), **env):
+        """idle: --idle-timeout (None: the default, resident)."""
         home = f"{RUN_PREFIX}-srv{len(made)}"
         sh(f"ip netns add {home}")
         if folder is None:

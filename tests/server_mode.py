@@ -2,7 +2,7 @@
 
     VRQ_TEST_MODE=server      (default) one `vif-route-qubes serve` for the whole run,
                               started in a network namespace of its own, with its own
-                              socket and idle timeout; the commands get
+                              socket, resident (no idle timeout); the commands get
                               VIF_ROUTE_SERVER_SOCKET and VIF_ROUTE_SERVER=require, so an
                               event no server took fails instead of passing in-process
     VRQ_TEST_MODE=in-process  the commands get VIF_ROUTE_SERVER=off
@@ -30,8 +30,9 @@ def mode_env() -> dict[str, str]:
 class TestServer:
     """One server: `ip netns exec NS vif-route-qubes serve --socket ...`, stopped by pid."""
 
-    def __init__(self, bin_dir: Path, netns: str, folder: Path, idle: float = 3600,
+    def __init__(self, bin_dir: Path, netns: str, folder: Path, idle: float | None = None,
                  extra_env: dict | None = None, args: tuple = ()) -> None:
+        """`idle`: --idle-timeout; None for the default (resident, as installed)."""
         self.socket = folder / "server.sock"
         self.log_path = folder / "server.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("VIF_ROUTE_")}
@@ -39,7 +40,8 @@ class TestServer:
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(["ip", "netns", "exec", netns, "nice", "-n", "-10",  # as the unit's Nice=
                                           str(bin_dir / "vif-route-qubes"), "serve",
-                                          "--socket", str(self.socket), "--idle-timeout", str(idle), *args],
+                                          "--socket", str(self.socket),
+                                          *(["--idle-timeout", str(idle)] if idle is not None else []), *args],
                                          stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env)
         deadline = time.monotonic() + 30
         while not self.log_path.read_text().count("listening on"):

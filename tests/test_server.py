@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+import memory
 from netns import BIN, RUN_PREFIX, run_cmd
 from server_kit import HEAVY, PY, ROOT, VIFCMD, own_server, pids_in, cmdline, run_help, served_env, wait_for  # noqa: F401
 from test_vif_behaviour import PATH37, err_lines, is_up, vrq
@@ -133,6 +134,29 @@ def test_a_spare_killed_while_it_waits_is_replaced_and_events_still_run(own_serv
     assert server.proc.poll() is None
 
 
+BUDGET_KB = 40 * 1024  # issue 28: the resident server after a quiet period, spare included (PSS)
+
+
+def test_a_quiet_server_drops_its_spare_keeps_its_budget_and_makes_one_again(own_server):
+    server = own_server(args=["--spare-idle", "3"])
+    assert run_help(server).returncode == 0
+    spare = _one_spare(server)
+    assert wait_for(lambda: f"spare child {spare} dropped" in server.log(), 15), server.log()
+    assert wait_for(lambda: memory.children(server.pid) == [], 5)
+    quiet = memory.tree_pss_kb(server.pid)
+    assert list(quiet) == [server.pid] and quiet[server.pid] <= BUDGET_KB, quiet
+    assert run_help(server).returncode == 0  # a lone event: a child forked for it
+    assert "served vif-route-qubes by child" in server.log().splitlines()[-1]
+    again = _one_spare(server)  # requests come again: so does the spare
+    for _ in range(10):  # and it runs the next one, once ready (within the 3 s)
+        assert run_help(server).returncode == 0
+        if f"by spare child {again}" in server.log():
+            break
+        time.sleep(0.2)
+    assert f"served vif-route-qubes by spare child {again}" in server.log(), server.log()
+    assert "idle timeout none" in server.log() and server.proc.poll() is None  # resident by default
+
+
 # -- refusals: the server keeps serving -----------------------------------------
 
 def test_a_non_root_peer_is_refused_in_one_line_and_changes_nothing(own_server, netns, xen, vifcmd):
@@ -196,6 +220,9 @@ def framed(obj) -> bytes:
                            "stdio": [["utf-8", "strict"]] * 3}), True),
     ("unknown-entry", framed({"version": 1, "entry": "/bin/sh", "argv": ["eA=="], "env": []}), True),
     ("other-version", framed({"version": 99}), True),
+    ("serve-itself", framed({"version": 1, "entry": "vif-route-qubes", "argv": ["dmlmLXJvdXRlLXF1YmVz", "c2VydmU="],
+                             "env": [], "umask": 18, "nice": 0, "started": 0, "ignored": [], "blocked": [],
+                             "stdio": [["utf-8", "strict"]] * 3}), True),  # `serve` is never served
 ])
 def test_bad_requests_are_refused_and_the_server_keeps_serving(own_server, name, payload, with_fds):
     server = own_server()

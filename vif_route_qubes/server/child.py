@@ -189,6 +189,10 @@ def decode(request: dict) -> dict:
     argv, env = request.get("argv"), request.get("env")
     if not isinstance(argv, list) or not argv or not isinstance(env, list):
         raise protocol.ProtocolError("argv or env missing")
+    decoded_argv = [protocol.unb64(a) for a in argv]
+    argv_text = [os.fsdecode(a) for a in decoded_argv]
+    if protocol.never_served(request["entry"], argv_text):  # `serve`: a child must not become a server
+        raise protocol.ProtocolError(f"`{protocol.command_of(argv_text)}` runs only in a process of its own")
     if not all(isinstance(pair, list) and len(pair) == 2 for pair in env):
         raise protocol.ProtocolError("env is not a list of pairs")
     umask, started, stdio = request.get("umask"), request.get("started"), request.get("stdio")
@@ -207,7 +211,7 @@ def decode(request: dict) -> dict:
             codecs.lookup_error(errors)
         except LookupError:
             raise protocol.ProtocolError("unknown stdio encoding") from None
-    return {"entry": request["entry"], "argv": [protocol.unb64(a) for a in argv],
+    return {"entry": request["entry"], "argv": decoded_argv,
             "env": [(protocol.unb64(k), protocol.unb64(v)) for k, v in env], "umask": umask, "nice": nice,
             "started": float(started), "stdio": stdio, "ignored": ints(request.get("ignored"), "ignored"),
             "blocked": ints(request.get("blocked"), "blocked")}

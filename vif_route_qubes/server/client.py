@@ -10,6 +10,10 @@ protocol version, an explicit refusal such as "installed code changed", a
 stdio descriptor missing, VIF_ROUTE_SERVER=off).  Once the server has the
 request, its failure is the event's failure: exit 1 and one line on stderr.
 VIF_ROUTE_SERVER=require (for tests) makes "no server" a failure too.
+`vif-route-qubes serve` is never offered: it runs here at once (systemd
+starts it for a connection to the very socket it would be offered to).
+Events that hooks start are offered as any other: the server's loop never
+waits for a child, so they are greeted at once (also during its warm-up).
 """
 
 from vif_route_qubes import timing  # noqa: F401  (first: the benchmark's clock starts here)
@@ -42,6 +46,13 @@ def _prog() -> str:
 def run(entry: str, module: str) -> None:
     """Offer the event of command `entry` (a name of the served-commands entry
     point group, see server/commands.py) to the server, else run `module`.main()."""
+    if protocol.never_served(entry, sys.argv):
+        # `serve` runs here at once: systemd starts it for a connection to the
+        # very socket it would be offered to, and that event is its first.
+        import importlib
+
+        importlib.import_module(module).main()
+        sys.exit(0)
     mode = os.environ.get("VIF_ROUTE_SERVER", "")
     if mode == "off":
         in_process(module, "VIF_ROUTE_SERVER=off")

@@ -75,8 +75,12 @@ class Jobs:
 
     def _make_spare(self) -> None:
         """A spare for the next request, while no request is running or
-        arriving beside the one just started (a burst gets none)."""
+        arriving beside the one just started (a burst gets none), and while
+        requests come (the last one within spare_idle: a quiet server keeps
+        only its own memory)."""
         if not self.spares or self.spare is not None or not self.accepting or len(self.jobs) > 1 or self.readings:
+            return
+        if time.monotonic() - self.last_request >= self.spare_idle:
             return
         self.spare = spare.Spare(self._close_inherited)
         self.selector.register(self.spare.channel, selectors.EVENT_READ, ("spare", self.spare))

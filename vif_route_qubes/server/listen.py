@@ -40,13 +40,3 @@ def bound_listener(path: str) -> socket.socket:
     sock.listen(1024)
     return sock
 
-
-def waiting(listener: socket.socket) -> list[socket.socket]:
-    """The connections already queued (the client that made systemd start us)."""
-    listener.setblocking(False)
-    conns = []
-    while True:
-        try:
-            conns.append(listener.accept()[0])
-        except (BlockingIOError, InterruptedError):
-            return conns

@@ -25,6 +25,9 @@ REQUEST_CAP = 4 << 20   # bytes of one request (the environment and argv of exec
 REPLY_CAP = 64 << 10
 FD_NAMES = ("stdin", "stdout", "stderr", "netns", "mntns", "cwd")
 HEAD = 4  # bytes of the length prefix (big-endian)
+# Commands never offered to a server, nor run by one: `serve` IS the server (offered
+# to the socket systemd holds for it, it would wait out its own hello).
+NEVER_SERVED = {"vif-route-qubes": ("serve",)}
 _INF = float("inf")
 
 
@@ -43,6 +46,21 @@ def unb64(text) -> bytes:
         return binascii.a2b_base64(text.encode("ascii"), strict_mode=True)
     except (ValueError, UnicodeEncodeError):  # binascii.Error is a ValueError
         raise ProtocolError("a bytes field is not valid base64") from None
+
+
+def command_of(argv: list[str]) -> str | None:
+    """The command an argv names: its first argument that is neither an
+    option nor a Xen `key=value` assignment (cli/main.xen_assignments)."""
+    for arg in argv[1:]:
+        name, eq, _ = arg.partition("=")
+        if arg.startswith("-") or (eq and name.isidentifier() and name.isascii()):
+            continue
+        return arg
+    return None
+
+
+def never_served(entry: str, argv: list[str]) -> bool:
+    return command_of(argv) in NEVER_SERVED.get(entry, ())
 
 
 def dumps(value) -> str:

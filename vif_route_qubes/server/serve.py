@@ -10,7 +10,9 @@ fork: the warm-up only imports.  Each request: SO_PEERCRED uid 0, the
 installed code unchanged (else refuse and exit once the running children
 are done), hello, the request with its descriptors (read with a short
 timeout: a stuck client delays the loop by at most that), then it runs in
-the spare or in a child forked for it (jobs.py, spare.py).
+the spare or in a child forked for it (jobs.py, spare.py).  The loop turns
+during the warm-up too, between its imports (serve() below).  Resident unless
+--idle-timeout; the spare is dropped after --spare-idle without a request.
 """
 
 import os
@@ -24,13 +26,14 @@ from vif_route_qubes.server import intake, listen, protocol, reaper, warm
 from vif_route_qubes.server.jobs import Job, Jobs
 
 _CRED = struct.Struct("3i")  # pid, uid, gid
+EARLY_CHILDREN = os.cpu_count() or 1  # requests run unwarmed at once, during the warm-up
 
 
 class Server(Jobs):
-    def __init__(self, listener: socket.socket, idle: float, path: str | None, early: bool = False,
-                 spares: bool = False) -> None:
-        self.listener, self.idle, self.path = listener, idle, path
-        self.spares, self.spare = spares, None
+    def __init__(self, listener: socket.socket, idle: float | None, path: str | None, early: bool = False,
+                 spares: bool = False, spare_idle: float = 0.0) -> None:
+        self.listener, self.idle, self.path, self.early = listener, idle, path, early  # idle None: resident
+        self.spares, self.spare, self.spare_idle = spares, None, spare_idle
         self.path_ino = os.stat(path).st_ino if path else None
         self.listener.setblocking(False)
         self.selector = selectors.PollSelector()  # no descriptor of its own for the children to inherit
@@ -57,10 +60,10 @@ class Server(Jobs):
             pass
 
     def run(self) -> None:
-        self.log(f"listening on {self.listener.getsockname() or 'fd 3'}, idle timeout {self.idle:g} s")
-        signal.set_wakeup_fd(self.wakeup_w)
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, self._on_signal)
+        idle = "none" if self.idle is None else f"{self.idle:g} s"
+        self.log(f"listening on {self.listener.getsockname() or 'fd 3'}, idle timeout {idle}, "
+                 + (f"spare dropped after {self.spare_idle:g} s without a request" if self.spares else "no spare"))
+        self.catch_signals()
         self._make_spare()
         while self.accepting or self.jobs or self.endings or self.readings:
             events = self.selector.select(self._timeout())
@@ -68,35 +71,77 @@ class Server(Jobs):
             if self.stopping and self.accepting:
                 self.log("stopping: no new requests; waiting for the running ones")
                 self._stop_accepting()
-            for key, _ in events:
-                kind, job = key.data
-                if kind == "signal":
-                    self._drain_wakeup()
-                elif kind == "accept":
-                    if self.accepting:
-                        self._accept()
-                elif kind == "request":
-                    self._read_request(job)
-                elif kind == "report":
-                    self._read_report(job)
-                elif kind == "spare":
-                    self._spare_says(job)
-                elif kind == "exit":
-                    self._reap(job)
-                else:
-                    self._client_readable(job)
+            self._dispatch(events)
             self._end_overdue()
-            if self.accepting and not self.jobs and not self.readings and time.monotonic() - self.last_request >= self.idle:
+            quiet = self.accepting and not self.jobs and not self.readings
+            if quiet and self.spare is not None and time.monotonic() - self.last_request >= self.spare_idle:
+                self.log(f"no request for {self.spare_idle:g} s: spare child {self.spare.pid} dropped")
+                self._drop_spare()
+            if quiet and self.idle is not None and time.monotonic() - self.last_request >= self.idle:
                 self.log(f"idle for {self.idle:g} s: exiting")
                 self._stop_accepting()
         self.log(f"exit after {self.served} events")
 
+    def _dispatch(self, events) -> None:
+        for key, _ in events:
+            kind, job = key.data
+            if kind == "signal":
+                self._drain_wakeup()
+            elif kind == "accept":
+                if self.accepting:
+                    self._accept()
+            elif kind == "request":
+                self._read_request(job)
+            elif kind == "report":
+                self._read_report(job)
+            elif kind == "spare":
+                self._spare_says(job)
+            elif kind == "exit":
+                self._reap(job)
+            else:
+                self._client_readable(job)
+
+    def catch_signals(self) -> None:
+        signal.set_wakeup_fd(self.wakeup_w)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_signal)
+
+    def early_turn(self) -> None:
+        """One turn of the loop between two imports of the warm-up: clients are
+        greeted at once, and up to EARLY_CHILDREN requests run in children not
+        yet warm (they import what their event needs, as an in-process run
+        does); the others wait, greeted, for the warm-up.  While such children
+        run and no request waits, the warm-up waits: the CPU is theirs."""
+        self.turn += 1
+        self._dispatch(self.selector.select(self._timeout() if self.jobs and not self.readings else 0))
+        self._end_overdue()
+
+    def _hold(self, reading: intake.Reading) -> bool:
+        """In the warm-up, with EARLY_CHILDREN running: the request stays unread until then."""
+        if not self.early or len(self.jobs) < EARLY_CHILDREN:
+            return False
+        reading.deadline = time.monotonic() + intake.REQUEST_TIMEOUT
+        return True
+
     def adopt(self, early: "Server") -> None:
-        """The connections greeted before the warm-up: their requests are read now."""
+        """What the server in the warm-up left: requests still arriving or
+        held, the events it started, the children it is ending, a signal."""
+        self.catch_signals()  # before the early wakeup pipe is closed
+        self.stopping = self.stopping or early.stopping
         for reading in early.readings:
             reading.deadline = time.monotonic() + intake.REQUEST_TIMEOUT
             self.readings.append(reading)
             self.selector.register(reading.conn, selectors.EVENT_READ, ("request", reading))
+        for pid, job in early.jobs.items():
+            self.jobs[pid] = job
+            self.selector.register(job.pidfd, selectors.EVENT_READ, ("exit", job))
+            if job.report_fd is not None:
+                self.selector.register(job.report_fd, selectors.EVENT_READ, ("report", job))
+            if not job.client_gone and not job.answered:
+                self.selector.register(job.conn, selectors.EVENT_READ, ("client", job))
+        self.endings += early.endings
+        self.served += early.served
+        self.last_request = max(self.last_request, early.last_request)
         early.selector.close()
         os.close(early.wakeup_r)
         os.close(early.wakeup_w)
@@ -121,7 +166,10 @@ class Server(Jobs):
         now = time.monotonic()
         due = [e.deadline - now for e in self.endings] + [r.deadline - now for r in self.readings]
         if self.accepting and not self.jobs and not self.readings:
-            due.append(self.last_request + self.idle - now)
+            if self.idle is not None:
+                due.append(self.last_request + self.idle - now)
+            if self.spare is not None:
+                due.append(self.last_request + self.spare_idle - now)
         return max(0.0, min(due)) if due else None
 
     def _stop_accepting(self) -> None:
@@ -177,6 +225,8 @@ class Server(Jobs):
 
     def _read_request(self, reading: intake.Reading) -> None:
         """More of a request (non-blocking: a slow client never stalls the loop)."""
+        if self._hold(reading):
+            return
         try:
             request = intake.read_more(reading)
         except BlockingIOError:
@@ -210,17 +260,20 @@ class Server(Jobs):
             ending.finish()
             self.endings.remove(ending)
 
-def serve(socket_path: str, idle: float, spares: bool = True) -> None:
+def serve(socket_path: str, idle: float | None, spares: bool = True, spare_idle: float = 30.0) -> None:
     listener = listen.systemd_listener()
     path = None
     if listener is None:
         listener, path = listen.bound_listener(socket_path), socket_path
-    # Socket activation: the client that started us waits about a second for
-    # its hello, and the warm-up may take longer; greet those waiting now.
+    # The warm-up takes a few hundred ms (seconds on a cold boot), so the loop
+    # turns between its imports: the client whose connection made systemd start
+    # us is greeted at once and its event run (at about the cost of an
+    # in-process run), and nobody waits out the one-second hello, not even an
+    # event that a hook of that event starts.
     early = Server(listener, idle, path, early=True)
-    for conn in listen.waiting(listener):
-        early.greet(conn)
-    warm.load()
-    server = Server(listener, idle, path, spares=spares)
+    early.catch_signals()
+    for _ in warm.load():
+        early.early_turn()
+    server = Server(listener, idle, path, spares=spares, spare_idle=spare_idle)
     server.adopt(early)
     server.run()

@@ -16,6 +16,7 @@ import importlib
 import os
 import pkgutil
 import sys
+from collections.abc import Iterator
 
 from vif_route_qubes.server.commands import served
 
@@ -51,14 +52,20 @@ def _imports_in(path: str) -> set[tuple[str, tuple[str, ...]]]:
     return found
 
 
-def load() -> None:
+def load() -> Iterator[None]:
+    """The warm-up, one import at a time: it yields before each (the server's
+    loop turns there; never in the middle of an import, so a child forked then
+    finds no half-made module)."""
     for library in LIBRARIES:
+        yield
         importlib.import_module(library)
     wanted = set()
     for name in _our_modules():
+        yield
         module = importlib.import_module(name)
         wanted |= _imports_in(getattr(module, "__file__", "") or "")
     for name, attrs in sorted(wanted):
+        yield
         try:
             module = importlib.import_module(name)
             for attr in attrs:
