@@ -334,6 +334,31 @@ def measure(netns, env, args, runs, xen, server=None) -> dict:
     return report
 
 
+def lone(args, runs) -> dict:
+    """tests/bench_lone.py in namespaces that ran `init`, servers in a namespace of their own."""
+    import bench_lone
+
+    netns, home = Namespaces(), f"{RUN_PREFIX}-blon"
+    with tempfile.TemporaryDirectory() as tmp:
+        xen = XenEnv(Path(tmp))
+        env = xen.env(QUBES_NET_BACKEND=args.backend, VIF_ROUTE_SERVER="off")
+        plain_make = netns.make
+
+        def make_with_base(role):
+            ns = plain_make(role)
+            timed(in_ns(ns, [VIF, "init", "--gateway6", ""]), env)
+            return ns
+
+        netns.make = make_with_base
+        subprocess.run(["ip", "netns", "add", home], check=True)
+        try:
+            return bench_lone.measure(netns, env, xen, runs, args.originals, args.backend, args.quiet, BIN,
+                                      TestServer, home, lambda role: Namespaces.make(netns, role))
+        finally:
+            netns.cleanup()
+            subprocess.run(["ip", "netns", "del", home], capture_output=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=10)
@@ -349,13 +374,22 @@ def main() -> None:
                         help="firewall backend measured (each namespace gets `init` first, see --no-init)")
     parser.add_argument("--originals", metavar="DIR", type=Path,
                         help="also time the shell original in DIR (R4.0's for iptables, R4.2's for nft; see README)")
+    parser.add_argument("--lone", action="store_true",
+                        help="also time lone events: socket-started, resident after --quiet, in-process "
+                             "(and the original with --originals), compiled stand-ins (tests/bench_lone.py)")
+    parser.add_argument("--only-lone", action="store_true", help="the lone events alone (implies --lone)")
+    parser.add_argument("--quiet", type=float, default=60.0,
+                        help="seconds without an event before each of the resident server's lone events")
     args = parser.parse_args()
     runs = max(args.runs, 10)
+    args.lone = args.lone or args.only_lone
     if args.originals and bench_originals.kind_of(args.originals) != args.backend:
         parser.error(f"{args.originals} holds the {bench_originals.kind_of(args.originals)} original, "
                      f"not one for --backend {args.backend}")
     report = {"backend": args.backend}
-    for mode in (("in-process", "server") if args.mode == "both" else (args.mode,)):
+    if args.lone:
+        report["lone"] = lone(args, runs)
+    for mode in (() if args.only_lone else ("in-process", "server") if args.mode == "both" else (args.mode,)):
         netns = Namespaces()
         home, server = f"{RUN_PREFIX}-bsrv", None
         with tempfile.TemporaryDirectory() as tmp:

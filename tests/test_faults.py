@@ -200,7 +200,7 @@ def test_interface_vanishes_while_the_command_runs(box, command):
         proc = box.popen(command)
         # Half anywhere in the run, half while it changes the system; `ip -n`
         # (no shell) so that the deletion lands close to the planned moment.
-        time.sleep(rng.uniform(0, run_time) if i % 2 else rng.uniform(run_time - change_time - 0.01, run_time))
+        time.sleep(rng.uniform(0, run_time) if i % 2 else rng.uniform(max(0.0, run_time - change_time - 0.01), run_time))
         subprocess.run(["ip", "-n", box.proxy.name, "link", "del", VIF], check=True)
         _, err = proc.communicate(timeout=30)
         result = subprocess.CompletedProcess(proc.args, proc.returncode, "", err)

@@ -4,6 +4,7 @@ import os
 from contextlib import nullcontext
 
 from vif_route_qubes import logsetup, timing
+from vif_route_qubes.app import offline
 from vif_route_qubes.cli.optspec import RunOptions
 from vif_route_qubes.errors import VifError
 from vif_route_qubes.inputs.read import VifArgs, read_vif_inputs
@@ -45,18 +46,6 @@ def _routes_and_neighbours(vif: str) -> dict:
         raise VifError(f"{vif}: reading its routes and neighbours failed: {exc.strerror or exc}") from None
 
 
-def _harden_defaults(vif: str) -> tuple:
-    """What offline puts back of the vif's hardening: each key's value in conf/default
-    (what a new interface starts with)."""
-    pairs = []
-    for family, keys in (("ipv4", plan_vif.HARDEN_V4), ("ipv6", plan_vif.HARDEN_V6)):
-        for key in keys:
-            value = _read_proc(f"/proc/sys/net/{family}/conf/default/{key}")
-            if value is not None:
-                pairs.append((f"net/{family}/conf/{vif}/{key}", value))
-    return tuple(pairs)
-
-
 def read_facts(inp: VifInputs, firewall: str, ipsets: Ipsets) -> VifFacts:
     """What the system has now for this vif, read once under the lock (the
     iptables backend's sets over `ipsets`, the event's ipset socket)."""
@@ -71,8 +60,8 @@ def read_facts(inp: VifInputs, firewall: str, ipsets: Ipsets) -> VifFacts:
     extra = {"mapped": mapped.read_facts(inp)}
     if exists:
         extra.update(_routes_and_neighbours(inp.vif))
-        if inp.harden and inp.command == "offline":
-            extra["harden_defaults"] = _harden_defaults(inp.vif)
+        if inp.command == "offline":
+            extra["harden_defaults"] = offline.harden_defaults(inp)
     if firewall == "nft":
         from vif_route_qubes.facts import nft_state
 
@@ -80,8 +69,10 @@ def read_facts(inp: VifInputs, firewall: str, ipsets: Ipsets) -> VifFacts:
                         backend="nft", nft=nft_state.read_state(inp.vif, inp.addresses), **extra)
     from vif_route_qubes.facts import ipsets as ipset_facts
 
+    # Whether the routes were read, not `exists`: the vif may vanish in between.
+    routed = offline.routed_families("host_routes" in extra, ipv6_enabled)
     ipt = ipset_facts.read_facts(ipsets, inp.vif, inp.addresses, extra.get("host_routes", ()),
-                                 inp.command == "online")
+                                 inp.command == "online", routed)
     return VifFacts(exists=exists, rename_pending=rename_pending, ipv6_enabled=ipv6_enabled, ipt=ipt, **extra)
 
 
@@ -118,6 +109,8 @@ def run_vif(args: VifArgs, opts: RunOptions, out) -> int:
             Ipsets() as ipsets:  # one ipset socket for reading and applying, opened by its first request
         clock.mark("lock")
         facts = read_facts(inp, firewall, ipsets)
+        if inp.command == "offline":  # what to undo: what the kernel holds (app/offline.py)
+            inp = offline.learn(inp, facts, offline.vif_addresses(inp.vif))
         clock.mark("facts")
         batch = plan(inp, facts)
         clock.mark("plan")
@@ -129,6 +122,8 @@ def run_vif(args: VifArgs, opts: RunOptions, out) -> int:
         with Applier(lock_fd, ipsets) as applier:
             applier.run(batch)
         clock.mark("apply")
-    clock.report(applier.timings)
+    from vif_route_qubes.system import tools
+
+    clock.report(applier.timings + tools.TIMINGS)
     log.debug("%s %s done", inp.command, inp.vif)
     return 0

@@ -3,7 +3,9 @@ the sets' headers (cheap, whatever the number of VMs), the vif's own
 elements tested one by one, and the raw tables only when the static parts
 are missing (or of the old layout) or this may be the last vif's offline.
 The `allowed` set is read whole only when it has more pairs than
-`downstream` has addresses (a pair made by hand, or a restarted VM's two vifs)."""
+`downstream` has addresses (a pair made by hand, or a restarted VM's two vifs),
+or for an offline, in a family where the vif's addresses need not have a route
+(the interface gone, or IPv6 off on it): it learns them from the set."""
 
 import socket
 
@@ -52,7 +54,10 @@ def _held_elsewhere(ipsets: Ipsets, version: int, addr: str, vif: str) -> bool:
 
 
 def read_facts(ipsets: Ipsets, vif: str, addresses: tuple, host_routes: tuple,
-               enable: bool) -> antispoof_ipt.IptFacts:
+               enable: bool, routed: frozenset = frozenset({4, 6})) -> antispoof_ipt.IptFacts:
+    """`routed`: the families in which every address of the vif has a route (the
+    vif is there, with IPv6 on for 6): an offline that learns its addresses from
+    the kernel reads the set whole for the others, where a pair may have no route."""
     sets = read_sets(ipsets)
     held = {}
     for version in (4, 6):
@@ -63,7 +68,8 @@ def read_facts(ipsets: Ipsets, vif: str, addresses: tuple, host_routes: tuple,
         candidates = want | {addr for v, addr, _ in host_routes if v == version}
         mine = {a for a in candidates if sets[allowed].exists and ipsets.test(allowed, version, (a, vif))}
         down = {a for a in candidates if sets[downstream].exists and ipsets.test(downstream, version, (a,))}
-        if sets[allowed].elements > sets[downstream].elements or (want - mine) & down:
+        unrouted = not enable and version not in routed and sets[allowed].elements > len(mine)
+        if sets[allowed].elements > sets[downstream].elements or (want - mine) & down or unrouted:
             # More pairs than addresses, or an address of ours with no pair: a pair
             # changed by hand, or a restarted VM's two vifs.  Only then is the set read whole.
             extra = {e[0] for e in ipsets.members(allowed) or () if e[1:] == (vif,)} - mine

@@ -64,16 +64,19 @@ def read_vif_inputs(args: VifArgs) -> VifInputs:
     vif, domid = parse.vif_name(args.vif, tap=tap)
     xenbus = parse.xenbus_path(args.xenbus_path, vif) if args.xenbus_path else None
 
+    online = args.command == "online"
+    hooks = list_hooks(args.hooks_dir)
+    # An offline learns what to undo from the kernel (app/vif.py): qubesdb is never
+    # asked, xenstore only for what the kernel cannot tell (CONTRACT section 1).
     want = [key for key, have in ((QDB_GATEWAY, args.gateway), (QDB_GATEWAY6, args.gateway6),
                                   (QDB_DNS[0], args.dns1), (QDB_DNS[1], args.dns2),
-                                  (QDB_HARDEN, args.harden)) if have is None]
+                                  (QDB_HARDEN, args.harden)) if have is None] if online else []
     xs: dict[str, str] = {}
-    if xenbus:
-        # One tool after the other, also on offline where qubesdb's keys do not
-        # depend on xenstore: sh's start of a program is Python under the GIL,
-        # so two at once from threads took longer here than one after the other.
-        wanted = [k for k, have in (("ip", args.addresses), ("mac", args.mac)) if have is None]
-        xs = sources.xenstore_read([f"{xenbus}/{k}" for k in (*wanted, "type", "vifname")])
+    keys = _xenstore_keys(args, vif, bool(hooks)) if xenbus else ()
+    if keys:
+        # One call: xenstore-read stops at the first missing path, and the keys that
+        # may be missing come last (vifname is set only when the toolstack renames).
+        xs = sources.xenstore_read([f"{xenbus}/{k}" for k in keys])
         xs = {path.rsplit("/", 1)[1]: value for path, value in xs.items()}
 
     rename_from = None
@@ -97,7 +100,7 @@ def read_vif_inputs(args: VifArgs) -> VifInputs:
     dev_type = parse.device_type(xs["type"], source=f"{vif}: xenstore type") if "type" in xs else args.type_if
 
     real = next((a for a in addrs if a.version == 4), None)
-    mapped_keys = _mapped_keys(real) if real and args.visible_ip is None and args.command == "online" else ()
+    mapped_keys = _mapped_keys(real) if real and args.visible_ip is None and online else ()
     qdb = _qubesdb(want + list(mapped_keys)) if want or mapped_keys else {}
 
     def pick(option, key, version, what):
@@ -127,14 +130,27 @@ def read_vif_inputs(args: VifArgs) -> VifInputs:
         gateway=gateway,
         gateway6=pick(args.gateway6, QDB_GATEWAY6, 6, "IPv6 gateway"),
         dns=dns,
-        harden=args.harden if args.harden is not None else harden_flag(qdb.get(QDB_HARDEN)),
-        hooks=list_hooks(args.hooks_dir),
+        # offline: None unless given, the kernel tells (app/vif.py)
+        harden=args.harden if args.harden is not None or not online else harden_flag(qdb.get(QDB_HARDEN)),
+        hooks=hooks,
         hook_timeout=args.hook_timeout,
         xenbus_path=xenbus,
         rename_from=rename_from,
         mapped=mapped,
         netns_prefix=args.netns_prefix,
     )
+
+
+def _xenstore_keys(args: VifArgs, vif: str, hooks: bool) -> tuple[str, ...]:
+    """What an event asks xenstore.  online: the VM's addresses and MAC (unless
+    given), the device type when a hook will get it, and `vifname`.  offline:
+    the type for a hook, and `vifname` only when no interface has the event's
+    name (the toolstack may have renamed it, which the kernel cannot tell)."""
+    if args.command == "online":
+        wanted = [k for k, have in (("ip", args.addresses), ("mac", args.mac)) if have is None]
+        return (*wanted, *(("type",) if hooks else ()), "vifname")
+    renamed = not os.path.isdir(f"/proc/sys/net/ipv4/conf/{vif}")
+    return (*(("type",) if hooks else ()), *(("vifname",) if renamed else ()))
 
 
 _NETNS_PREFIX = re.compile(r"[A-Za-z0-9_.-]{0,32}")

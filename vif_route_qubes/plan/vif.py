@@ -119,9 +119,10 @@ def neighbours(inp: VifInputs, facts: VifFacts, enable: bool) -> list:
     if inp.mac is not None:
         steps += [Neigh(inp.vif, str(a), a.version, inp.mac, enable)
                   for a in inp.addresses if a.version == 4 or facts.ipv6_enabled or not enable]
-    ours = {str(a) for a in inp.addresses}
-    # Permanent entries of addresses the VM no longer has.
-    steps += [Neigh(inp.vif, addr, version, "", False) for version, addr in facts.neighbours if addr not in ours]
+    # Permanent entries of addresses the VM no longer has; offline with no MAC
+    # (it learns from the kernel, app/offline.py) removes every one the vif has.
+    done = {str(a) for a in inp.addresses} if enable or inp.mac is not None else set()
+    steps += [Neigh(inp.vif, addr, version, "", False) for version, addr in facts.neighbours if addr not in done]
     return steps
 
 

@@ -196,6 +196,15 @@ def neigh_del(index: int, address: str) -> None:
 
 
 @_mapped
+def link_addresses(index: int) -> list[tuple[int, str, int]]:
+    """(IP version, address, prefix length) of one interface's addresses (a dump
+    the kernel filters, see host_routes for dump_filter={})."""
+    return [(_version(a["family"]), a.get_attr("IFA_LOCAL") or a.get_attr("IFA_ADDRESS"), a["prefixlen"])
+            for a in _socket().addr("dump", index=index, dump_filter={})
+            if a["index"] == index and a["family"] in FULL and (a.get_attr("IFA_LOCAL") or a.get_attr("IFA_ADDRESS"))]
+
+
+@_mapped
 def host_routes(index: int) -> list[tuple[int, str, int]]:
     """(IP version, address, metric) of the main table's host routes out of one
     interface (a dump the kernel filters), but for the kernel's own."""

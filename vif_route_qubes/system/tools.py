@@ -13,6 +13,7 @@ unexpected exit status ToolFailed with the tool's own stderr in the message.
 import os
 import signal
 import threading
+import time
 from typing import NamedTuple
 
 import sh
@@ -20,6 +21,8 @@ import sh
 from vif_route_qubes.errors import VifError
 
 DEFAULT_TIMEOUT = 30.0  # seconds
+# (program, seconds) of each run() of this process, for the benchmark's split (VIF_ROUTE_TIMING).
+TIMINGS: list[tuple[str, float]] = []
 
 
 class ToolError(VifError):
@@ -74,7 +77,14 @@ def run(argv, *, stdin: str | None = None, timeout: float | None = DEFAULT_TIMEO
     `what`: how messages name the command (default: the program).  `nice`:
     the program's niceness, when not ours (the lock holder's, see lock.py)."""
     argv = [str(arg) for arg in argv]
-    what = what or argv[0]
+    started = time.perf_counter()
+    try:
+        return _run(argv, stdin, timeout, pass_fds, check, what or argv[0], discard_stdout, nice)
+    finally:
+        TIMINGS.append((f"program {os.path.basename(argv[0])}", time.perf_counter() - started))
+
+
+def _run(argv, stdin, timeout, pass_fds, check, what, discard_stdout, nice) -> Result:
     try:
         command = sh.Command(argv[0])
     except sh.CommandNotFound:
