@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(iproute2 iptables nftables conntrack ipset dnsmasq-base iputils-ping procps dbus systemd
-          python3 python3-venv)
+          python3 python3-venv mmdebstrap systemd-container
+          build-essential dpkg-dev debhelper dh-virtualenv lintian)
 missing=()
 for pkg in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
