@@ -1,25 +1,30 @@
 """`qubes-setup-dnat-to-ns --check`: the DNS chains and jumps against what
-the DNS planner installs on empty tables (the shared parts are in check.py)."""
+the DNS planner installs on empty tables (the shared report types are
+vif_route_qubes/check/report.py's)."""
 
 import re
 import sys
 
-from vif_route_qubes.check.drift import Drift, lines_drift, report
-from vif_route_qubes.check.state import shared_lock
-from vif_route_qubes.facts import ipt_state
+from setup_dnat_to_ns import facts, nft_dns
+from setup_dnat_to_ns import plan as dns_plan
+from setup_dnat_to_ns.plan import CUSTOM_CHAIN, DNAT_CHAIN, DnsInputs
+from setup_dnat_to_ns.resolvers import upstream_servers
+from vif_route_qubes.check.report import Drift, lines_drift, report
+from vif_route_qubes.facts.ipt_state import read_tables
+from vif_route_qubes.plan import ipt_text, nft
+from vif_route_qubes.system.backend import resolve
+from vif_route_qubes.system.lock import shared_lock
 
 _DNAT = re.compile(r"-A \S+ -d (\S+)/(?:32|128) -p (udp|tcp) -m \2 --dport 53 -j DNAT --to-destination (\S+)")
 
 
 def dns_drift(inp, tables: dict, version: int = 4) -> list[Drift]:
     """One family's DNS chains and their jumps, against what the DNS planner installs on empty tables."""
-    from setup_dnat_to_ns import plan as dns_plan
-
     text = dns_plan.rules_text(inp, {}, version) or ""
     tool = "ip6tables" if version == 6 else "iptables"
     out: list[Drift] = []
-    for name, want in ipt_state.parse_save(text).items():
-        have = tables.get(name, ipt_state.EMPTY_TABLE)
+    for name, want in ipt_text.parse_save(text).items():
+        have = tables.get(name, ipt_text.EMPTY_TABLE)
         for chain in sorted(want.chains):
             if chain not in have.chains:
                 out.append(Drift("DNS", "chain-missing", f"chain {_where(name, version)} {chain} missing"))
@@ -36,7 +41,7 @@ def dns_drift(inp, tables: dict, version: int = 4) -> list[Drift]:
         if line.startswith("-I "):
             _, builtin, _, rest = line.split(" ", 3)
             jump = f"-A {builtin} {rest}"
-            count = tables.get(table, ipt_state.EMPTY_TABLE).rules_of(builtin).count(jump)
+            count = tables.get(table, ipt_text.EMPTY_TABLE).rules_of(builtin).count(jump)
             if count != 1:
                 what = "missing" if not count else f"duplicated {count} times"
                 out.append(Drift("DNS", "jump-missing" if not count else "jump-duplicated",
@@ -54,8 +59,6 @@ def _where(table: str, version: int) -> str:
 
 def _dnat_drift(inp, current: tuple, wanted: tuple, version: int) -> list[Drift]:
     """Per virtual address: where it is DNATed to, and where it should be."""
-    from setup_dnat_to_ns.plan import CUSTOM_CHAIN, DNAT_CHAIN
-
     jump = f"-A {DNAT_CHAIN} -j {CUSTOM_CHAIN}"
     out = [d for d in lines_drift("DNS", f"{_where('nat', version)} PR-QBS", current, wanted)
            if d.kind == "rule-duplicated" or jump in d.detail]
@@ -87,12 +90,7 @@ def _dnat_drift(inp, current: tuple, wanted: tuple, version: int) -> list[Drift]
 def run_dns_check(read_virtual, resolv_conf: str, as_json: bool, backend: str, lock_file: str,
                   lock_timeout: float, out=sys.stdout) -> int:
     """`qubes-setup-dnat-to-ns --check`; read_virtual() gives the virtual DNS addresses."""
-    from setup_dnat_to_ns.plan import DnsInputs
-    from setup_dnat_to_ns.resolvers import upstream_servers
-
     def collect() -> list[Drift]:
-        from vif_route_qubes.system.backend import resolve
-
         virtual = read_virtual()
         if not virtual:
             return []  # this VM provides no network: nothing is expected
@@ -100,8 +98,6 @@ def run_dns_check(read_virtual, resolv_conf: str, as_json: bool, backend: str, l
         if resolve(backend) == "nft":
             with shared_lock(lock_file, lock_timeout):
                 return nft_dns_drift(inp)
-        from setup_dnat_to_ns.run import read_tables
-
         with shared_lock(lock_file, lock_timeout):
             tables = read_tables()
         return [d for version in (4, 6) for d in dns_drift(inp, tables[version], version)]
@@ -111,13 +107,10 @@ def run_dns_check(read_virtual, resolv_conf: str, as_json: bool, backend: str, l
 
 def nft_dns_drift(inp) -> list[Drift]:
     """nft backend: each family's `dnat-dns` chain against what the planner installs."""
-    from setup_dnat_to_ns import nft_dns
-    from vif_route_qubes.plan import nft
-
     out: list[Drift] = []
     for version in (4, 6):
         wanted = nft_dns.dnat_rules(version, *inp.of(version))
-        current = nft_dns.current_dnat_rules(version)
+        current = facts.current_dnat_rules(version)
         where = f"{nft.FAMILIES[version]} {nft.TABLE} dnat-dns"
         if current is None:
             if wanted:

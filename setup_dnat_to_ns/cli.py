@@ -11,11 +11,11 @@ should be (also with --dry-run), 1 failure, 2 usage error.
 import os
 import sys
 
+from setup_dnat_to_ns.commands import cli
+from vif_route_qubes.cli.options import run_main
+
 
 def main() -> None:
     """Run with sys.argv; ends with SystemExit(status)."""
     prog = os.path.basename(sys.argv[0]) or "qubes-setup-dnat-to-ns"
-    from setup_dnat_to_ns.commands import cli
-    from vif_route_qubes.cli.options import run_main
-
     run_main(cli, sys.argv[1:], prog)

@@ -1,5 +1,6 @@
 """The click command of `qubes-setup-dnat-to-ns`; its options are rows of
-vif_route_qubes/optspec.py, but --check and --json."""
+vif_route_qubes/optspec.py, but --check and --json.  The run is imported
+when the command runs: `--help` and a usage error load no sh."""
 
 import sys
 
@@ -7,7 +8,7 @@ import click
 
 from vif_route_qubes import __version__
 from vif_route_qubes.cli.options import options_of
-from vif_route_qubes.cli.optspec import DNS
+from vif_route_qubes.optspec import DNS
 
 EPILOG = """Exit status: 0 rules changed or nothing to do, 100 rules unchanged (also
 with --dry-run), 1 failure, 2 usage error."""
@@ -32,6 +33,6 @@ def cli(**params):
     """
     if params["iface"] is not None and params["action"] is None:
         raise click.UsageError("give both IFACE and ACTION, or neither")
-    from setup_dnat_to_ns.run import run_dns
+    from setup_dnat_to_ns.run import run_dns  # start-up: sh and the planners only when it runs
 
     sys.exit(run_dns(params))

@@ -21,7 +21,8 @@ safe for the direction of the change (see rules_text).
 from ipaddress import IPv4Address, IPv6Address
 from typing import NamedTuple
 
-from vif_route_qubes.facts.ipt_state import EMPTY_TABLE, TableState, delete, ensure_chain, ensure_jump, sync_chain
+from setup_dnat_to_ns import nft_dns
+from vif_route_qubes.plan.ipt_text import EMPTY_TABLE, TableState, delete, ensure_chain, ensure_jump, sync_chain
 from vif_route_qubes.plan.batch import Batch, ConntrackPurge, Nft, Restore, Run, Sysctl
 
 DNAT_CHAIN = "PR-QBS"
@@ -162,8 +163,6 @@ def plan_dns(inp: DnsInputs, tables: dict[int, dict[str, TableState]]) -> Batch:
 def plan_dns_nft(inp: DnsInputs, current: dict, table_exists: dict) -> Batch:
     """nft backend: `F qubes dnat-dns` replaced in one transaction for both
     families; with no upstream it refuses the queries itself at prerouting."""
-    from setup_dnat_to_ns import nft_dns
-
     lines = [line for version in (4, 6)
              for line in nft_dns.plan_dns(version, current.get(version), table_exists.get(version, False),
                                       *inp.of(version))]

@@ -2,6 +2,21 @@
 
 import os
 import sys
+from contextlib import nullcontext
+
+from setup_dnat_to_ns import facts
+from setup_dnat_to_ns.check import run_dns_check
+from setup_dnat_to_ns.plan import DnsInputs, plan_dns, plan_dns_nft
+from setup_dnat_to_ns.resolvers import upstream_servers
+from vif_route_qubes import logsetup
+from vif_route_qubes.errors import VifError
+from vif_route_qubes.facts.ipt_state import read_tables
+from vif_route_qubes.inputs import parse
+from vif_route_qubes.inputs.read import QDB_DNS
+from vif_route_qubes.system import backend as backends
+from vif_route_qubes.system import sources
+from vif_route_qubes.system.lock import locked
+from vif_route_qubes.system.tools import ToolMissing
 
 EXIT_UNCHANGED = 100
 # The four actions Qubes' own hook acts on, and those after which NetworkManager
@@ -13,16 +28,10 @@ ACTIONS = ("up", "vpn-up", "vpn-down", "dhcp4-change", "dhcp6-change", "reapply"
 
 def run_dns(params: dict) -> int:
     """The exit status of one run (0, 100, or a failure's status)."""
-    from vif_route_qubes import logsetup
-    from vif_route_qubes.errors import VifError
-    from vif_route_qubes.inputs import sources
-
     log = logsetup.setup(params["verbose"], "qubes-setup-dnat-to-ns")
     sources.set_timeout(params["tool_timeout"])
     action = params["action"]
     if params.get("check"):
-        from setup_dnat_to_ns.check import run_dns_check
-
         return run_dns_check(lambda: _virtual(params), params["resolv_conf"],
                              params["as_json"], params["backend"], params["lock_file"], params["lock_timeout"])
     if action is not None and action not in ACTIONS:
@@ -43,10 +52,6 @@ QDB_DNS6 = ("/qubes-netvm-primary-dns6", "/qubes-netvm-secondary-dns6")
 
 def _virtual(params: dict) -> tuple:
     """The virtual DNS addresses, IPv4 then IPv6 (options first, else qubesdb, one read)."""
-    from vif_route_qubes.inputs import parse, sources
-    from vif_route_qubes.inputs.read import QDB_DNS
-    from vif_route_qubes.system.tools import ToolMissing
-
     keys = [(QDB_DNS[0], "dns1", 4), (QDB_DNS[1], "dns2", 4),
             (QDB_DNS6[0], "dns6_1", 6), (QDB_DNS6[1], "dns6_2", 6)]
     wanted = [key for key, name, _ in keys if params.get(name) is None]
@@ -65,39 +70,16 @@ def _virtual(params: dict) -> tuple:
     return tuple(dict.fromkeys(found))
 
 
-def _ratemask() -> tuple:
-    """The ICMP rate masks of this namespace (IPv4, IPv6); None where unreadable."""
-    from setup_dnat_to_ns.plan import RATEMASK
-
-    out = []
-    for version in (4, 6):
-        try:
-            with open(f"/proc/sys/{RATEMASK[version]}", encoding="ascii") as handle:
-                out.append(handle.read(4096).strip())
-        except (OSError, UnicodeDecodeError):
-            out.append(None)
-    return tuple(out)
-
-
 def _run(*, dispatcher, params, resolv_conf, firewall_flag, dry_run, backend, lock_file, lock_timeout):
-    from contextlib import nullcontext
-
-    from setup_dnat_to_ns.plan import DnsInputs, plan_dns, plan_dns_nft
-    from setup_dnat_to_ns.resolvers import upstream_servers
-    from vif_route_qubes.system import backend as backends
-    from vif_route_qubes.system.lock import locked
-
     firewall = backends.resolve(backend)
     virtual = _virtual(params)
     if not virtual:
         return 0  # this VM provides no network: nothing to do
     inp = DnsInputs(virtual=virtual, upstream=upstream_servers(resolv_conf), dispatcher=dispatcher,
-                    firewall_running=os.path.exists(firewall_flag), ratemask=_ratemask())
+                    firewall_running=os.path.exists(firewall_flag), ratemask=facts.ratemask())
     with nullcontext() if dry_run else locked(lock_file, lock_timeout, "DNS rules") as lock_fd:
         if firewall == "nft":
-            from setup_dnat_to_ns import nft_dns
-
-            tables, current = nft_dns.dnat_state()
+            tables, current = facts.dnat_state()
             batch = plan_dns_nft(inp, current, tables)
         else:
             batch = plan_dns(inp, read_tables())
@@ -106,22 +88,8 @@ def _run(*, dispatcher, params, resolv_conf, firewall_flag, dry_run, backend, lo
         if dry_run:
             sys.stdout.write(batch.render())
             return 0
-        from vif_route_qubes.system.apply import Applier
+        from vif_route_qubes.system.apply import Applier  # start-up: pyroute2 only when rules change (rarely)
 
         with Applier(lock_fd) as applier:
             applier.run(batch)
     return 0
-
-
-def read_tables() -> dict:
-    """filter, nat and mangle of both families, as the iptables planner wants them."""
-    from vif_route_qubes.facts import ipt_state
-
-    # One iptables-save of every table per family: a program run costs more than the listing.
-    texts = ipt_state.save_both()
-    tables: dict = {4: {}, 6: {}}
-    for version, text in zip((4, 6), texts):
-        parsed = ipt_state.parse_save(text)
-        for name in ("filter", "nat", "mangle"):
-            tables[version][name] = parsed.get(name, ipt_state.EMPTY_TABLE)
-    return tables

@@ -1,107 +1,13 @@
-import os
-import shutil
+"""Shared by every test folder: the kit (tests/kit: helpers, stand-ins) importable
+by its module names, and the markers.  Nothing here needs root: tests/unit runs as
+any user; tests/netns and tests/system check what they need in their own conftest."""
+
 import sys
 from pathlib import Path
 
-import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-
-from firewall import BACKENDS  # noqa: E402
-from netns import BIN, RUN_PREFIX, Namespace, Namespaces, XenEnv, sh  # noqa: E402
-import server_mode  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent / "kit"))
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running test")
     config.addinivalue_line("markers", "no_event: runs no command, though it takes a fixture that could")
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _needs_root():
-    if os.geteuid() != 0:
-        pytest.exit("the tests build network namespaces and must run as root", returncode=2)
-    for tool in ("ip", "iptables-restore", "ip6tables-restore", "nft"):
-        if not shutil.which(tool):
-            pytest.exit(f"{tool} is missing: install iproute2, iptables and nftables", returncode=2)
-    if not (BIN / "vif-route-qubes").exists():
-        pytest.exit(f"vif-route-qubes is not installed beside {sys.executable}", returncode=2)
-
-
-@pytest.fixture(scope="session", autouse=True)
-def command_server(_needs_root, tmp_path_factory):
-    """Server mode (tests/server_mode.py): ONE server for the run, in a network
-    namespace made for it, so that a bug acting in the server's own namespace
-    hits a test namespace, never the root one; stopped by its pid at the end."""
-    if server_mode.MODE != "server":
-        server_mode.use(None)
-        yield None
-        return
-    home = Namespace(f"{RUN_PREFIX}-server")
-    sh(f"ip netns add {home.name}")
-    server = None
-    try:
-        server = server_mode.TestServer(BIN, home.name, tmp_path_factory.mktemp("server"))
-        server_mode.use(server)
-        os.environ.update(server.env())  # environments the tests copy from ours
-        yield server
-    finally:
-        if server:
-            server.stop()
-        sh(f"ip netns del {home.name}", check=False)
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    """Keep each phase's report on the test, so that a fixture's teardown knows
-    whether the test itself passed (a skipped or failed one is not counted)."""
-    outcome = yield
-    report = outcome.get_result()
-    setattr(item, f"rep_{report.when}", report)
-
-
-# A test that takes one of these runs our commands: in server mode its events must be served.
-RUNS_COMMANDS = {"vifcmd", "xen", "box"}
-
-
-@pytest.fixture(autouse=True)
-def _events_served(request, command_server):
-    import inspect
-
-    names = set(request.fixturenames)
-    own = set(inspect.signature(request.function).parameters)
-    if command_server is None or not RUNS_COMMANDS & names or ("own_server" in own and "command_server" not in own):
-        yield
-        return
-    before = command_server.served()
-    yield
-    passed = getattr(request.node, "rep_call", None)
-    if passed is not None and passed.passed and request.node.get_closest_marker("no_event") is None:
-        assert command_server.served() > before, "server mode: no event of this test was served"
-
-
-@pytest.fixture
-def netns():
-    spaces = Namespaces()
-    try:
-        yield spaces
-    finally:
-        spaces.cleanup()
-
-
-@pytest.fixture
-def xen(tmp_path):
-    return XenEnv(tmp_path)
-
-
-@pytest.fixture
-def vifcmd():
-    return str(BIN / "vif-route-qubes")
-
-
-@pytest.fixture(scope="session", params=BACKENDS)
-def backend(request):
-    """The firewall backend under test: a test that takes it runs once per
-    backend and gives it to the commands it runs as QUBES_NET_BACKEND (session
-    scope, so that a module's shared topology can be built once per backend)."""
-    return request.param

@@ -1,7 +1,16 @@
 """Frozen inputs of one vif event, and the facts read from the system under the lock."""
 
+import re
 from ipaddress import IPv4Address, IPv6Address
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:  # for the reader and type checkers only: at run time model imports nothing of ours
+    from vif_route_qubes.plan.antispoof_ipt import IptFacts
+    from vif_route_qubes.plan.mapped import Mapped, MappedFacts
+    from vif_route_qubes.plan.nft import NftState
+
+# A vif's interface name, vifD.N (inputs/parse.py adds the -emu suffix where a name from Xen is parsed).
+VIF_NAME = re.compile(r"vif(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)")
 
 
 class VifInputs(NamedTuple):
@@ -19,7 +28,7 @@ class VifInputs(NamedTuple):
     hook_timeout: float
     xenbus_path: str | None
     rename_from: str | None = None    # the kernel's name when xenstore `vifname` renames it
-    mapped: object = None             # mapped.Mapped(real, visible, visible_gateway) or None
+    mapped: "Mapped | None" = None    # a mapped VM: (real, visible, visible_gateway)
     netns_prefix: str = ""            # prefix of a mapped vif's namespace name
 
     @property
@@ -36,10 +45,10 @@ class VifFacts(NamedTuple):
     exists: bool                      # the interface (by its final name) is there
     rename_pending: bool              # the old name still exists and must be renamed
     ipv6_enabled: bool                # IPv6 is on for the interface
-    ipt: object = None                  # iptables backend: antispoof_ipt.IptFacts
+    ipt: "IptFacts | None" = None       # iptables backend
     backend: str = "iptables"          # or "nft"
-    nft: object = None                  # nft backend: nft.NftState of the qubes tables
-    mapped: object = None               # mapped.MappedFacts: the vif's own namespace, if any
+    nft: "NftState | None" = None       # nft backend: the qubes tables
+    mapped: "MappedFacts | None" = None  # the vif's own namespace, if any
     host_routes: tuple = ()             # (version, address, metric) of host routes out of the vif
     neighbours: tuple = ()              # (version, address) of its permanent neighbour entries
     harden_defaults: tuple = ()         # offline, hardened: (vif sysctl path, conf/default's value)

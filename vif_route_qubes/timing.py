@@ -22,7 +22,7 @@ class Clock:
     def report(self, steps: list[tuple[str, float]] = ()) -> None:
         if not self.enabled:
             return
-        import json
+        import json  # start-up: the light client loads json only when timing is asked for
 
         record = {"phases_ms": {k: round(v * 1000, 3) for k, v in self.phases.items()},
                   "steps_ms": [[kind, round(sec * 1000, 3)] for kind, sec in steps]}

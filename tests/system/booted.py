@@ -56,7 +56,7 @@ def cannot_boot() -> str | None:
         return "not root"
     for tool in ("systemd-nspawn", "mmdebstrap", "nsenter", "tar"):
         if not shutil.which(tool):
-            return f"{tool} is not installed (tests/install.sh installs it)"
+            return f"{tool} is not installed (tests/tools/install.sh installs it)"
     return None
 
 

@@ -24,12 +24,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import booted  # noqa: E402
 import debroot  # noqa: E402
+import needs  # noqa: E402  (tests/kit, on sys.path by tests/conftest.py)
 import standins  # noqa: E402
 from netns import Namespaces  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _system_tests_run_here():
+    reason = needs.missing()
+    if reason:
+        pytest.exit(reason, returncode=2)
     if os.environ.get("VRQ_TEST_MODE", "server") == "in-process":
         pytest.skip("booted-system tests run once per CI run, in the server-mode pass")
     reason = booted.cannot_boot()

@@ -2,7 +2,7 @@
 xenstore/qubesdb stand-ins, the project installed as the README says, and a
 stand-in for Qubes' networking package.
 
-    xen_standins(box) -> XenEnv        tests/fakebin's stand-ins on the container's PATH
+    xen_standins(box) -> XenEnv        tests/kit/fakebin's stand-ins on the container's PATH
                                        (/usr/local/sbin), file-backed under /var/lib/vrq-test;
                                        the returned netns.XenEnv writes those files from the host
     make_wheelhouse(dest) -> Path      wheels of the project's dependencies and build
@@ -24,11 +24,11 @@ import sys
 import tomllib
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "kit"))
 from netns import XenEnv  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-FAKEBIN = REPO / "tests" / "fakebin"
+FAKEBIN = REPO / "tests" / "kit" / "fakebin"
 VENV = "/opt/venvs/vif-route-qubes"
 CHECKOUT = "/root/vif-route-qubes"
 WHEELS = "/root/wheels"

@@ -12,7 +12,7 @@ own namespace is the network VM; veth pairs join it to namespaces made here.
                                        makes it), eth0 in the VM's namespace configured as a Qubes VM
                                        does (ip/32, default via GATEWAY); xenstore keys ip, mac, type
     net.qubesdb()                      the qubesdb keys of a network VM (gateway, virtual DNS)
-    net.ask(vm, server, name) -> str   tests/dnsq.py's answer from inside `vm`
+    net.ask(vm, server, name) -> str   tests/kit/dnsq.py's answer from inside `vm`
 """
 
 import subprocess
@@ -21,7 +21,7 @@ import uuid
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE.parent / "kit"))
 from netns import VIF_MAC, Namespace, Namespaces, sh  # noqa: E402
 
 UPLINK_VM, UPLINK_GW = "192.0.2.2", "192.0.2.1"
@@ -29,7 +29,7 @@ HOST, DNS = "198.51.100.1", "203.0.113.53"
 NAME, ANSWER = "upstream.vrq.test", "198.51.100.77"
 GATEWAY, DNS1, DNS2 = "10.137.7.1", "10.139.1.1", "10.139.1.2"
 VM_IP, VM_MAC = "10.137.7.27", "00:16:3e:5e:6c:19"
-DNSQ = HERE.parent / "dnsq.py"
+DNSQ = HERE.parent / "kit" / "dnsq.py"
 
 
 class VMNet:

@@ -12,14 +12,8 @@ from ipaddress import ip_address
 from vif_route_qubes.errors import VifError
 from vif_route_qubes.model import VifFacts, VifInputs
 from vif_route_qubes.plan import vif as plan_vif
-
-
-def _read_proc(path: str) -> str | None:
-    try:
-        with open(path) as handle:
-            return handle.read().strip()
-    except OSError:
-        return None
+from vif_route_qubes.system import ip
+from vif_route_qubes.system.procfs import read_sysctl
 
 
 def harden_defaults(inp: VifInputs) -> tuple:
@@ -32,11 +26,11 @@ def harden_defaults(inp: VifInputs) -> tuple:
     pairs = []
     for family, keys in (("ipv4", plan_vif.HARDEN_V4), ("ipv6", plan_vif.HARDEN_V6)):
         for key, hardened in keys.items():
-            default = _read_proc(f"/proc/sys/net/{family}/conf/default/{key}")
+            default = read_sysctl(f"net/{family}/conf/default/{key}")
             if default is None:
                 continue
             if inp.harden or (default != hardened
-                              and _read_proc(f"/proc/sys/net/{family}/conf/{inp.vif}/{key}") == hardened):
+                              and read_sysctl(f"net/{family}/conf/{inp.vif}/{key}") == hardened):
                 pairs.append((f"net/{family}/conf/{inp.vif}/{key}", default))
     return tuple(pairs)
 
@@ -78,8 +72,6 @@ def learn(inp: VifInputs, facts: VifFacts, vif_addresses: tuple = ()) -> VifInpu
 
 def vif_addresses(vif: str) -> tuple:
     """(version, address, prefix length) of the addresses on the vif, () when it is gone."""
-    from vif_route_qubes.system import ip
-
     index = ip.link_index(vif)
     if index is None:
         return ()

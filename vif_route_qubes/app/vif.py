@@ -5,14 +5,18 @@ from contextlib import nullcontext
 
 from vif_route_qubes import logsetup, timing
 from vif_route_qubes.app import offline
-from vif_route_qubes.cli.optspec import RunOptions
 from vif_route_qubes.errors import VifError
-from vif_route_qubes.inputs.read import VifArgs, read_vif_inputs
+from vif_route_qubes.facts import ipsets as ipset_facts
+from vif_route_qubes.facts import mapped as mapped_facts
+from vif_route_qubes.facts import nft_state
+from vif_route_qubes.inputs.read import read_vif_inputs
 from vif_route_qubes.model import VifFacts, VifInputs
+from vif_route_qubes.optspec import RunOptions, VifArgs
 from vif_route_qubes.plan import vif as plan_vif
-from vif_route_qubes.system import backend
+from vif_route_qubes.system import apply, backend, ip, sources, tools
 from vif_route_qubes.system.ipset import Ipsets
 from vif_route_qubes.system.lock import locked
+from vif_route_qubes.system.procfs import read_sysctl
 
 log = logsetup.get_logger("vif-route-qubes")
 
@@ -24,19 +28,9 @@ def effective_command(command: str, type_if: str) -> str | None:
     return command if command in ("online", "offline") else None
 
 
-def _read_proc(path: str) -> str | None:
-    try:
-        with open(path) as handle:
-            return handle.read().strip()
-    except OSError:
-        return None
-
-
 def _routes_and_neighbours(vif: str) -> dict:
     """What the vif routes and knows now: old entries of addresses the VM no
     longer has (or stray metrics) are removed by online, all by offline."""
-    from vif_route_qubes.system import ip
-
     index = ip.link_index(vif)
     if index is None:
         return {}
@@ -53,22 +47,16 @@ def read_facts(inp: VifInputs, firewall: str, ipsets: Ipsets) -> VifFacts:
     rename_pending = bool(inp.rename_from and not exists
                           and os.path.isdir(f"/proc/sys/net/ipv4/conf/{inp.rename_from}"))
     probe = inp.rename_from if rename_pending else inp.vif
-    ipv6_enabled = _read_proc(f"/proc/sys/net/ipv6/conf/{probe}/disable_ipv6") == "0"
-    from vif_route_qubes.plan import mapped
-
+    ipv6_enabled = read_sysctl(f"net/ipv6/conf/{probe}/disable_ipv6") == "0"
     # A vif's own namespace exists only for a mapped VM (a stat, and one `ip -n` if it does).
-    extra = {"mapped": mapped.read_facts(inp)}
+    extra = {"mapped": mapped_facts.read_facts(inp)}
     if exists:
         extra.update(_routes_and_neighbours(inp.vif))
         if inp.command == "offline":
             extra["harden_defaults"] = offline.harden_defaults(inp)
     if firewall == "nft":
-        from vif_route_qubes.facts import nft_state
-
         return VifFacts(exists=exists, rename_pending=rename_pending, ipv6_enabled=ipv6_enabled,
                         backend="nft", nft=nft_state.read_state(inp.vif, inp.addresses), **extra)
-    from vif_route_qubes.facts import ipsets as ipset_facts
-
     # Whether the routes were read, not `exists`: the vif may vanish in between.
     routed = offline.routed_families("host_routes" in extra, ipv6_enabled)
     ipt = ipset_facts.read_facts(ipsets, inp.vif, inp.addresses, extra.get("host_routes", ()),
@@ -89,8 +77,6 @@ def report_error(xenbus_path: str | None, message: str) -> None:
     """Tell Xen's toolstack (hotplug-error, hotplug-status); never raises."""
     if not xenbus_path:
         return
-    from vif_route_qubes.inputs import sources
-
     try:
         sources.xenstore_write({f"{xenbus_path}/hotplug-error": message,
                                 f"{xenbus_path}/hotplug-status": "error"})
@@ -117,13 +103,9 @@ def run_vif(args: VifArgs, opts: RunOptions, out) -> int:
         if opts.dry_run:
             out.write(batch.render())
             return 0
-        from vif_route_qubes.system.apply import Applier
-
-        with Applier(lock_fd, ipsets) as applier:
+        with apply.Applier(lock_fd, ipsets) as applier:
             applier.run(batch)
         clock.mark("apply")
-    from vif_route_qubes.system import tools
-
     clock.report(applier.timings + tools.TIMINGS)
     log.debug("%s %s done", inp.command, inp.vif)
     return 0

@@ -6,14 +6,16 @@ does), and the static parts: for iptables the raw tables and the ipsets'
 existence, for nft our tables' chains and the rules of `antispoof` and
 `prerouting`.  What should be there is said once, by the planners:
 antispoof_ipt.static_rules / nft.antispoof_rules and plan/elements.py.
-Each finding is (scope, kind, detail), made a check.Drift by check.py.
+Each finding is (scope, kind, detail), made a report.Drift by check/drift.py.
 """
 
 from typing import NamedTuple
 
-from vif_route_qubes.facts import ipt_state
-from vif_route_qubes.inputs.parse import VIF_NAME
-from vif_route_qubes.plan import antispoof_ipt, elements
+from vif_route_qubes.check.report import lines_drift
+from vif_route_qubes.facts import ipt_state, nft_state
+from vif_route_qubes.model import VIF_NAME
+from vif_route_qubes.plan import antispoof_ipt, elements, nft
+from vif_route_qubes.system.ipset import Ipsets
 
 NFT_CHAINS = ("antispoof", "prerouting")
 
@@ -48,8 +50,6 @@ class AntispoofView(NamedTuple):
 def read(backend: str) -> AntispoofView:
     if backend == "nft":
         return _read_nft()
-    from vif_route_qubes.system.ipset import Ipsets
-
     sets, missing = {}, []
     with Ipsets() as ipsets:
         for version in (4, 6):
@@ -68,9 +68,6 @@ def read(backend: str) -> AntispoofView:
 
 
 def _read_nft() -> AntispoofView:
-    from vif_route_qubes.facts import nft_state
-    from vif_route_qubes.plan import nft
-
     state = nft_state.read_state()
     sets, missing, rules = {}, [], {}
     for version in (4, 6):
@@ -94,14 +91,10 @@ def _read_nft() -> AntispoofView:
 
 def static_drift(view: AntispoofView) -> list[tuple[str, str, str]]:
     """What all vifs rely on: the sets, the static rules, the jump to them."""
-    from vif_route_qubes.check.drift import lines_drift
-
     scope = "qubes" if view.backend == "nft" else antispoof_ipt.DISPATCH
     out = [(scope, "set-missing" if "set" in m or "qbs-" in m else "chain-missing", f"{m} missing")
            for m in view.missing]
     if view.backend == "nft":
-        from vif_route_qubes.plan import nft
-
         for (version, chain), current in sorted(view.rules.items()):
             wanted = nft.antispoof_chain_rules(version)[chain]
             what = f"{nft.FAMILIES[version]} qubes {chain}"

@@ -4,60 +4,33 @@ between the system and what the inputs say it should be.  Read-only.
 "Should be" is never written down twice: a vif's state is the batch `online`
 plans for it (plan_vif.plan_online: sysctls, link, gateway addresses, routes,
 neighbours), its anti-spoofing elements and static rules are compared in
-antispoof_drift.py (both backends), and the DNS chains and jumps are what the
+check/antispoof.py (both backends), and the DNS chains and jumps are what the
 DNS planner installs on empty tables.  The comparisons are pure functions of
 the inputs and of a NetState read once (pyroute2 dumps, the sets, iptables-save or
 nft, /proc/sys) under the events' lock taken shared.
 
-Exit status: 0 as it should be, 1 differences (one line each, or --json),
+The report's types are in check/report.py.  Exit status: 0 as it should be, 1 differences (one line each, or --json),
 2 usage error or refused input, 1 also when the system could not be read.
 """
 
-import json
-import os
 import sys
-from collections import Counter
-from typing import NamedTuple
+from dataclasses import replace
 
+from vif_route_qubes import logsetup
 from vif_route_qubes.check import antispoof as antispoof_drift
-from vif_route_qubes.check.state import NetState, norm, read_state, shared_lock
+from vif_route_qubes.check.report import Drift, report
+from vif_route_qubes.check.state import NetState, norm, read_state
 from vif_route_qubes.errors import InputError, VifError
-from vif_route_qubes.inputs import sources
-from vif_route_qubes.inputs.parse import VIF_NAME
-from vif_route_qubes.model import VifFacts, VifInputs
-from vif_route_qubes.plan import antispoof_ipt
+from vif_route_qubes.inputs import read as inputs
+from vif_route_qubes.model import VIF_NAME, VifFacts, VifInputs
+from vif_route_qubes.optspec import VifArgs
+from vif_route_qubes.plan import antispoof_ipt, elements, mapped
 from vif_route_qubes.plan import vif as plan_vif
-
-# A check that cannot read the system fails like any command (1, one line on
-# stderr, no report on stdout); drift is 1 with the report on stdout.
-EXIT_CLEAN, EXIT_DRIFT, EXIT_USAGE, EXIT_UNKNOWN = 0, 1, 2, 1
-
-
-class Drift(NamedTuple):
-    scope: str    # a vif, "DNS", or QBS-ANTISPOOF / qubes (the static anti-spoofing parts all vifs rely on)
-    kind: str     # a stable word for monitoring: rule-missing, route-missing, stale, ...
-    detail: str
-
-    def line(self) -> str:
-        return f"{self.scope}: {self.detail}"
-
-    def record(self) -> dict:
-        return {"vif" if VIF_NAME.fullmatch(self.scope) else "scope": self.scope, "kind": self.kind,
-                "detail": self.detail}
-
-
-def lines_drift(scope: str, what: str, current: tuple, wanted: tuple, ordered: bool = False) -> list[Drift]:
-    """Missing, unexpected and duplicated lines of one of our chains (and their order, if it matters)."""
-    have = Counter(current)
-    out = [Drift(scope, "rule-missing", f"{what} rule missing: {line}") for line in wanted if not have[line]]
-    for line, count in have.items():
-        if line not in wanted:
-            out.append(Drift(scope, "rule-unexpected", f"unexpected {what} rule: {line}"))
-        if count > 1:
-            out.append(Drift(scope, "rule-duplicated", f"rule duplicated {count} times: {line}"))
-    if ordered and not out and tuple(current) != tuple(wanted):
-        out.append(Drift(scope, "rules-out-of-order", f"{what} rules out of order (the final DROP must come last)"))
-    return out
+from vif_route_qubes.plan.batch import Addr, Group, IpsetElements, Link, Neigh, Nft, NftElements, Route, Sysctl
+from vif_route_qubes.system import sources
+from vif_route_qubes.system.backend import resolve
+from vif_route_qubes.system.ipset import SetInfo
+from vif_route_qubes.system.lock import shared_lock
 
 
 def _drifts(found) -> list[Drift]:
@@ -93,9 +66,6 @@ def stale_drift(vif: str, net: NetState) -> list[Drift]:
 
 def _facts(net: NetState, inp: VifInputs, exists: bool, pending: bool, probe: str) -> VifFacts:
     """What the planner would have read, from the check's full read."""
-    from vif_route_qubes.plan import elements
-    from vif_route_qubes.system.ipset import SetInfo
-
     fw = net.fw
     common = dict(exists=exists, rename_pending=pending,
                   ipv6_enabled=net.read_sysctl(f"net/ipv6/conf/{probe}/disable_ipv6") == "0")
@@ -115,10 +85,9 @@ def steps_drift(inp: VifInputs, steps: tuple, net: NetState) -> list[Drift]:
     """Each step of the online batch that is not in effect, and routes online would not make."""
     vif, out = inp.vif, []
     for step in steps:
-        kind = type(step).__name__
-        if kind == "Group" and (have := net.groups.get(step.ifname, 0)) != step.group:
+        if isinstance(step, Group) and (have := net.groups.get(step.ifname, 0)) != step.group:
             out.append(Drift(vif, "group", f"interface group is {have}, should be {step.group}"))
-        elif kind == "Sysctl" and (have := net.read_sysctl(step.path)) != step.value:
+        elif isinstance(step, Sysctl) and (have := net.read_sysctl(step.path)) != step.value:
             if have is None and step.tolerant:
                 continue  # a file that may be absent (no IPv6 stack)
             if f"/{vif}/" in step.path:
@@ -126,14 +95,14 @@ def steps_drift(inp: VifInputs, steps: tuple, net: NetState) -> list[Drift]:
             else:  # a system-wide setting: its sysctl key
                 name = step.path.replace("/", ".")
             out.append(Drift(vif, "sysctl", f"{name} is {have or 'missing'}, should be {step.value}"))
-        elif kind == "Link" and step.up and not net.links.get(step.ifname):
+        elif isinstance(step, Link) and step.up and not net.links.get(step.ifname):
             out.append(Drift(vif, "link-down", "link down"))
-        elif kind == "Addr" and step.add and f"{norm(step.address)}/{step.prefixlen}" not in net.addrs.get(vif, ()):
+        elif isinstance(step, Addr) and step.add and f"{norm(step.address)}/{step.prefixlen}" not in net.addrs.get(vif, ()):
             what = "gateway" if step.family == 4 else "IPv6 gateway"
             out.append(Drift(vif, "address-missing", f"{what} address {step.address}/{step.prefixlen} missing"))
-        elif kind == "Route" and step.add and (norm(step.address), vif, step.metric) not in net.routes:
+        elif isinstance(step, Route) and step.add and (norm(step.address), vif, step.metric) not in net.routes:
             out.append(Drift(vif, "route-missing", f"route {step.address} metric {step.metric} missing"))
-        elif kind == "Neigh" and step.add:
+        elif isinstance(step, Neigh) and step.add:
             lladdr, permanent = net.neighs.get((vif, norm(step.address)), (None, False))
             if lladdr is None:
                 out.append(Drift(vif, "neighbour-missing", f"neighbour {step.address} lladdr {step.mac} missing"))
@@ -161,9 +130,7 @@ def steps_drift(inp: VifInputs, steps: tuple, net: NetState) -> list[Drift]:
 
 def vif_drift(inp: VifInputs, net: NetState) -> list[Drift]:
     """Everything that differs from what `online` leaves for this vif."""
-    if getattr(inp, "mapped", None):  # here the veth end for the real address; inside its namespace: not compared
-        from vif_route_qubes.plan import mapped
-
+    if inp.mapped:  # here the veth end for the real address; inside its namespace: not compared
         name = mapped.netns_name(inp)
         gone = [] if name in net.netns else [Drift(inp.vif, "netns-missing", f"namespace {name} missing")]
         return gone + vif_drift(mapped.main_side(inp)._replace(mapped=None), net)
@@ -176,7 +143,7 @@ def vif_drift(inp: VifInputs, net: NetState) -> list[Drift]:
     out = _drifts(antispoof_drift.vif_drift(net.fw, inp.vif, inp.addresses))
     # The planner's own verdict is the last word: it must not see a change we cannot name.
     # (A missing set or static rule is named once for all vifs.)
-    if (not out and any(type(s).__name__ in ("IpsetElements", "Nft", "NftElements") for s in batch.steps)
+    if (not out and any(isinstance(s, (IpsetElements, Nft, NftElements)) for s in batch.steps)
             and not antispoof_drift.static_drift(net.fw)):
         out.append(Drift(inp.vif, "rules-differ", "anti-spoofing elements differ from what online would install"))
     if pending:
@@ -198,23 +165,7 @@ def discover(net: NetState) -> list[str]:
                   key=lambda n: tuple(map(int, VIF_NAME.fullmatch(n).groups())))
 
 
-# -- reading the system ---------------------------------------------------
-
-def report(logger: str, collect, as_json: bool, out) -> int:
-    """Print what collect() found: one line each, or JSON; a failure to collect is one line on stderr."""
-    try:
-        drifts = collect()
-    except VifError as exc:
-        from vif_route_qubes import logsetup
-
-        logsetup.get_logger(logger).error("check: %s", exc)
-        return EXIT_USAGE if isinstance(exc, InputError) else EXIT_UNKNOWN
-    if as_json:
-        out.write(json.dumps([d.record() for d in drifts], indent=1) + "\n")
-    else:
-        out.write("".join(d.line() + "\n" for d in drifts))
-    return EXIT_DRIFT if drifts else EXIT_CLEAN
-
+# -- inputs of --all, and the command ---------------------------------------
 
 def _in_xenstore(path: str) -> bool:
     """Whether xenstore holds a backend's `ip` (no xenstore at all: no)."""
@@ -228,13 +179,11 @@ def _all_vifs(args, net: NetState) -> list[Drift]:
     """--all: a vif's inputs come from xenstore (backend/vif/D/N, relative: xenstore
     resolves it against this domain's home, as for xl devd) when it has the vif, else
     its addresses from its rules; qubesdb is read once."""
-    from vif_route_qubes.inputs import read as inputs
-
     fill = {f: k for f, k in (("gateway", inputs.QDB_GATEWAY), ("gateway6", inputs.QDB_GATEWAY6),
                               ("dns1", inputs.QDB_DNS[0]), ("dns2", inputs.QDB_DNS[1])) if getattr(args, f) is None}
-    qdb = inputs._qubesdb([*fill.values(), inputs.QDB_HARDEN])
+    qdb = inputs.qubesdb([*fill.values(), inputs.QDB_HARDEN])
     harden = args.harden if args.harden is not None else inputs.harden_flag(qdb.get(inputs.QDB_HARDEN))
-    args = args._replace(**{f: qdb.get(k, "") for f, k in fill.items()}, harden=harden)
+    args = replace(args, **{f: qdb.get(k, "") for f, k in fill.items()}, harden=harden)
     names = discover(net)
     out = shared_drift(net) if any(name in net.links for name in names) else []
     expected = set()
@@ -244,10 +193,10 @@ def _all_vifs(args, net: NetState) -> list[Drift]:
             continue
         path = "backend/vif/{}/{}".format(*VIF_NAME.fullmatch(name).groups())
         if _in_xenstore(path):
-            vif_args = args._replace(vif=name, xenbus_path=path, addresses=None)
+            vif_args = replace(args, vif=name, xenbus_path=path, addresses=None)
         else:
             addresses = tuple(antispoof_drift.addresses_of(net.fw, name))
-            vif_args = args._replace(vif=name, xenbus_path=None, addresses=addresses)
+            vif_args = replace(args, vif=name, xenbus_path=None, addresses=addresses)
         try:
             vif_inp = inputs.read_vif_inputs(vif_args)
             expected |= {str(a) for a in vif_inp.addresses}
@@ -259,21 +208,14 @@ def _all_vifs(args, net: NetState) -> list[Drift]:
 
 def run_vif_check(params: dict, every: bool, as_json: bool, out=sys.stdout) -> int:
     """`vif-route-qubes check [VIF [ADDR...]] | --all`; params: the event commands' options."""
-    from vif_route_qubes import logsetup
-    from vif_route_qubes.inputs.read import VifArgs, read_vif_inputs
-
     logsetup.setup(params["verbose"])
 
     def collect() -> list[Drift]:
         if every == bool(params["vif"]):
             raise InputError("give a VIF or --all (not both)")
-        from vif_route_qubes.system.backend import resolve
-
         firewall = resolve(params["backend"])
-        env_ip = os.environ.get("ip")
-        addresses = params["addresses"] or (tuple(env_ip.split()) if env_ip and env_ip.strip() else None)
-        args = VifArgs.from_params(params, command="online", addresses=addresses)
-        inp = None if every else read_vif_inputs(args)
+        args = VifArgs.from_params(params, command="online", addresses=inputs.given_addresses(params["addresses"]))
+        inp = None if every else inputs.read_vif_inputs(args)
         with shared_lock(params["lock_file"], params["lock_timeout"]):
             net = read_state(() if every else (inp.vif, inp.rename_from), firewall)
         if every:

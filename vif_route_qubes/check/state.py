@@ -1,17 +1,17 @@
 """What `check` compares: the namespace read once (pyroute2 dumps, the sets
 and static rules, /proc/sys) under the events' lock taken shared."""
 
-import fcntl
 import ipaddress
 import os
-import time
-from contextlib import contextmanager
 from typing import NamedTuple
 
 from vif_route_qubes.check import antispoof as antispoof_drift
+from vif_route_qubes.check.antispoof import AntispoofView
 from vif_route_qubes.errors import VifError
-from vif_route_qubes.inputs.parse import VIF_NAME
+from vif_route_qubes.model import VIF_NAME
 from vif_route_qubes.plan import vif as plan_vif
+from vif_route_qubes.system import ip_dumps
+from vif_route_qubes.system.procfs import read_sysctl
 
 # Read for every vif under the lock; any other sysctl the planner asks for is read when compared.
 _SYSCTLS = (("ipv4", ("proxy_arp", *plan_vif.HARDEN_V4)),
@@ -23,13 +23,13 @@ class NetState(NamedTuple):
     addrs: dict      # ifname -> frozenset of "address/prefixlen"
     routes: tuple    # (dst, dev, metric) of the main table; host routes print without /32, /128
     neighs: dict     # (dev, dst) -> (lladdr, permanent)
-    fw: object       # antispoof_drift.AntispoofView: the sets and their static rules
+    fw: AntispoofView  # the sets and their static rules
     sysctl: dict     # path under /proc/sys -> value
     netns: frozenset = frozenset()  # names in /run/netns (a mapped vif has its own)
     groups: dict = {}  # ifname -> interface group (the nft backend puts vifs in group 2)
 
     def read_sysctl(self, path: str) -> str | None:
-        return self.sysctl[path] if path in self.sysctl else _read_proc(path)
+        return self.sysctl[path] if path in self.sysctl else read_sysctl(path)
 
 
 def norm(text: str) -> str:
@@ -39,15 +39,7 @@ def norm(text: str) -> str:
         return text
 
 
-# -- comparisons (pure) ---------------------------------------------------
-
-def _read_proc(path: str) -> str | None:
-    try:
-        with open("/proc/sys/" + path) as handle:
-            return handle.read().strip()
-    except OSError:
-        return None
-
+# -- reading ----------------------------------------------------------------
 
 def _route_text(version: int, dst_len: int, dst: str | None) -> str:
     """A destination as `ip route` prints it: host routes without /32, /128."""
@@ -57,8 +49,6 @@ def _route_text(version: int, dst_len: int, dst: str | None) -> str:
 
 
 def read_state(extra: tuple = (), backend: str = "iptables") -> NetState:
-    from vif_route_qubes.system import ip_dumps
-
     try:
         by_index = ip_dumps.link_states()
         found_addrs = ip_dumps.addresses()
@@ -80,31 +70,7 @@ def read_state(extra: tuple = (), backend: str = "iptables") -> NetState:
               for index, dst, lladdr, permanent in found_neighs if index in name_of}
     fw = antispoof_drift.read(backend)
     names = [n for n in links if VIF_NAME.fullmatch(n)] + [n for n in extra if n]
-    sysctl = {path: _read_proc(path) for name in names for family, keys in _SYSCTLS for key in keys
+    sysctl = {path: read_sysctl(path) for name in names for family, keys in _SYSCTLS for key in keys
               for path in [f"net/{family}/conf/{name}/{key}"]}
     netns = frozenset(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else frozenset()
     return NetState(links, addrs, routes, neighs, fw, sysctl, netns, groups)
-
-
-@contextmanager
-def shared_lock(path: str, timeout: float):
-    """The events' lock, shared: a check never reads half an event, and checks
-    never wait for each other.  No lock file: no event ever ran."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        fd = None
-    try:
-        deadline = time.monotonic() + timeout
-        while fd is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise VifError(f"lock {path} still held after {timeout:g} s") from None
-                time.sleep(0.02)
-        yield
-    finally:
-        if fd is not None:
-            os.close(fd)

@@ -1,12 +1,17 @@
-"""The click commands of `vif-route-qubes`; their options are the rows of optspec.py."""
+"""The click commands of `vif-route-qubes`; their options are the rows of optspec.py.
+
+Each command imports the layers below it when it runs (app, check, the
+server): `--help`, `--version` and a usage error load neither pyroute2 nor sh.
+"""
 
 import sys
 
 import click
 
 from vif_route_qubes import __version__
-from vif_route_qubes.cli.options import options_of
-from vif_route_qubes.cli.optspec import ARGS, EVENT, INIT, RunOptions
+from vif_route_qubes.cli.options import Seconds, options_of
+from vif_route_qubes.optspec import ARGS, EVENT, INIT, RunOptions
+from vif_route_qubes.server.protocol import DEFAULT_SOCKET
 
 EXIT_CODES = """Exit status: 0 success (also for add/remove of a vif and offline of a
 vif that is gone), 1 failure, 2 usage error or refused input."""
@@ -31,7 +36,7 @@ def _event_command(name: str, help_text: str):
     @cli.command(name, help=help_text, epilog=EXIT_CODES)
     @_event_options
     def command(**params):
-        from vif_route_qubes.app.event import run_event
+        from vif_route_qubes.app.event import run_event  # start-up: pyroute2 and sh only when an event runs
 
         run_event(name, params)
 
@@ -52,21 +57,9 @@ def init_command(**params):
     Idempotent: a second run changes nothing, and the rules of vifs already
     online and the DNS rules are kept.
     """
-    from vif_route_qubes import logsetup
-    from vif_route_qubes.app.init import read_init_inputs, run_init
-    from vif_route_qubes.errors import VifError
-    from vif_route_qubes.inputs import sources
-    from vif_route_qubes.system import backend as backends
+    from vif_route_qubes.app.init import run_init_command  # start-up: pyroute2 and sh only when it runs
 
-    opts = RunOptions.from_params(params)
-    log = logsetup.setup(opts.verbose)
-    sources.set_timeout(opts.tool_timeout)
-    try:
-        run_init(read_init_inputs(params["gateway6"]), backends.resolve(opts.backend), opts.dry_run, opts.lock_file,
-                 opts.lock_timeout, sys.stdout)
-    except VifError as exc:
-        log.error("init: %s", exc)
-        sys.exit(exc.exit_code)
+    run_init_command(RunOptions.from_params(params), params["gateway6"])
 
 
 @cli.command("check", epilog="""Exit status: 0 all as it should be, 1 differences (one line each on
@@ -81,7 +74,34 @@ def check_command(every, as_json, **params):
 
     Same inputs as online (env vif, XENBUS_PATH, xenstore, qubesdb, options).
     """
-    from vif_route_qubes.check.drift import run_vif_check
+    from vif_route_qubes.check.drift import run_vif_check  # start-up: pyroute2 and sh only when it runs
 
     sys.exit(run_vif_check(params, every, as_json))
-import vif_route_qubes.server.command  # noqa: E402,F401  (registers `serve`; last: it imports cli)
+
+
+@cli.command("serve")
+@click.option("--socket", "socket_path", envvar="VIF_ROUTE_SERVER_SOCKET", show_envvar=True,
+              default=DEFAULT_SOCKET, show_default=True,
+              help="Listen here (mode 0600) unless systemd passes a socket (LISTEN_FDS).")
+@click.option("--idle-timeout", type=Seconds(0.0), default=None, show_default="none: resident",
+              help="Exit after this many seconds without a request (running events finish first); "
+                   "systemd starts the server again for the next event.")
+@click.option("--spare/--no-spare", "spare", default=True, show_default=True,
+              help="Keep one child forked ahead, its memory already its own, for the next "
+                   "request: a faster event, for about 30 MB while it waits.")
+@click.option("--spare-idle", type=Seconds(0.0), default=30.0, show_default=True,
+              help="Drop the spare after this many seconds without a request; the next "
+                   "request makes it again.")
+def serve(socket_path, idle_timeout, spare, spare_idle):
+    """Serve events: the engine loaded once, a child forked per event.
+
+    The commands' entry points offer each event here first and run it
+    themselves when no server takes it.  Every event is logged on stderr
+    ("served ... by child N"); `-v` of an event says "served by
+    vif-route-qubes server pid N".  Resident unless --idle-timeout; the spare
+    child goes after --spare-idle seconds without a request, so a quiet server
+    holds only its own memory.
+    """
+    from vif_route_qubes.server.serve import serve as run  # start-up: an event never loads the server's loop
+
+    run(socket_path, idle_timeout, spare, spare_idle)

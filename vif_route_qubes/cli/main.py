@@ -12,6 +12,9 @@ from vif_route_qubes import timing  # noqa: F401  (first: starts the benchmark's
 import os
 import sys
 
+from vif_route_qubes.cli.commands import cli
+from vif_route_qubes.cli.options import run_main
+
 
 def xen_assignments(argv: list[str]) -> list[str]:
     """Move `key=value` arguments into the environment; return the rest."""
@@ -28,7 +31,4 @@ def xen_assignments(argv: list[str]) -> list[str]:
 def main() -> None:
     """Run the command sys.argv names; ends with SystemExit(status)."""
     args = xen_assignments(sys.argv[1:])
-    from vif_route_qubes.cli.commands import cli
-    from vif_route_qubes.cli.options import run_main
-
     run_main(cli, args, "vif-route-qubes")

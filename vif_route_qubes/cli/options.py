@@ -1,4 +1,4 @@
-"""click's side of the option table (optspec.py): the option decorators of
+"""click's side of the option table (vif_route_qubes/optspec.py): the option decorators of
 both programs' commands, the Seconds type, and how a command is run."""
 
 import os
@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from vif_route_qubes.cli.optspec import Opt
+from vif_route_qubes.optspec import Opt
 
 MAX_SECONDS = 86400.0
 

@@ -10,7 +10,7 @@ or for an offline, in a family where the vif's addresses need not have a route
 import socket
 
 from vif_route_qubes.facts import ipt_state
-from vif_route_qubes.inputs.parse import VIF_NAME
+from vif_route_qubes.model import VIF_NAME
 from vif_route_qubes.plan import antispoof_ipt, elements
 from vif_route_qubes.system.ipset import Ipsets, SetInfo
 
@@ -26,8 +26,8 @@ def read_raw() -> dict:
 
 def _route_dev(addr: str) -> str | None:
     """The interface the kernel routes `addr` through now."""
-    from pyroute2 import IPRoute
-    from pyroute2.netlink.exceptions import NetlinkError
+    from pyroute2 import IPRoute  # start-up: this part of pyroute2 only when used
+    from pyroute2.netlink.exceptions import NetlinkError  # start-up: this part of pyroute2 only when used
 
     try:
         with IPRoute() as ipr:

@@ -1,84 +1,14 @@
-"""What iptables-save printed, per table: the chains and each chain's rules.
+"""Reading iptables: `iptables-save` of both families, split into tables
+(plan/ipt_text.py parses it)."""
 
-Rules are kept exactly as iptables-save prints them (`-A CHAIN ...`), so that
-planners can write their rules in the same form and compare them as text.
-"""
-
-from typing import NamedTuple
-
+from vif_route_qubes.plan.ipt_text import EMPTY_TABLE, parse_save
 from vif_route_qubes.system import tools
-
-
-class TableState(NamedTuple):
-    chains: frozenset[str]
-    rules: tuple[tuple[str, tuple[str, ...]], ...]
-
-    def rules_of(self, chain: str) -> tuple[str, ...]:
-        for name, lines in self.rules:
-            if name == chain:
-                return lines
-        return ()
-
-    def has(self, chain: str) -> bool:
-        return chain in self.chains
-
-
-EMPTY_TABLE = TableState(frozenset(), ())
-
-
-def parse_save(text: str) -> dict[str, TableState]:
-    """Split `iptables-save` output into tables."""
-    tables: dict[str, TableState] = {}
-    name = None
-    chains: set[str] = set()
-    rules: dict[str, list[str]] = {}
-    for line in text.splitlines():
-        if line.startswith("*"):
-            name, chains, rules = line[1:].strip(), set(), {}
-        elif line == "COMMIT" and name:
-            tables[name] = TableState(frozenset(chains), tuple((c, tuple(r)) for c, r in rules.items()))
-            name = None
-        elif line.startswith(":"):
-            chains.add(line[1:].split(" ", 1)[0])
-        elif line.startswith("-A "):
-            rules.setdefault(line.split(" ", 2)[1], []).append(line)
-    return tables
-
-
-def table(text: str, name: str) -> TableState:
-    return parse_save(text).get(name, EMPTY_TABLE)
-
-
-def delete(line: str) -> str:
-    """The -D form of a saved -A line."""
-    return "-D" + line[2:]
-
-
-def sync_chain(state: TableState, chain: str, wanted: tuple[str, ...]) -> list[str]:
-    """Restore lines that make an owned chain hold exactly `wanted` (flush and refill)."""
-    if state.has(chain) and state.rules_of(chain) == wanted:
-        return []
-    return [f":{chain} - [0:0]", *wanted]
-
-
-def ensure_chain(state: TableState, chain: str) -> list[str]:
-    """Create a chain somebody else fills, without flushing it when it exists."""
-    return [] if state.has(chain) else [f":{chain} - [0:0]"]
-
-
-def ensure_jump(state: TableState, builtin: str, jump: str, position: int = 1) -> list[str]:
-    """Exactly one jump rule (`jump` as saved, `-A BUILTIN ...`) in a built-in
-    chain: inserted when missing, extra copies (made by hand) deleted."""
-    count = state.rules_of(builtin).count(jump)
-    if count == 0:
-        return [f"-I {builtin} {position}" + jump[len(f"-A {builtin}"):]]
-    return [delete(jump)] * (count - 1)
 
 
 def save(family: int, table_name: str | None = None) -> str:
     """`iptables-save [-t TABLE]` (ip6tables-save for family 6)."""
     return tools.run(["ip6tables-save" if family == 6 else "iptables-save",
-                      *(["-t", table_name] if table_name else [])], timeout=30).stdout
+                      *(["-t", table_name] if table_name else [])]).stdout
 
 
 def save_both(table_name: str | None = None) -> tuple[str, str]:
@@ -86,3 +16,14 @@ def save_both(table_name: str | None = None) -> tuple[str, str]:
     a program is Python under the GIL, and two at once from threads took about
     2 ms longer here than one after the other (tests/bench.py, DNS unchanged)."""
     return save(4, table_name), save(6, table_name)
+
+
+def read_tables(names: tuple[str, ...] = ("filter", "nat", "mangle")) -> dict:
+    """Those tables of both families (4, 6 -> name -> TableState), as the DNS planner wants them."""
+    # One iptables-save of every table per family: a program run costs more than the listing.
+    tables: dict = {4: {}, 6: {}}
+    for version, text in zip((4, 6), save_both()):
+        parsed = parse_save(text)
+        for name in names:
+            tables[version][name] = parsed.get(name, EMPTY_TABLE)
+    return tables

@@ -15,17 +15,15 @@ without a vif, parsed by nft.parse_ruleset): they need the rules too.
 from vif_route_qubes.plan.nft import (FAMILIES, TABLE, VIF_GROUP, NftState, NftTable, another_vif, is_base,
                                       parse_ruleset)
 from vif_route_qubes.plan.elements import ALLOWED, DOWNSTREAM
-from vif_route_qubes.system import tools
+from vif_route_qubes.system import ip, nftables, tools
 
 
 def run_nft(args: list[str]) -> str:
-    return tools.run(["nft", *args], timeout=30).stdout
+    return tools.run(["nft", *args]).stdout
 
 
 def vif_group_links() -> frozenset[str]:
     """Interfaces in the vif group (2), over netlink (pyroute2)."""
-    from vif_route_qubes.system import ip
-
     return frozenset(ip.links_in_group(VIF_GROUP))
 
 
@@ -55,8 +53,6 @@ def read_vif_state(vif: str, addresses: tuple) -> NftState:
     whole listing, but `allowed` holds only this vif's pairs and the pairs of
     the addresses it asks about (its own and `addresses`), `downstream` only
     those addresses, and `other_vifs` says whether any other vif has a pair."""
-    from vif_route_qubes.system import nftables
-
     tables, other_vifs = {}, False
     mine = nftables.ifname_field(vif)
     with nftables.Reader() as reader:

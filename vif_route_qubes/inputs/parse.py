@@ -8,12 +8,12 @@ import ipaddress
 import re
 
 from vif_route_qubes.errors import InputError
+from vif_route_qubes.model import VIF_NAME
 
 MAX_DOMID = 32752
 IFNAMSIZ = 15  # usable characters of a Linux interface name
 
-# A vif's interface name, vifD.N; the -emu suffix only where a name from Xen is parsed.
-VIF_NAME = re.compile(r"vif(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)")
+# A vif's interface name (model.VIF_NAME); the -emu suffix only where a name from Xen is parsed.
 _VIF_RE = re.compile(VIF_NAME.pattern + r"(-emu)?")
 _MAC_RE = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 # Relative (xl devd, the kernel's uevent: resolved against this domain's home) or absolute.

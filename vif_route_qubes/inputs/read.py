@@ -6,11 +6,16 @@ xenstore, then qubesdb).  Every value is parsed strictly before it is kept.
 
 import os
 import re
+import time
 
-from vif_route_qubes.cli import optspec
+from vif_route_qubes import logsetup
 from vif_route_qubes.errors import InputError, VifError
-from vif_route_qubes.inputs import parse, sources
+from vif_route_qubes.inputs import parse
 from vif_route_qubes.model import VifInputs
+from vif_route_qubes.optspec import VifArgs
+from vif_route_qubes.plan.mapped import Mapped
+from vif_route_qubes.system import sources
+from vif_route_qubes.system.tools import ToolMissing
 
 QDB_GATEWAY = "/qubes-netvm-gateway"
 QDB_GATEWAY6 = "/qubes-netvm-gateway6"
@@ -18,10 +23,11 @@ QDB_DNS = ("/qubes-netvm-primary-dns", "/qubes-netvm-secondary-dns")
 QDB_HARDEN = "/qubes-service/harden-network-interfaces"
 
 
-VifArgs = optspec.record(
-    "VifArgs", __name__, """What the command line and the environment said (raw text, not yet
-    parsed): the command, then one field per row of optspec.ARGS and optspec.VIF.""",
-    optspec.ARGS + optspec.VIF, head=(("command", str),))
+def given_addresses(arguments: tuple[str, ...]) -> tuple[str, ...] | None:
+    """The VM's addresses as given: the arguments, else Xen's variable `ip`; None
+    when neither gives any (then xenstore is asked)."""
+    env_ip = os.environ.get("ip")
+    return arguments or (tuple(env_ip.split()) if env_ip and env_ip.strip() else None)
 
 
 def list_hooks(folder: str) -> tuple[str, ...]:
@@ -40,17 +46,14 @@ def harden_flag(text: str | None) -> bool:
     """qubesdb's hardening flag: 1 on; 0, empty or absent off; anything else off, with a warning."""
     value = parse.service_flag(text)
     if value is None:
-        from vif_route_qubes import logsetup
-
         logsetup.get_logger().warning("qubesdb %s is %s, not 1 or 0: hardening stays off",
                                       QDB_HARDEN, parse.shown(text))
         return False
     return value
 
 
-def _qubesdb(keys: list[str]) -> dict[str, str]:
-    from vif_route_qubes.system.tools import ToolMissing
-
+def qubesdb(keys: list[str]) -> dict[str, str]:
+    """The keys qubesdb has; none without qubesdb (a Xen driver domain without Qubes)."""
     try:
         return sources.qubesdb_read(keys)
     except ToolMissing:
@@ -101,7 +104,7 @@ def read_vif_inputs(args: VifArgs) -> VifInputs:
 
     real = next((a for a in addrs if a.version == 4), None)
     mapped_keys = _mapped_keys(real) if real and args.visible_ip is None and online else ()
-    qdb = _qubesdb(want + list(mapped_keys)) if want or mapped_keys else {}
+    qdb = qubesdb(want + list(mapped_keys)) if want or mapped_keys else {}
 
     def pick(option, key, version, what):
         text = option if option is not None else qdb.get(key)
@@ -115,7 +118,7 @@ def read_vif_inputs(args: VifArgs) -> VifInputs:
     if args.visible_ip:  # an empty --visible-ip says "not mapped" without asking qubesdb
         mapped = _mapped(vif, real, args.visible_ip, args.visible_gateway)
     elif mapped_keys:
-        mapped = _mapped_from_qubesdb(vif, real, qdb, mapped_keys, args.mapped_wait)
+        mapped = _mapped_fromqubesdb(vif, real, qdb, mapped_keys, args.mapped_wait)
     if mapped and gateway is None:
         raise InputError(f"{vif}: a mapped address needs the gateway of the vif")
     if not _NETNS_PREFIX.fullmatch(args.netns_prefix):
@@ -165,8 +168,6 @@ def _mapped_keys(real) -> tuple[str, str, str]:
 
 def _mapped(vif, real, visible_text, gateway_text):
     """Mapped(real, visible, visible gateway), or None when visible == real."""
-    from vif_route_qubes.plan.mapped import Mapped
-
     if real is None:
         raise InputError(f"{vif}: a mapped address needs an IPv4 address of the VM")
     visible = parse.address_of(visible_text, 4, source=f"{vif}: visible address")
@@ -180,7 +181,7 @@ def _mapped(vif, real, visible_text, gateway_text):
     return Mapped(real, visible, visible_gw)
 
 
-def _mapped_from_qubesdb(vif, real, qdb, keys, wait: float):
+def _mapped_fromqubesdb(vif, real, qdb, keys, wait: float):
     """Mapped entries from qubesdb, waiting for late ones (qubes-issues #9318).
 
     Rule: dom0 may write the two entries after the hotplug script started.  When
@@ -189,8 +190,6 @@ def _mapped_from_qubesdb(vif, real, qdb, keys, wait: float):
     seconds, then fail rather than configure the VM without its mapping.  With
     neither the announcement nor an entry, the VM is not mapped: no wait.
     """
-    import time
-
     announce, visible_key, gateway_key = keys
     deadline = time.monotonic() + wait
     while True:
@@ -203,4 +202,4 @@ def _mapped_from_qubesdb(vif, real, qdb, keys, wait: float):
             raise VifError(f"{vif}: mapped address entries for {real} did not appear in qubesdb "
                            f"within {wait:g} s")
         time.sleep(MAPPED_POLL)
-        qdb = _qubesdb(list(keys))
+        qdb = qubesdb(list(keys))

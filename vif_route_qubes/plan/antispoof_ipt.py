@@ -20,8 +20,8 @@ the rules, so a vif is protected by one layout or the other at every moment.
 import re
 from typing import NamedTuple
 
-from vif_route_qubes.facts.ipt_state import TableState, delete, table
 from vif_route_qubes.plan import elements
+from vif_route_qubes.plan.ipt_text import TableState, delete, table
 from vif_route_qubes.plan.batch import IpsetCreate, IpsetDestroy, IpsetElements, Restore
 
 DISPATCH = "QBS-ANTISPOOF"
@@ -33,8 +33,7 @@ BASE_JUMP = f'-A PREROUTING -m comment --comment "qubes base" -j {DISPATCH}'
 SET_TYPES = {elements.ALLOWED: "hash:net,iface", elements.DOWNSTREAM: "hash:ip"}
 
 
-def set_name(kind: str, version: int) -> str:
-    return f"qbs-{kind}{version}"
+set_name = elements.ipset_name
 
 
 SET_NAMES = tuple(set_name(kind, v) for v in (4, 6) for kind in (elements.ALLOWED, elements.DOWNSTREAM))
@@ -171,7 +170,4 @@ def plan_vif(facts: IptFacts, vif: str, addrs: tuple, enable: bool) -> list:
     return steps
 
 
-def render_change(change: elements.Change) -> str:
-    """One element change as the ipset command line that makes it."""
-    key = f"{change.address},{change.vif}" if change.vif else change.address
-    return f"ipset {'add' if change.add else 'del'} -exist {set_name(change.set, change.version)} {key}"
+render_change = elements.ipset_command

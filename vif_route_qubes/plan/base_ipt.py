@@ -15,7 +15,7 @@ rules never open traffic between VMs.  raw PREROUTING jumps to QBS-PREROUTING
 last, after the anti-spoofing (which always goes first).
 """
 
-from vif_route_qubes.facts.ipt_state import EMPTY_TABLE, TableState, delete, ensure_chain, ensure_jump, sync_chain
+from vif_route_qubes.plan.ipt_text import EMPTY_TABLE, TableState, delete, ensure_chain, ensure_jump, sync_chain
 from vif_route_qubes.plan import antispoof_ipt
 
 HOOK_CHAINS = {"nat": ("PR-QBS", "PR-QBS-SERVICES"), "filter": ("QBS-INPUT", "QBS-FORWARD")}

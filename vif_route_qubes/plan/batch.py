@@ -1,12 +1,14 @@
 """The batch: every change a command will make, as data that renders itself.
 
-The planner builds a Batch, the applier (apply.py) carries it out, and
+The planner builds a Batch, the applier (system/apply.py) carries it out, and
 `--dry-run`, error messages and golden tests all use the same `render()`.
 The rendered script, run by `sh` as root, makes the same changes.
 """
 
 from shlex import quote
 from typing import NamedTuple
+
+from vif_route_qubes.plan import elements
 
 
 def _ip(family: int) -> str:
@@ -42,9 +44,7 @@ class IpsetElements(NamedTuple):
     changes: tuple
 
     def render(self) -> str:
-        from vif_route_qubes.plan.antispoof_ipt import render_change
-
-        return "\n".join(render_change(change) for change in self.changes)
+        return "\n".join(elements.ipset_command(change) for change in self.changes)
 
 
 class IpsetDestroy(NamedTuple):
@@ -143,9 +143,7 @@ class NftElements(NamedTuple):
     @property
     def text(self) -> str:
         """The `nft -f` input this transaction is equivalent to."""
-        from vif_route_qubes.plan.nft import render_element
-
-        return "".join(render_element(change) + "\n" for change in self.changes)
+        return "".join(elements.nft_command(change, self.table) + "\n" for change in self.changes)
 
     def render(self) -> str:
         return Nft(self.text).render()

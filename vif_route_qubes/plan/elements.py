@@ -5,13 +5,15 @@ may send from; `downstream` holds every VM address, dropped when it arrives
 on any other interface than a vif.  A vif event changes only its own pairs,
 and a downstream address only when no other vif holds it (CONTRACT section 1:
 a restarted VM's new vif keeps its protection when the old vif's offline is
-late).  nft.py renders the changes as `add/delete element`, antispoof_ipt.py
-as ipset commands.
+late).  The changes render themselves here, as ipset commands (the iptables
+backend's IpsetElements step) or as nft `add/delete element` lines (the nft
+backend's NftElements step): batch.py's steps use these, and import no planner.
 """
 
 from typing import NamedTuple
 
 ALLOWED, DOWNSTREAM = "allowed", "downstream"
+NFT_FAMILIES = {4: "ip", 6: "ip6"}  # nft's family of each IP version
 
 
 class Held(NamedTuple):
@@ -51,3 +53,21 @@ def of_pairs(vif: str, pairs, downstream) -> Held:
     pairs = tuple(pairs)
     mine = frozenset(a for name, a in pairs if name == vif)
     return Held(mine, frozenset(downstream), frozenset(a for name, a in pairs if name != vif))
+
+
+def ipset_name(kind: str, version: int) -> str:
+    """The iptables backend's ipset of `kind` (ALLOWED or DOWNSTREAM) for IPv`version`."""
+    return f"qbs-{kind}{version}"
+
+
+def ipset_command(change: Change) -> str:
+    """One element change as the ipset command line that makes it."""
+    key = f"{change.address},{change.vif}" if change.vif else change.address
+    return f"ipset {'add' if change.add else 'del'} -exist {ipset_name(change.set, change.version)} {key}"
+
+
+def nft_command(change: Change, table: str) -> str:
+    """One element change as the `nft -f` line that makes it, in `table` of the change's family."""
+    verb = "add" if change.add else "delete"
+    key = f'"{change.vif}" . {change.address}' if change.vif else change.address
+    return f"{verb} element {NFT_FAMILIES[change.version]} {table} {change.set} {{ {key} }}"

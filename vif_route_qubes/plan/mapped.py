@@ -10,7 +10,6 @@ anti-spoofs (only the visible address from the VM, ARP only for it and only
 towards the visible gateway) and drops all IPv6.
 """
 
-import os
 from ipaddress import IPv4Address
 from typing import NamedTuple
 
@@ -35,26 +34,6 @@ class MappedFacts(NamedTuple):
 
 def netns_name(inp: VifInputs) -> str:
     return inp.netns_prefix + inp.vif
-
-
-def _private_mounts() -> bool:
-    try:
-        return os.readlink("/proc/self/ns/mnt") != os.readlink("/proc/1/ns/mnt")
-    except OSError:
-        return False
-
-
-def read_facts(inp: VifInputs) -> MappedFacts:
-    name = netns_name(inp)
-    if not os.path.exists(f"/run/netns/{name}"):
-        return MappedFacts(False, False, _private_mounts())
-    from vif_route_qubes.system import ip
-
-    try:
-        found = ip.link_in_netns(name, inp.vif)
-    except OSError:
-        found = False  # a namespace file that is no namespace: nothing of ours inside
-    return MappedFacts(True, found, _private_mounts())
 
 
 def _netns(facts: MappedFacts, *argv: str) -> Exec:

@@ -18,10 +18,12 @@ or for element changes alone one netlink batch, system/nft_elements.py).
 import json
 from typing import NamedTuple
 
+from vif_route_qubes.plan import elements
+from vif_route_qubes.plan.batch import Nft, NftElements
 
 TABLE = "qubes"
 VIF_GROUP = 2
-FAMILIES = {4: "ip", 6: "ip6"}
+FAMILIES = elements.NFT_FAMILIES
 ADDR_TYPE = {4: "ipv4_addr", 6: "ipv6_addr"}
 SADDR = {4: "ip saddr", 6: "ip6 saddr"}
 
@@ -157,16 +159,12 @@ DNAT_SPEC = "type nat hook prerouting priority dstnat; policy accept;"
 def vif_elements(version: int, table: NftTable | None, vif: str, addrs: tuple, enable: bool) -> list:
     """The element changes that make this vif's pairs exactly `addrs` (online) or
     none (offline): the shared planner's (plan/elements.py)."""
-    from vif_route_qubes.plan import elements
-
     held = elements.of_pairs(vif, table.allowed if table else (), table.downstream if table else ())
     return elements.changes(vif, version, addrs, enable, held)
 
 
-def render_element(change) -> str:
-    verb = "add" if change.add else "delete"
-    key = f'"{change.vif}" . {change.address}' if change.vif else change.address
-    return f"{verb} element {FAMILIES[change.version]} {TABLE} {change.set} {{ {key} }}"
+def render_element(change: elements.Change) -> str:
+    return elements.nft_command(change, TABLE)
 
 
 def is_base(table: NftTable) -> bool:
@@ -185,8 +183,6 @@ def plan_vif(state: NftState, vif: str, addrs: tuple, enable: bool):
     only a per-vif event made once its sets are empty.  An NftElements step when
     it only changes elements (every event after `init`), else an Nft step; None
     when there is nothing to change."""
-    from vif_route_qubes.plan.batch import Nft, NftElements
-
     out, changes = [], []  # out: the whole transaction; changes: its element lines
     # Another vif still relies on both tables, whatever its address families
     # (with no IPv6 address, the ip6 table is what drops its IPv6).

@@ -5,7 +5,7 @@ online; the two orders below are the only place that says what comes first.
 """
 
 from vif_route_qubes.model import VifFacts, VifInputs
-from vif_route_qubes.plan import antispoof_ipt
+from vif_route_qubes.plan import antispoof_ipt, mapped, nft
 from vif_route_qubes.plan.batch import (Addr, Batch, ConntrackPurge, Group, Hook, Link, Neigh, Note, Rename,
                                         Route, Sysctl, XenstoreWrite)
 
@@ -23,8 +23,6 @@ HARDEN_SYSTEM = {"net/ipv6/max_dst_opts_length": "0", "net/ipv6/conf/all/accept_
 
 def antispoof(inp: VifInputs, facts: VifFacts, enable: bool) -> list:
     if facts.backend == "nft":
-        from vif_route_qubes.plan import nft
-
         step = nft.plan_vif(facts.nft, inp.vif, inp.addresses, enable)
         return [step] if step else []
     return antispoof_ipt.plan_vif(facts.ipt, inp.vif, inp.addresses, enable)
@@ -147,8 +145,6 @@ def plan_online(inp: VifInputs, facts: VifFacts) -> Batch:
     if facts.rename_pending:
         steps.append(Rename(inp.rename_from, inp.vif))
     if inp.mapped:
-        from vif_route_qubes.plan import mapped
-
         steps += mapped.plan_online(inp, facts.mapped, facts.exists)
         inp = mapped.main_side(inp)
     # Anti-spoofing first: the link must never be up without it.
@@ -168,8 +164,6 @@ def plan_offline(inp: VifInputs, facts: VifFacts) -> Batch:
     steps = []
     title = f"vif-route-qubes offline {inp.vif}"
     if facts.mapped and facts.mapped.netns_exists:
-        from vif_route_qubes.plan import mapped
-
         full, inp = inp, mapped.main_side(inp)
         tail = mapped.plan_offline(full, facts.mapped, facts.exists)
     else:

@@ -6,6 +6,7 @@ A fresh fork of the single-threaded server is single-threaded, which
 setns(CLONE_NEWNS) requires.  Python 3.11 has no os.setns: libc's, by ctypes.
 """
 
+import codecs
 import ctypes
 import importlib
 import io
@@ -13,8 +14,11 @@ import os
 import resource
 import signal
 import sys
+import traceback
 
+from vif_route_qubes import timing
 from vif_route_qubes.server import protocol
+from vif_route_qubes.server.client import note_mode
 from vif_route_qubes.server.commands import served
 
 CLONE_NEWNS = 0x00020000
@@ -107,8 +111,6 @@ def become_client(request: dict, fds: list[int], server_pid: int) -> None:
     _signals(request["ignored"], request["blocked"])
     sys.argv = [os.fsdecode(a) for a in request["argv"]]
     try:
-        from vif_route_qubes import timing
-
         timing._START = request["started"]  # the client's clock: imports = start to here
     except (ImportError, AttributeError):
         pass
@@ -149,16 +151,12 @@ def run(request: dict, fds: list[int], server_pid: int, report_fd: int) -> None:
             sys.stderr.write(f"{os.path.basename(sys.argv[0] or 'vif-route-qubes')}: the event failed: "
                              f"vif-route-qubes server child: {exc}\n")
             raise SystemExit(1) from None
-        from vif_route_qubes.server.client import note_mode
-
         note_mode(f"served by vif-route-qubes server pid {server_pid}")
         importlib.import_module(SERVED[request["entry"]]).main()
         status = 0
     except SystemExit as exc:
         status = exit_status(exc)
     except BaseException:
-        import traceback
-
         traceback.print_exc()
         status = 1
     finally:
@@ -205,8 +203,6 @@ def decode(request: dict) -> dict:
         raise protocol.ProtocolError("bad stdio")
     for encoding, errors in stdio:
         try:
-            import codecs
-
             codecs.lookup(encoding)
             codecs.lookup_error(errors)
         except LookupError:

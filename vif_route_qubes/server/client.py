@@ -49,7 +49,7 @@ def run(entry: str, module: str) -> None:
     if protocol.never_served(entry, sys.argv):
         # `serve` runs here at once: systemd starts it for a connection to the
         # very socket it would be offered to, and that event is its first.
-        import importlib
+        import importlib  # start-up: the light client imports only what its path needs
 
         importlib.import_module(module).main()
         sys.exit(0)
@@ -75,7 +75,7 @@ def run(entry: str, module: str) -> None:
 
 def in_process(module: str, reason: str) -> None:
     """Run the event here, as the in-process entry does; never returns."""
-    import importlib
+    import importlib  # start-up: the light client imports only what its path needs
 
     note_mode(f"run in-process ({reason})")
     importlib.import_module(module).main()
@@ -85,7 +85,7 @@ def in_process(module: str, reason: str) -> None:
 def note_mode(text: str) -> None:
     """Say in the verbose log which mode runs the event: the first logger
     set up for it (logsetup.setup) gets `text` as a debug record."""
-    from vif_route_qubes import logsetup
+    from vif_route_qubes import logsetup  # start-up: logging, only on the paths that log
 
     original = logsetup.setup
 

@@ -109,7 +109,7 @@ def loads(body: bytes):
             return value
     except Exception:  # noqa: BLE001  (StopIteration, ValueError, SystemError without json.decoder)
         pass
-    import json
+    import json  # start-up: the light client loads json only for an odd string
 
     return json.loads(body)
 

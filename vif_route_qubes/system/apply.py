@@ -14,14 +14,15 @@ import time
 
 from vif_route_qubes import logsetup
 from vif_route_qubes.errors import VifError
-from vif_route_qubes.inputs import sources
+from vif_route_qubes.plan import elements
 from vif_route_qubes.plan.batch import (Addr, Batch, ConntrackPurge, Exec, Group, Hook, IpsetCreate, IpsetDestroy,
                                         IpsetElements, Link, LinkDel, MoveLink, Neigh, Nft, NftElements, Note, Rename,
                                         Restore, ReturnLink, Route, Run, Sysctl, VethAdd, XenstoreWrite)
-from vif_route_qubes.system import ip, lock, tools
+from vif_route_qubes.system import ip, lock, sources, tools
+from vif_route_qubes.system.ipset import Ipsets
+from vif_route_qubes.system.nft_elements import ElementWriter
 
 log = logsetup.get_logger("vif-route-qubes")
-RESTORE_TIMEOUT = 30.0
 
 
 class Applier:
@@ -47,8 +48,6 @@ class Applier:
     def ipsets(self):
         """The ipset netlink socket, opened by the first ipset step."""
         if self._ipsets is None:
-            from vif_route_qubes.system.ipset import Ipsets
-
             self._ipsets = Ipsets()
         return self._ipsets
 
@@ -56,8 +55,6 @@ class Applier:
     def nft_elements(self):
         """The nfnetlink socket of element changes, opened by the first such step."""
         if self._nft_elements is None:
-            from vif_route_qubes.system.nft_elements import ElementWriter
-
             self._nft_elements = ElementWriter()
         return self._nft_elements
 
@@ -75,7 +72,7 @@ class Applier:
 
     def tool(self, argv, stdin: str | None = None, what: str | None = None) -> tools.Result:
         """A program that changes the system: it inherits the lock."""
-        return tools.run(argv, stdin=stdin, timeout=RESTORE_TIMEOUT, pass_fds=self.fds, what=what)
+        return tools.run(argv, stdin=stdin, pass_fds=self.fds, what=what)
 
 
 # -- one function per step type ----------------------------------------------
@@ -94,12 +91,10 @@ def _ipsetcreate(app: Applier, step: IpsetCreate) -> None:
 
 
 def _ipsetelements(app: Applier, step: IpsetElements) -> None:
-    from vif_route_qubes.plan.antispoof_ipt import set_name
-
     for change in step.changes:
         entry = (change.address, change.vif) if change.vif else (change.address,)
         call = app.ipsets.add if change.add else app.ipsets.delete
-        call(set_name(change.set, change.version), change.version, entry)
+        call(elements.ipset_name(change.set, change.version), change.version, entry)
 
 
 def _ipsetdestroy(app: Applier, step: IpsetDestroy) -> None:
@@ -130,7 +125,7 @@ def _linkdel(app: Applier, step: LinkDel) -> None:
 
 
 def _nft(app: Applier, step: Nft) -> None:
-    tools.run(["nft", "-f", "-"], stdin=step.text, timeout=30, pass_fds=app.fds)
+    tools.run(["nft", "-f", "-"], stdin=step.text, pass_fds=app.fds)
 
 
 def _index(ifname: str, required: bool) -> int | None:
@@ -180,34 +175,22 @@ def _link(app: Applier, step: Link) -> None:
             raise
 
 
-def _addr(app: Applier, step: Addr) -> None:
-    index = _index(step.ifname, step.add)
-    if index is None:
-        return
-    if step.add:
-        ip.addr_replace(index, step.address, step.prefixlen)
-    else:
-        ip.addr_del(index, step.address, step.prefixlen)
+def _on_link(add, delete):
+    """An Addr, Route or Neigh step: add(index, step) or delete(index, step) on its
+    interface; nothing when a removal finds the interface gone (see _index)."""
+    def run(app: Applier, step: Addr | Route | Neigh) -> None:
+        index = _index(step.ifname, step.add)
+        if index is not None:
+            (add if step.add else delete)(index, step)
+    return run
 
 
-def _route(app: Applier, step: Route) -> None:
-    index = _index(step.ifname, step.add)
-    if index is None:
-        return
-    if step.add:
-        ip.route_replace(index, step.address, step.metric)
-    else:
-        ip.route_del(index, step.address, step.metric)
-
-
-def _neigh(app: Applier, step: Neigh) -> None:
-    index = _index(step.ifname, step.add)
-    if index is None:
-        return
-    if step.add:
-        ip.neigh_replace(index, step.address, step.mac)
-    else:
-        ip.neigh_del(index, step.address)
+_addr = _on_link(lambda index, s: ip.addr_replace(index, s.address, s.prefixlen),
+                 lambda index, s: ip.addr_del(index, s.address, s.prefixlen))
+_route = _on_link(lambda index, s: ip.route_replace(index, s.address, s.metric),
+                  lambda index, s: ip.route_del(index, s.address, s.metric))
+_neigh = _on_link(lambda index, s: ip.neigh_replace(index, s.address, s.mac),
+                  lambda index, s: ip.neigh_del(index, s.address))
 
 
 def _conntrackpurge(app: Applier, step: ConntrackPurge) -> None:
@@ -236,7 +219,7 @@ def _hook(app: Applier, step: Hook) -> None:
 def _run(app: Applier, step: Run) -> None:
     """A program whose failure is logged, never fatal (service reloads)."""
     try:
-        result = tools.run(step.argv, timeout=30, check=False, nice=lock.waited_nice())
+        result = tools.run(step.argv, check=False, nice=lock.waited_nice())
     except tools.ToolError as exc:
         log.error("%s: %s", " ".join(step.argv), exc)
         return

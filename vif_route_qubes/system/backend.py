@@ -42,7 +42,7 @@ def resolve(choice: str, wait_base: float | None = None) -> str:
         return "nft"
     if choice == "nft" or qubes:
         return "nft"
-    from vif_route_qubes.system import ip
+    from vif_route_qubes.system import ip  # start-up: pyroute2 only when auto must look at the tables
 
     return "nft" if ip.nft_table_exists(TABLE, 4) else "iptables"
 
@@ -54,7 +54,7 @@ def qubes_nft_base() -> bool:
 
 def antispoof_loaded() -> bool:
     """Whether the IPv4 table holds the sets the vif events fill."""
-    from vif_route_qubes.system import nftables
+    from vif_route_qubes.system import nftables  # start-up: pyroute2 only when waiting for Qubes' base
 
     with nftables.Reader() as reader:
         found = reader.table(4, TABLE)

@@ -56,27 +56,23 @@ def _oserror(exc: NetlinkError) -> OSError:
     return OSError(exc.code, os.strerror(exc.code) if exc.code else str(exc))
 
 
-def _mapped(func):
-    """NetlinkError -> OSError, once for every operation."""
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        except NetlinkError as exc:
-            raise _oserror(exc) from None
-    return wrapper
+def _netlink(gone_is_success: bool = False):
+    """NetlinkError -> OSError, once for every operation; for a deletion
+    (`gone_is_success`) what is already gone is success."""
+    def decorate(func):
+        @functools.wraps(func)
+        def wrapper(*args, **kwargs):
+            try:
+                return func(*args, **kwargs)
+            except NetlinkError as exc:
+                if not (gone_is_success and exc.code in GONE):
+                    raise _oserror(exc) from None
+        return wrapper
+    return decorate
 
 
-def _tolerant(func):
-    """A deletion: what is already gone is success."""
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        except NetlinkError as exc:
-            if exc.code not in GONE:
-                raise _oserror(exc) from None
-    return wrapper
+_mapped = _netlink()
+_tolerant = _netlink(gone_is_success=True)
 
 
 # -- links ----------------------------------------------------------------
@@ -237,7 +233,7 @@ def permanent_neighbours(index: int) -> list[tuple[int, str]]:
 def nft_table_exists(name: str, version: int) -> bool:
     """Whether the nftables table `ip NAME` (or `ip6 NAME`) exists (False when
     nftables cannot be asked at all)."""
-    from pyroute2.nftables.main import NFTables
+    from pyroute2.nftables.main import NFTables  # start-up: this part of pyroute2 only when used
 
     try:
         # A dump of the family's tables (few): table("get") of pyroute2 0.9.7 fails (a coroutine not awaited).
@@ -280,7 +276,7 @@ def conntrack_purge(addresses) -> int:
     gave them, so nothing else can be hit.  Returns how many were deleted."""
     if _conntrack_count() == 0:
         return 0  # the namespace's table is empty: skip the walk
-    from pyroute2 import Conntrack
+    from pyroute2 import Conntrack  # start-up: this part of pyroute2 only when used
 
     deleted = 0
     for family in (socket.AF_INET, socket.AF_INET6):

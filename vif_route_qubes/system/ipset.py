@@ -38,7 +38,7 @@ class Ipsets:
     @property
     def _ipset(self):
         if self._socket is None:
-            from pyroute2.ipset import IPSet
+            from pyroute2.ipset import IPSet  # start-up: this part of pyroute2 only when used
 
             try:
                 self._socket = IPSet()
@@ -58,7 +58,7 @@ class Ipsets:
         self.close()
 
     def _call(self, what: str, func, *args, **kwargs):
-        from pyroute2.netlink.exceptions import NetlinkError
+        from pyroute2.netlink.exceptions import NetlinkError  # start-up: this part of pyroute2 only when used
 
         try:
             return func(*args, **kwargs)
@@ -84,7 +84,7 @@ class Ipsets:
         self._call(f"create {name}", self._ipset.create, name, stype=stype, family=AF[family], exclusive=False)
 
     def destroy(self, name: str) -> None:
-        from pyroute2.netlink.exceptions import NetlinkError
+        from pyroute2.netlink.exceptions import NetlinkError  # start-up: this part of pyroute2 only when used
 
         try:
             self._ipset.destroy(name)
@@ -101,7 +101,7 @@ class Ipsets:
                    exclusive=False, etype=_etype(entry))
 
     def test(self, name: str, family: int, entry: tuple[str, ...]) -> bool:
-        from pyroute2.netlink.exceptions import NetlinkError
+        from pyroute2.netlink.exceptions import NetlinkError  # start-up: this part of pyroute2 only when used
 
         try:
             return self._ipset.test(name, entry, family=AF[family], etype=_etype(entry))
@@ -113,7 +113,7 @@ class Ipsets:
     def members(self, name: str) -> list[tuple[str, ...]] | None:
         """Every element (address[, interface]) of a set; None when it does not exist.
         Only for `check` and the migration: an event reads its own elements with test()."""
-        from pyroute2.netlink.exceptions import NetlinkError
+        from pyroute2.netlink.exceptions import NetlinkError  # start-up: this part of pyroute2 only when used
 
         try:
             found = list(self._ipset.list(name))

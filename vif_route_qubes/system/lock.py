@@ -12,11 +12,11 @@ holder runs at the highest priority until it lets go (see _ahead_of_waiters).
 import fcntl
 import os
 import signal
+import time
 from contextlib import contextmanager
 
 from vif_route_qubes.errors import VifError
 
-DEFAULT_LOCK = "/run/vif-route-qubes.lock"
 HOLDER_NICE = -20  # the holder's priority: see _ahead_of_waiters
 _waited_at: int | None = None
 
@@ -84,3 +84,27 @@ def waited_nice() -> int | None:
     """The niceness the lock's holder had before it took the lock (None when
     it holds none, or was not raised)."""
     return _waited_at
+
+
+@contextmanager
+def shared_lock(path: str, timeout: float):
+    """The events' lock, shared: a check never reads half an event, and checks
+    never wait for each other.  No lock file: no event ever ran."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        fd = None
+    try:
+        deadline = time.monotonic() + timeout
+        while fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise VifError(f"lock {path} still held after {timeout:g} s") from None
+                time.sleep(0.02)
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)

@@ -24,8 +24,8 @@ NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11  # linux/netfilter/nfnetli
 
 def _marker(kind: int):
     """The begin or end message of an nf_tables batch."""
-    from pyroute2.netlink import NLM_F_REQUEST
-    from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_NFTABLES, nfgen_msg
+    from pyroute2.netlink import NLM_F_REQUEST  # start-up: this part of pyroute2 only when used
+    from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_NFTABLES, nfgen_msg  # start-up: this part of pyroute2 only when used
 
     msg = nfgen_msg()
     msg["res_id"] = NFNL_SUBSYS_NFTABLES
@@ -36,9 +36,9 @@ def _marker(kind: int):
 
 def element_message(table: str, change):
     """The NEWSETELEM or DELSETELEM message of one plan/elements.py Change."""
-    from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_REQUEST
-    from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_NFTABLES
-    from pyroute2.netlink.nfnetlink import nftsocket as nfts
+    from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_REQUEST  # start-up: this part of pyroute2 only when used
+    from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_NFTABLES  # start-up: this part of pyroute2 only when used
+    from pyroute2.netlink.nfnetlink import nftsocket as nfts  # start-up: this part of pyroute2 only when used
 
     key = pair_key(change.vif, change.address) if change.vif else address_key(change.address)
     msg = one_element_message(table, change.set, key)
@@ -63,8 +63,8 @@ class ElementWriter:
     def apply(self, table: str, changes, what: str) -> None:
         """All of `changes` in one transaction; a VifError names `what` (the
         transaction as `nft -f` input) and the kernel's reason."""
-        from pyroute2.netlink.exceptions import NetlinkError
-        from pyroute2.netlink.nfnetlink.nftsocket import NFTSocket
+        from pyroute2.netlink.exceptions import NetlinkError  # start-up: this part of pyroute2 only when used
+        from pyroute2.netlink.nfnetlink.nftsocket import NFTSocket  # start-up: this part of pyroute2 only when used
 
         messages = [_marker(NFNL_MSG_BATCH_BEGIN), *(element_message(table, c) for c in changes),
                     _marker(NFNL_MSG_BATCH_END)]

@@ -38,7 +38,7 @@ def _fail(what: str, exc: Exception) -> VifError:
 @functools.cache
 def _raw_elements_class():
     """nft_set_elem_list_msg with the element list left undecoded."""
-    from pyroute2.netlink.nfnetlink import nfgen_msg
+    from pyroute2.netlink.nfnetlink import nfgen_msg  # start-up: this part of pyroute2 only when used
 
     class raw_elem_list_msg(nfgen_msg):
         prefix = "NFTA_SET_ELEM_LIST_"
@@ -89,7 +89,7 @@ def pair_key(ifname: str, address: str) -> bytes:
 def one_element_message(table: str, name: str, key: bytes):
     """An element list message naming one element of set `name` by its key
     (a probe's GETSETELEM, an event's NEWSETELEM or DELSETELEM)."""
-    from pyroute2.netlink.nfnetlink import nftsocket as nfts
+    from pyroute2.netlink.nfnetlink import nftsocket as nfts  # start-up: this part of pyroute2 only when used
 
     msg = nfts.nft_set_elem_list_msg()
     msg["attrs"] = [["NFTA_SET_ELEM_LIST_TABLE", table], ["NFTA_SET_ELEM_LIST_SET", name],
@@ -134,8 +134,8 @@ class Reader:
 
     def _sock(self, version: int):
         if version not in self._socks:
-            from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_NFTABLES
-            from pyroute2.netlink.nfnetlink.nftsocket import NFT_MSG_NEWSETELEM, NFTSocket
+            from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_NFTABLES  # start-up: this part of pyroute2 only when used
+            from pyroute2.netlink.nfnetlink.nftsocket import NFT_MSG_NEWSETELEM, NFTSocket  # start-up: this part of pyroute2 only when used
 
             try:
                 sock = NFTSocket(nfgen_family=NFPROTO[version])
@@ -147,8 +147,8 @@ class Reader:
 
     def _get(self, version: int, what: str, msg, msg_type: int, dump: bool = True) -> list | None:
         """The replies of one request; None when the kernel answers ENOENT."""
-        from pyroute2.netlink import NLM_F_DUMP, NLM_F_REQUEST
-        from pyroute2.netlink.exceptions import NetlinkError
+        from pyroute2.netlink import NLM_F_DUMP, NLM_F_REQUEST  # start-up: this part of pyroute2 only when used
+        from pyroute2.netlink.exceptions import NetlinkError  # start-up: this part of pyroute2 only when used
 
         try:
             return list(self._sock(version).request_get(msg, msg_type, NLM_F_REQUEST | (NLM_F_DUMP if dump else 0)))
@@ -160,7 +160,7 @@ class Reader:
             raise _fail(what, exc) from None
 
     def _dump_names(self, version: int, kind: str, table: str) -> frozenset[str]:
-        from pyroute2.netlink.nfnetlink import nftsocket as nfts
+        from pyroute2.netlink.nfnetlink import nftsocket as nfts  # start-up: this part of pyroute2 only when used
 
         msg_class, msg_type = {"chain": (nfts.nft_chain_msg, nfts.NFT_MSG_GETCHAIN),
                                "set": (nfts.nft_set_msg, nfts.NFT_MSG_GETSET)}[kind]
@@ -173,7 +173,7 @@ class Reader:
     def table(self, version: int, name: str) -> tuple[frozenset[str], frozenset[str]] | None:
         """(chain names, set names) of table `name` of the family, or None when
         it does not exist (the tables are dumped only when it has neither)."""
-        from pyroute2.netlink.nfnetlink import nftsocket as nfts
+        from pyroute2.netlink.nfnetlink import nftsocket as nfts  # start-up: this part of pyroute2 only when used
 
         chains, sets = self._dump_names(version, "chain", name), self._dump_names(version, "set", name)
         if chains or sets:
@@ -187,7 +187,7 @@ class Reader:
 
     def set_keys(self, version: int, table: str, name: str) -> list[bytes]:
         """Every element's key of a set ([] when it does not exist)."""
-        from pyroute2.netlink.nfnetlink import nftsocket as nfts
+        from pyroute2.netlink.nfnetlink import nftsocket as nfts  # start-up: this part of pyroute2 only when used
 
         msg = nfts.nft_set_elem_list_msg()
         msg["attrs"] = [["NFTA_SET_ELEM_LIST_TABLE", table], ["NFTA_SET_ELEM_LIST_SET", name]]
@@ -198,7 +198,7 @@ class Reader:
 
     def has_key(self, version: int, table: str, name: str, key: bytes) -> bool:
         """Whether the set has an element with this key (False when the set does not exist)."""
-        from pyroute2.netlink.nfnetlink import nftsocket as nfts
+        from pyroute2.netlink.nfnetlink import nftsocket as nfts  # start-up: this part of pyroute2 only when used
 
         msg = one_element_message(table, name, key)
         return bool(self._get(version, f"get element {name}", msg, nfts.NFT_MSG_GETSETELEM, dump=False))
