@@ -2,14 +2,16 @@
 ForkingMixIn: each started in the ready spare child or in a child forked
 then, answered from the status the child reports as it exits (or from its
 wait status when it could not), and ended with its programs when its
-client goes away.  Mixed into serve.Server, whose state it shares."""
+client goes away.  A plain object the server owns and calls; what it needs
+of the server is passed in (see Jobs)."""
 
+import functools
 import os
 import selectors
-import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 
 from vif_route_qubes.server import child, intake, reaper, spare
 
@@ -26,9 +28,29 @@ class Job:
 
 
 class Jobs:
-    """Server's part that starts, answers and ends requests (see the module)."""
+    """The running requests (`running`, by child pid), the spare, the trees
+    being ended (`endings`: the loop's end_overdue() finishes them when
+    due) and the count of requests answered (`served`).
 
-    def _start(self, conn: socket.socket, request: dict, fds: list[int], frame: bytes) -> None:
+    Of the server it needs what is passed in: the `selector` of its loop
+    (each descriptor registered with its handler, which the loop calls),
+    `log`, `close_inherited()` (run in every new child or spare: what it must
+    not keep of the server's, close_in_child() below included) and
+    `spare_wanted()` (the server's side of the spare policy)."""
+
+    def __init__(self, selector: selectors.BaseSelector, log: Callable[[str], None],
+                 close_inherited: Callable[[], None], spare_wanted: Callable[[], bool]) -> None:
+        self.selector, self.log = selector, log
+        self.close_inherited, self.spare_wanted = close_inherited, spare_wanted
+        self.running: dict[int, Job] = {}
+        self.spare: spare.Spare | None = None
+        self.endings: list[reaper.Ending] = []
+        self.served = 0
+
+    def _watch(self, fileobj, handler: Callable, about) -> None:
+        self.selector.register(fileobj, selectors.EVENT_READ, functools.partial(handler, about))
+
+    def start(self, conn: socket.socket, request: dict, fds: list[int], frame: bytes) -> None:
         """The request to the ready spare, else to a child forked now; then "accepted"."""
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
@@ -39,15 +61,33 @@ class Jobs:
         for fd in fds:
             os.close(fd)
         job = Job(pid, conn, request["entry"], report_r, from_spare)
-        self.jobs[pid] = job
-        self.selector.register(job.pidfd, selectors.EVENT_READ, ("exit", job))
-        self.selector.register(report_r, selectors.EVENT_READ, ("report", job))
+        self.running[pid] = job
+        self._watch(job.pidfd, self._reap, job)
+        self._watch(report_r, self._read_report, job)
         try:
             intake.send(conn, {"accepted": pid})
-            self.selector.register(conn, selectors.EVENT_READ, ("client", job))
+            self._watch(conn, self._client_readable, job)
         except OSError:
             self._client_gone(job)
-        self._make_spare()
+        self.make_spare()
+
+    def adopt(self, early: "Jobs") -> None:
+        """What the server in the warm-up started (it made no spare): its
+        running requests, the trees it is ending, its count."""
+        for pid, job in early.running.items():
+            self.running[pid] = job
+            self._watch(job.pidfd, self._reap, job)
+            if job.report_fd is not None:
+                self._watch(job.report_fd, self._read_report, job)
+            if not job.client_gone and not job.answered:
+                self._watch(job.conn, self._client_readable, job)
+        self.endings += early.endings
+        self.served += early.served
+
+    def end_overdue(self, now: float) -> None:
+        for ending in [e for e in self.endings if e.deadline <= now]:
+            ending.finish()
+            self.endings.remove(ending)
 
     def _fork(self, conn: socket.socket, request: dict, fds: list[int]) -> tuple[int, int, bool]:
         report_r, report_w = os.pipe2(os.O_CLOEXEC)
@@ -56,7 +96,7 @@ class Jobs:
             try:
                 os.close(report_r)
                 conn.close()
-                self._close_inherited()
+                self.close_inherited()
             except BaseException:  # noqa: BLE001  (never back into the server's loop)
                 os._exit(1)
             child.run(request, fds, os.getppid(), report_w)
@@ -73,17 +113,13 @@ class Jobs:
         ready.close()
         return ready.pid, report_r, True
 
-    def _make_spare(self) -> None:
-        """A spare for the next request, while no request is running or
-        arriving beside the one just started (a burst gets none), and while
-        requests come (the last one within spare_idle: a quiet server keeps
-        only its own memory)."""
-        if not self.spares or self.spare is not None or not self.accepting or len(self.jobs) > 1 or self.readings:
+    def make_spare(self) -> None:
+        """A spare for the next request, while no request is running beside
+        the one just started (a burst gets none) and the server wants one."""
+        if self.spare is not None or len(self.running) > 1 or not self.spare_wanted():
             return
-        if time.monotonic() - self.last_request >= self.spare_idle:
-            return
-        self.spare = spare.Spare(self._close_inherited)
-        self.selector.register(self.spare.channel, selectors.EVENT_READ, ("spare", self.spare))
+        self.spare = spare.Spare(self.close_inherited)
+        self._watch(self.spare.channel, self._spare_says, self.spare)
 
     def _spare_says(self, ready: spare.Spare) -> None:
         try:
@@ -94,35 +130,23 @@ class Jobs:
             ready.ready = True
             return
         self.log(f"spare child {ready.pid} ended unused")
-        self._drop_spare()
+        self.drop_spare()
 
-    def _drop_spare(self) -> None:
+    def drop_spare(self) -> None:
         if self.spare is not None:
             self.selector.unregister(self.spare.channel)
             self.spare.end()
             self.spare = None
 
-    def _close_inherited(self) -> None:
-        """In a new child or spare: what it must not keep of the server's."""
-        for signum in (signal.SIGTERM, signal.SIGINT):  # the server's handlers: a TERM must end a child
-            signal.signal(signum, signal.SIG_DFL)
-        if self.accepting:
-            self.listener.close()
-        for job in self.jobs.values():
+    def close_in_child(self) -> None:
+        """In a new child or spare: its copies of the running requests' and the spare's descriptors."""
+        for job in self.running.values():
             job.conn.close()
             os.close(job.pidfd)
             if job.report_fd is not None:
                 os.close(job.report_fd)
-        for reading in self.readings:
-            reading.conn.close()
-            for fd in reading.fds:
-                os.close(fd)
         if self.spare is not None:
             self.spare.close()
-        os.close(self.log_fd)
-        os.close(self.wakeup_r)
-        os.close(self.wakeup_w)
-        signal.set_wakeup_fd(-1)
 
     def _client_readable(self, job: Job) -> None:
         try:
@@ -170,7 +194,7 @@ class Jobs:
         _, status, usage = os.wait4(job.pid, 0)
         self.selector.unregister(job.pidfd)
         os.close(job.pidfd)
-        del self.jobs[job.pid]
+        del self.running[job.pid]
         if job.report_fd is not None:  # its report and its exit seen in one turn
             self._read_report(job)
         if job.reported is None:
@@ -178,7 +202,7 @@ class Jobs:
         elif not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == job.reported):
             self.log(f"child {job.pid} ended with {reaper.outcome(job.pid, status)[1]} "
                      f"after reporting status {job.reported}")
-        self._make_spare()
+        self.make_spare()
 
     def _answer(self, job: Job, reply: dict, outcome: str, peak: int) -> None:
         job.answered = True

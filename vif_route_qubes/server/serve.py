@@ -10,11 +10,13 @@ fork: the warm-up only imports.  Each request: SO_PEERCRED uid 0, the
 installed code unchanged (else refuse and exit once the running children
 are done), hello, the request with its descriptors (read with a short
 timeout: a stuck client delays the loop by at most that), then it runs in
-the spare or in a child forked for it (jobs.py, spare.py).  The loop turns
-during the warm-up too, between its imports (serve() below).  Resident unless
---idle-timeout; the spare is dropped after --spare-idle without a request.
+the spare or in a child forked for it (jobs.Jobs, an object the server owns
+and calls; spare.py).  The loop turns during the warm-up too, between its
+imports (serve() below).  Resident unless --idle-timeout; the spare is
+dropped after --spare-idle without a request.
 """
 
+import functools
 import os
 import selectors
 import signal
@@ -22,36 +24,34 @@ import socket
 import struct
 import time
 
-from vif_route_qubes.server import intake, listen, protocol, reaper, warm
-from vif_route_qubes.server.jobs import Job, Jobs
+from vif_route_qubes.server import intake, listen, protocol, warm
+from vif_route_qubes.server.jobs import Jobs
 
 _CRED = struct.Struct("3i")  # pid, uid, gid
 EARLY_CHILDREN = os.cpu_count() or 1  # requests run unwarmed at once, during the warm-up
 
 
-class Server(Jobs):
+class Server:
     def __init__(self, listener: socket.socket, idle: float | None, path: str | None, early: bool = False,
                  spares: bool = False, spare_idle: float = 0.0) -> None:
         self.listener, self.idle, self.path, self.early = listener, idle, path, early  # idle None: resident
-        self.spares, self.spare, self.spare_idle = spares, None, spare_idle
+        self.spares, self.spare_idle = spares, spare_idle
         self.path_ino = os.stat(path).st_ino if path else None
         self.listener.setblocking(False)
         self.selector = selectors.PollSelector()  # no descriptor of its own for the children to inherit
-        self.selector.register(listener, selectors.EVENT_READ, ("accept", None))
-        self.jobs: dict[int, Job] = {}
+        self.selector.register(listener, selectors.EVENT_READ, self._accept)
+        self.jobs = Jobs(self.selector, self.log, self._close_inherited, self._spare_wanted)
         self.readings: list[intake.Reading] = []
-        self.endings: list[reaper.Ending] = []
         self.accepting = True
         self.last_request = time.monotonic()
         self.files = warm.loaded_files()
         self.fingerprint = warm.fingerprint(self.files)
         self.log_fd = 2 if early else os.dup(2)
         os.set_inheritable(self.log_fd, False)
-        self.served = 0
         self.turn, self.checked_turn, self.changed = 0, -1, False
         self.stopping = False
         self.wakeup_r, self.wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.selector.register(self.wakeup_r, selectors.EVENT_READ, ("signal", None))
+        self.selector.register(self.wakeup_r, selectors.EVENT_READ, self._drain_wakeup)
 
     def log(self, text: str) -> None:
         try:
@@ -64,8 +64,8 @@ class Server(Jobs):
         self.log(f"listening on {self.listener.getsockname() or 'fd 3'}, idle timeout {idle}, "
                  + (f"spare dropped after {self.spare_idle:g} s without a request" if self.spares else "no spare"))
         self.catch_signals()
-        self._make_spare()
-        while self.accepting or self.jobs or self.endings or self.readings:
+        self.jobs.make_spare()
+        while self.accepting or self.jobs.running or self.jobs.endings or self.readings:
             events = self.selector.select(self._timeout())
             self.turn += 1
             if self.stopping and self.accepting:
@@ -73,33 +73,23 @@ class Server(Jobs):
                 self._stop_accepting()
             self._dispatch(events)
             self._end_overdue()
-            quiet = self.accepting and not self.jobs and not self.readings
-            if quiet and self.spare is not None and time.monotonic() - self.last_request >= self.spare_idle:
-                self.log(f"no request for {self.spare_idle:g} s: spare child {self.spare.pid} dropped")
-                self._drop_spare()
+            quiet = self.accepting and not self.jobs.running and not self.readings
+            if quiet and self.jobs.spare is not None and time.monotonic() - self.last_request >= self.spare_idle:
+                self.log(f"no request for {self.spare_idle:g} s: spare child {self.jobs.spare.pid} dropped")
+                self.jobs.drop_spare()
             if quiet and self.idle is not None and time.monotonic() - self.last_request >= self.idle:
                 self.log(f"idle for {self.idle:g} s: exiting")
                 self._stop_accepting()
-        self.log(f"exit after {self.served} events")
+        self.log(f"exit after {self.jobs.served} events")
 
     def _dispatch(self, events) -> None:
+        # Each descriptor is registered with its handler, bound to what it is
+        # about, as in the selectors docs' own example: where a descriptor is
+        # registered says what its readiness means, so Jobs registers its own
+        # (a child's exit, report and client, the spare) and this loop needs
+        # no table of kinds that would have to know them.
         for key, _ in events:
-            kind, job = key.data
-            if kind == "signal":
-                self._drain_wakeup()
-            elif kind == "accept":
-                if self.accepting:
-                    self._accept()
-            elif kind == "request":
-                self._read_request(job)
-            elif kind == "report":
-                self._read_report(job)
-            elif kind == "spare":
-                self._spare_says(job)
-            elif kind == "exit":
-                self._reap(job)
-            else:
-                self._client_readable(job)
+            key.data()
 
     def catch_signals(self) -> None:
         signal.set_wakeup_fd(self.wakeup_w)
@@ -113,12 +103,12 @@ class Server(Jobs):
         does); the others wait, greeted, for the warm-up.  While such children
         run and no request waits, the warm-up waits: the CPU is theirs."""
         self.turn += 1
-        self._dispatch(self.selector.select(self._timeout() if self.jobs and not self.readings else 0))
+        self._dispatch(self.selector.select(self._timeout() if self.jobs.running and not self.readings else 0))
         self._end_overdue()
 
     def _hold(self, reading: intake.Reading) -> bool:
         """In the warm-up, with EARLY_CHILDREN running: the request stays unread until then."""
-        if not self.early or len(self.jobs) < EARLY_CHILDREN:
+        if not self.early or len(self.jobs.running) < EARLY_CHILDREN:
             return False
         reading.deadline = time.monotonic() + intake.REQUEST_TIMEOUT
         return True
@@ -131,16 +121,8 @@ class Server(Jobs):
         for reading in early.readings:
             reading.deadline = time.monotonic() + intake.REQUEST_TIMEOUT
             self.readings.append(reading)
-            self.selector.register(reading.conn, selectors.EVENT_READ, ("request", reading))
-        for pid, job in early.jobs.items():
-            self.jobs[pid] = job
-            self.selector.register(job.pidfd, selectors.EVENT_READ, ("exit", job))
-            if job.report_fd is not None:
-                self.selector.register(job.report_fd, selectors.EVENT_READ, ("report", job))
-            if not job.client_gone and not job.answered:
-                self.selector.register(job.conn, selectors.EVENT_READ, ("client", job))
-        self.endings += early.endings
-        self.served += early.served
+            self._watch_reading(reading)
+        self.jobs.adopt(early.jobs)
         self.last_request = max(self.last_request, early.last_request)
         early.selector.close()
         os.close(early.wakeup_r)
@@ -151,6 +133,30 @@ class Server(Jobs):
         if self.checked_turn != self.turn:
             self.checked_turn, self.changed = self.turn, warm.fingerprint(self.files) != self.fingerprint
         return self.changed
+
+    def _spare_wanted(self) -> bool:
+        """The server's side of the spare policy (Jobs.make_spare has the
+        rest): spares on, accepting, no request arriving, and requests
+        coming (the last within spare_idle: a quiet server keeps only its
+        own memory)."""
+        return (self.spares and self.accepting and not self.readings
+                and time.monotonic() - self.last_request < self.spare_idle)
+
+    def _close_inherited(self) -> None:
+        """In a new child or spare: what it must not keep of the server's."""
+        for signum in (signal.SIGTERM, signal.SIGINT):  # the server's handlers: a TERM must end a child
+            signal.signal(signum, signal.SIG_DFL)
+        if self.accepting:
+            self.listener.close()
+        self.jobs.close_in_child()
+        for reading in self.readings:
+            reading.conn.close()
+            for fd in reading.fds:
+                os.close(fd)
+        os.close(self.log_fd)
+        os.close(self.wakeup_r)
+        os.close(self.wakeup_w)
+        signal.set_wakeup_fd(-1)
 
     def _on_signal(self, signum, frame) -> None:
         self.stopping = True
@@ -164,11 +170,11 @@ class Server(Jobs):
 
     def _timeout(self) -> float:
         now = time.monotonic()
-        due = [e.deadline - now for e in self.endings] + [r.deadline - now for r in self.readings]
-        if self.accepting and not self.jobs and not self.readings:
+        due = [e.deadline - now for e in self.jobs.endings] + [r.deadline - now for r in self.readings]
+        if self.accepting and not self.jobs.running and not self.readings:
             if self.idle is not None:
                 due.append(self.last_request + self.idle - now)
-            if self.spare is not None:
+            if self.jobs.spare is not None:
                 due.append(self.last_request + self.spare_idle - now)
         return max(0.0, min(due)) if due else None
 
@@ -176,7 +182,7 @@ class Server(Jobs):
         if not self.accepting:
             return
         self.accepting = False
-        self._drop_spare()
+        self.jobs.drop_spare()
         self.selector.unregister(self.listener)
         if self.path:  # our own socket: later clients find none and run in-process
             try:
@@ -187,6 +193,8 @@ class Server(Jobs):
         self.listener.close()
 
     def _accept(self) -> None:
+        if not self.accepting:  # stopped earlier in this loop turn
+            return
         try:
             conn, _ = self.listener.accept()
         except (BlockingIOError, InterruptedError):
@@ -221,7 +229,10 @@ class Server(Jobs):
         conn.setblocking(False)
         reading = intake.Reading(conn)
         self.readings.append(reading)
-        self.selector.register(conn, selectors.EVENT_READ, ("request", reading))
+        self._watch_reading(reading)
+
+    def _watch_reading(self, reading: intake.Reading) -> None:
+        self.selector.register(reading.conn, selectors.EVENT_READ, functools.partial(self._read_request, reading))
 
     def _read_request(self, reading: intake.Reading) -> None:
         """More of a request (non-blocking: a slow client never stalls the loop)."""
@@ -239,7 +250,7 @@ class Server(Jobs):
         self._forget_reading(reading)
         self.last_request = time.monotonic()
         reading.conn.setblocking(True)
-        self._start(reading.conn, request, reading.fds, reading.buffer)
+        self.jobs.start(reading.conn, request, reading.fds, reading.buffer)
 
     def _forget_reading(self, reading: intake.Reading) -> None:
         self.selector.unregister(reading.conn)
@@ -256,9 +267,7 @@ class Server(Jobs):
         now = time.monotonic()
         for reading in [r for r in self.readings if r.deadline <= now]:
             self._drop_reading(reading, f"no whole request within {intake.REQUEST_TIMEOUT:g} s")
-        for ending in [e for e in self.endings if e.deadline <= now]:
-            ending.finish()
-            self.endings.remove(ending)
+        self.jobs.end_overdue(now)
 
 def serve(socket_path: str, idle: float | None, spares: bool = True, spare_idle: float = 30.0) -> None:
     listener = listen.systemd_listener()
