@@ -237,8 +237,8 @@ def test_elements_of_another_address_are_replaced():
     assert script.split("conntrack")[0] == """\
 #!/bin/sh
 # vif-route-qubes online vif37.0
-ipset del -exist qbs-allowed4 10.137.7.27,vif37.0
 ipset del -exist qbs-downstream4 10.137.7.27
+ipset del -exist qbs-allowed4 10.137.7.27,vif37.0
 ipset add -exist qbs-allowed4 10.137.7.99,vif37.0
 ipset add -exist qbs-downstream4 10.137.7.99
 """
@@ -287,8 +287,8 @@ ip link set dev vif37.0 down 2>/dev/null || true
 sysctl -q -w net.ipv4.conf.vif37/0.proxy_arp=0 2>/dev/null || true
 """
 DELETE_27 = """\
-ipset del -exist qbs-allowed4 10.137.7.27,vif37.0
 ipset del -exist qbs-downstream4 10.137.7.27
+ipset del -exist qbs-allowed4 10.137.7.27,vif37.0
 """
 LAST = {"qbs-allowed4": 1, "qbs-downstream4": 1}
 
@@ -388,8 +388,8 @@ sysctl -q -w net.ipv4.conf.vif37/0.proxy_arp=0 2>/dev/null || true
 
 NFT_DELETE_ELEMENTS = """\
 nft -f - <<'EOF'
-delete element ip qubes allowed { "vif37.0" . 10.137.7.27 }
 delete element ip qubes downstream { 10.137.7.27 }
+delete element ip qubes allowed { "vif37.0" . 10.137.7.27 }
 EOF
 """
 

@@ -37,9 +37,12 @@ def changes(vif: str, version: int, addrs: tuple, enable: bool, held: Held) -> l
     want = {str(a) for a in addrs if a.version == version} if enable else set()
     out = []
     for addr in sorted(held.mine - want):
-        out.append(Change(False, ALLOWED, version, addr, vif))
+        # downstream first: an offline learns its addresses from the kernel (its
+        # pairs, app/offline.py), so a run killed between the two deletions
+        # (ipsets: one request each) leaves the pair that tells its rerun the address.
         if addr in held.downstream and addr not in held.others:
             out.append(Change(False, DOWNSTREAM, version, addr))
+        out.append(Change(False, ALLOWED, version, addr, vif))
     for addr in sorted(want):
         if addr not in held.mine:
             out.append(Change(True, ALLOWED, version, addr, vif))
