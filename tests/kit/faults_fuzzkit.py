@@ -1,4 +1,4 @@
-"""Strategies, judges and the in-process sandbox of tests/test_fuzz.py (hostile input)."""
+"""Strategies, judges and the in-process sandbox of tests/netns/test_fuzz.py (hostile input)."""
 
 import contextlib
 import functools

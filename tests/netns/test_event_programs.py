@@ -4,7 +4,7 @@ An offline learns what to undo from the kernel (the vif's set elements, routes,
 neighbours, addresses, hardening, its namespace when mapped): with no hook it
 starts no program at all; with a hook it reads the device type from xenstore,
 once.  An online reads xenstore once, qubesdb once and writes xenstore once.
-Every program an event may run is wrapped on PATH (tests/event_programs.py) and
+Every program an event may run is wrapped on PATH (tests/kit/event_programs.py) and
 its calls counted; each case also checks that the event did its job, so that a
 count of zero cannot come from an event that did nothing.
 

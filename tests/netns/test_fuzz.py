@@ -11,7 +11,7 @@ that was supplied, each other field in its strict form, no character the templat
 do not use (so no shell metacharacter from the input).
 
 For speed the inputs run in-process, with every boundary to the system replaced
-(tools, rule reading, lock, applier; a fork is an error: tests/faults_fuzzkit.py),
+(tools, rule reading, lock, applier; a fork is an error: tests/kit/faults_fuzzkit.py),
 so nothing here can change the machine.  A smaller sample goes through the real
 commands with --dry-run in one namespace, and the first refused cases also run
 for real, with a state hash before and after.
@@ -201,7 +201,7 @@ def test_dns_command_inputs(name, sandbox):
 # -- 5. a sample through the real commands (--dry-run), in one namespace ------------------
 
 def put(folder, key, value):
-    """A key of the file-backed xenstore/qubesdb stand-ins (tests/fakebin), any text."""
+    """A key of the file-backed xenstore/qubesdb stand-ins (tests/kit/fakebin), any text."""
     (folder / quote(key, safe="")).write_text(value, errors="surrogateescape")
 
 

@@ -5,7 +5,7 @@ org.freedesktop.resolve1 over the system bus with busctl.  Here "the system
 bus" is a private dbus-daemon of the test (its own config; a socket path in
 tmp_path, as abstract sockets would not be seen from the test's network
 namespace), reached through DBUS_SYSTEM_BUS_ADDRESS; resolved is
-tests/fake_resolved.py.  The machine's real system bus is never touched.
+tests/kit/fake_resolved.py.  The machine's real system bus is never touched.
 """
 
 import json
@@ -95,7 +95,7 @@ class PrivateBus:
 def bus(tmp_path):
     for tool in ("busctl", "dbus-daemon"):
         if not shutil.which(tool):
-            pytest.skip(f"{tool} is missing (Debian packages systemd and dbus; tests/install.sh installs them)")
+            pytest.skip(f"{tool} is missing (Debian packages systemd and dbus; tests/tools/install.sh installs them)")
     (tmp_path / "bus").mkdir()
     private = PrivateBus(tmp_path / "bus")
     try:

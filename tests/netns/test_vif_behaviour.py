@@ -303,7 +303,7 @@ def test_key_value_arguments_act_as_environment(netns, xen, vifcmd):
     assert xen.xs_read(f"{path}/hotplug-status") == "connected"
 
 
-# -- 6. hardening: tests/test_xen_hotplug.py (flag 1, 0, absent, garbage; every setting) --
+# -- 6. hardening: tests/netns/test_xen_hotplug.py (flag 1, 0, absent, garbage; every setting) --
 
 
 # -- 7. help and version ----------------------------------------------------

@@ -1,6 +1,6 @@
 """The three-hop walk-through, end to end: AppVM -> ProxyVM -> NetVM -> upstream.
 
-The topology (tests/walkthrough.py) is built once for the module per firewall
+The topology (tests/kit/walkthrough.py) is built once for the module per firewall
 backend and per layout: the seed's addresses, and Qubes R4's, where every
 virtual DNS address is 10.139.1.1/.2 and the ProxyVM DNATs them to themselves
 (its resolv.conf names them).  A test that changes the topology (a second

@@ -2,7 +2,7 @@
 invoked"): by libxl's xl devd, `online type_if=vif` with XENBUS_PATH relative
 (backend/vif/37/0, resolved by xenstore against this domain's home), libxl's
 environment only, stdin /dev/null, no terminal.  The SIGKILL of such a run and its
-rerun: tests/test_faults.py, whose Box runs every event in this form.
+rerun: tests/netns/test_faults.py, whose Box runs every event in this form.
 
     app eth0 10.137.7.27 (and 10.137.7.99, an address the VM does not own)
       --vif37.0-- proxy eth0 192.0.2.2 ---- 192.0.2.1 eth0 upstream

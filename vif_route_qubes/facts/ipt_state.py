@@ -14,7 +14,7 @@ def save(family: int, table_name: str | None = None) -> str:
 def save_both(table_name: str | None = None) -> tuple[str, str]:
     """One table (or all) of both families, one after the other: sh's start of
     a program is Python under the GIL, and two at once from threads took about
-    2 ms longer here than one after the other (tests/bench.py, DNS unchanged)."""
+    2 ms longer here than one after the other (tests/tools/bench.py, DNS unchanged)."""
     return save(4, table_name), save(6, table_name)
 
 

@@ -1,7 +1,7 @@
 """The console entry points of both commands: offer the event to the server,
 run it in-process when no server takes it.
 
-Imports nothing heavy (no click, pyroute2, sh: tests/test_server.py proves it
+Imports nothing heavy (no click, pyroute2, sh: tests/netns/test_server.py proves it
 with `python -X importtime`), and of the standard library only what a served
 event needs.  The event runs exactly once: the client falls back to the
 in-process entry only when the server cannot have started it

@@ -61,7 +61,7 @@ def _ahead_of_waiters():
     starting, children forking) makes them all wait longer: 100 served
     onlines at once here held the lock 25-99 ms each early in the burst
     instead of ~11, and took as long as 100 in a row (1.9 s; 1.6 s
-    with the holder first, tests/bench.py, iptables).  Our own programs
+    with the holder first, tests/tools/bench.py, iptables).  Our own programs
     inherit it (they are the held work too); hooks and service reloads, not
     ours, run at the priority the event had (waited_nice).  A process that
     may not raise its priority runs as it is."""

@@ -4,7 +4,7 @@ Each tool starts in a session (process group) of its own, and a timeout ends
 the whole group (a hook's or a stand-in's children must not outlive the
 event).  The timer is ours, not sh's `_timeout`: that one kills only the
 process it started, and its watcher thread polls every 0.1 s, which the
-measurements here showed as ~100 ms added to EVERY call (tests/bench.py).
+measurements here showed as ~100 ms added to EVERY call (tests/tools/bench.py).
 Errors come out as one-line VifErrors: a missing program is ToolMissing
 (sh.CommandNotFound, not a matched message), a timeout ToolTimeout, and an
 unexpected exit status ToolFailed with the tool's own stderr in the message.
