@@ -116,8 +116,8 @@ def test_after_init_among_400_vifs(netns):
     mine = {p["vif"]: p["mine"] for p in plans}
     assert mine["vif1000.0"] == ["10.137.8.1", "10.137.9.200", "fd09:24ef:4179::b000"]
     assert mine["vif1399.0"] == ["10.137.9.150", "fd09:24ef:4179::b18f"]
-    assert _plan(plans, "vif1000.0", True) == "delete element ip qubes allowed { \"vif1000.0\" . 10.137.9.200 }\n" \
-                                              "delete element ip qubes downstream { 10.137.9.200 }\n"
+    assert _plan(plans, "vif1000.0", True) == "delete element ip qubes downstream { 10.137.9.200 }\n" \
+                                              "delete element ip qubes allowed { \"vif1000.0\" . 10.137.9.200 }\n"
     assert _plan(plans, "vif500.0", True) is None and _plan(plans, "vif500.0", False) is None
     # The pair made by hand for vif37.0 goes, online and offline.
     assert 'delete element ip qubes allowed { "vif37.0" . 10.137.7.99 }' in _plan(plans, "vif37.0", True)
@@ -145,7 +145,7 @@ def test_tables_no_init_made(netns):
     # A link left in the vif group keeps them too.
     alone.sh("ip link add vif8.0 type veth peer name p8 && ip link set vif8.0 group 2")
     assert _plan(_probe(alone, [("vif7.0", ["10.137.7.7"])]), "vif7.0", False) == \
-        'delete element ip qubes allowed { "vif7.0" . 10.137.7.7 }\ndelete element ip qubes downstream { 10.137.7.7 }\n'
+        'delete element ip qubes downstream { 10.137.7.7 }\ndelete element ip qubes allowed { "vif7.0" . 10.137.7.7 }\n'
 
 
 @pytest.mark.parametrize("script", ["", "add table ip qubes\n", "add table ip qubes\nadd chain ip qubes forward\n",

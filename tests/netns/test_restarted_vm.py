@@ -190,8 +190,8 @@ def test_nft_offline_keeps_a_downstream_address_another_vif_holds():
 
 def test_nft_offline_of_the_last_holder_removes_the_downstream_address():
     script = nft.plan_vif(_state(("vif13.0", VM_IP)), "vif13.0", (ip_address(VM_IP),), False).text
-    assert script == (f'delete element ip qubes allowed {{ "vif13.0" . {VM_IP} }}\n'
-                      f"delete element ip qubes downstream {{ {VM_IP} }}\n")
+    assert script == (f"delete element ip qubes downstream {{ {VM_IP} }}\n"
+                      f'delete element ip qubes allowed {{ "vif13.0" . {VM_IP} }}\n')
 
 
 def test_nft_online_moving_off_an_address_another_vif_holds_keeps_it():
