@@ -13,23 +13,9 @@ import time
 import pytest
 
 from netns import BIN, run_libxl
+from qubes_base import ANTISPOOF_NFT as ANTISPOOF
 
 VIF, VM_IP, MAC, GATEWAY = "vif37.0", "10.137.7.27", "00:16:3e:5e:6c:19", "10.137.7.1"
-# Qubes' anti-spoofing layout (CONTRACT section 1), as the test's stand-in for its base.
-ANTISPOOF = """
-table ip qubes {
-  set downstream { type ipv4_addr; }
-  set allowed { type ifname . ipv4_addr; }
-  chain prerouting { type filter hook prerouting priority raw; policy accept; iifgroup 2 goto antispoof; ip saddr @downstream counter drop; }
-  chain antispoof { iifname . ip saddr @allowed accept; counter drop; }
-}
-table ip6 qubes {
-  set downstream { type ipv6_addr; }
-  set allowed { type ifname . ipv6_addr; }
-  chain prerouting { type filter hook prerouting priority raw; policy accept; iifgroup 2 goto antispoof; ip6 saddr @downstream counter drop; }
-  chain antispoof { iifname . ip6 saddr @allowed accept; counter drop; }
-}
-"""
 
 
 def in_qubes_etc(tmp_path, argv: list[str]) -> list[str]:

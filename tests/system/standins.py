@@ -26,6 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "kit"))
 from netns import XenEnv  # noqa: E402
+from qubes_base import ANTISPOOF_NFT  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 FAKEBIN = REPO / "tests" / "kit" / "fakebin"
@@ -109,36 +110,6 @@ def uninstall_project(box) -> subprocess.CompletedProcess:
 # Our own minimal base files with the layout of CONTRACT section 1 (Qubes R4.2+'s
 # names: tables ip/ip6 qubes, sets allowed and downstream, raw prerouting rules
 # for vifs, which are interface group 2), and a masquerade so a vif reaches out.
-ANTISPOOF_NFT = """\
-#!/usr/sbin/nft -f
-# test stand-in base (tests/system): anti-spoofing sets read by raw-priority rules
-table ip qubes {
-  set downstream { type ipv4_addr; }
-  set allowed { type ifname . ipv4_addr; }
-  chain prerouting {
-    type filter hook prerouting priority raw; policy accept;
-    iifgroup 2 goto antispoof
-    ip saddr @downstream drop
-  }
-  chain antispoof {
-    iifname . ip saddr @allowed accept
-    drop
-  }
-}
-table ip6 qubes {
-  set downstream { type ipv6_addr; }
-  set allowed { type ifname . ipv6_addr; }
-  chain prerouting {
-    type filter hook prerouting priority raw; policy accept;
-    iifgroup 2 goto antispoof
-    ip6 saddr @downstream drop
-  }
-  chain antispoof {
-    iifname . ip6 saddr @allowed accept
-    drop
-  }
-}
-"""
 IPV4_NFT = """\
 #!/usr/sbin/nft -f
 # test stand-in base (tests/system): forwarding out of vifs, masqueraded
