@@ -60,7 +60,7 @@ def read_facts(inp: VifInputs, firewall: str, ipsets: Ipsets) -> VifFacts:
     # Whether the routes were read, not `exists`: the vif may vanish in between.
     routed = offline.routed_families("host_routes" in extra, ipv6_enabled)
     ipt = ipset_facts.read_facts(ipsets, inp.vif, inp.addresses, extra.get("host_routes", ()),
-                                 inp.command == "online", routed)
+                                 inp.command == "online", routed, extra.get("neighbours", ()))
     return VifFacts(exists=exists, rename_pending=rename_pending, ipv6_enabled=ipv6_enabled, ipt=ipt, **extra)
 
 

@@ -54,10 +54,13 @@ def _held_elsewhere(ipsets: Ipsets, version: int, addr: str, vif: str) -> bool:
 
 
 def read_facts(ipsets: Ipsets, vif: str, addresses: tuple, host_routes: tuple,
-               enable: bool, routed: frozenset = frozenset({4, 6})) -> antispoof_ipt.IptFacts:
+               enable: bool, routed: frozenset = frozenset({4, 6}), neighbours: tuple = ()) -> antispoof_ipt.IptFacts:
     """`routed`: the families in which every address of the vif has a route (the
     vif is there, with IPv6 on for 6): an offline that learns its addresses from
-    the kernel reads the set whole for the others, where a pair may have no route."""
+    the kernel reads the set whole for the others, where a pair may have no route,
+    and where the vif routes nothing at all: an offline killed after it deleted
+    the routes (its first step; its permanent neighbours, the next one, name the
+    addresses while only some routes are gone) left pairs no route tells of."""
     sets = read_sets(ipsets)
     held = {}
     for version in (4, 6):
@@ -65,10 +68,12 @@ def read_facts(ipsets: Ipsets, vif: str, addresses: tuple, host_routes: tuple,
         downstream = antispoof_ipt.set_name(elements.DOWNSTREAM, version)
         want = {str(a) for a in addresses if a.version == version}
         # The vif's own pairs: the addresses it is given and those it routes.
-        candidates = want | {addr for v, addr, _ in host_routes if v == version}
+        candidates = (want | {addr for v, addr, _ in host_routes if v == version}
+                      | {addr for v, addr in neighbours if v == version})
         mine = {a for a in candidates if sets[allowed].exists and ipsets.test(allowed, version, (a, vif))}
         down = {a for a in candidates if sets[downstream].exists and ipsets.test(downstream, version, (a,))}
-        unrouted = not enable and version not in routed and sets[allowed].elements > len(mine)
+        unrouted = (not enable and sets[allowed].elements > len(mine)
+                    and (version not in routed or not any(v == version for v, _, _ in host_routes)))
         if sets[allowed].elements > sets[downstream].elements or (want - mine) & down or unrouted:
             # More pairs than addresses, or an address of ours with no pair: a pair
             # changed by hand, or a restarted VM's two vifs.  Only then is the set read whole.
