@@ -129,7 +129,10 @@ def test_a_spare_killed_while_it_waits_is_replaced_and_events_still_run(own_serv
     assert f"spare child {spare} ended unused" in server.log()
     result = run_help(server)
     assert result.returncode == 0 and "version" in result.stdout, result.stderr
-    assert "served vif-route-qubes by child" in server.log().splitlines()[-1]  # forked for it
+    # Forked for it, or run by a new spare made meanwhile (CI saw that once under load).
+    last = server.log().splitlines()[-1]
+    assert "served vif-route-qubes by child" in last or "served vif-route-qubes by spare child" in last, last
+    assert f"spare child {spare}:" not in last
     assert _one_spare(server, not_this=spare) != spare  # and a new spare waits
     assert server.proc.poll() is None
 
