@@ -9,6 +9,11 @@ if TYPE_CHECKING:  # for the reader and type checkers only: at run time model im
     from vif_route_qubes.plan.mapped import Mapped, MappedFacts
     from vif_route_qubes.plan.nft import NftState
 
+# Qubes' nftables base (R4.2+) as both the planner and the system readers name it: its
+# table, and the two anti-spoofing sets a vif event fills (plan/elements.py says how).
+NFT_TABLE = "qubes"
+ALLOWED, DOWNSTREAM = "allowed", "downstream"
+
 # A vif's interface name, vifD.N (inputs/parse.py adds the -emu suffix where a name from Xen is parsed).
 VIF_NAME = re.compile(r"vif(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)")
 

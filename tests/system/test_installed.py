@@ -10,7 +10,7 @@ import pytest
 
 import standins
 import uevents
-from booted import Container
+from booted import XEN_SCRIPT, Container
 from vmnet import ANSWER, DNS1, HOST, VM_IP, VMNet
 
 HOOK_LOG = "/var/log/vrq-hook.log"  # on the root folder (/run and /tmp are tmpfs inside)
@@ -24,6 +24,7 @@ ExecStart=/bin/true
 [Install]
 WantedBy=multi-user.target
 """
+VM2_IP = "10.137.7.28"  # vif38's VM
 UNITS = ("vif-route-qubes.socket", "vif-route-qubes.service", "vif-route-qubes-init.service")
 
 
@@ -108,7 +109,7 @@ def test_socket_starts_the_server_for_an_event(system):
     box = system.box
     box.run("systemctl stop vif-route-qubes.service")
     assert box.run("systemctl is-active vif-route-qubes.socket").stdout.strip() == "active"
-    vm2, path2 = system.net.vif(38, ip="10.137.7.28", mac="00:16:3e:5e:6c:20")
+    vm2, path2 = system.net.vif(38, ip=VM2_IP, mac="00:16:3e:5e:6c:20")
     result = box.xl_devd("online", "vif38.0", path2)
     assert result.returncode == 0, result.stderr
     pid = main_pid(box)
@@ -158,6 +159,38 @@ def test_units_verify_and_order_around_xl_devd(system):
     after = prop("xendriverdomain.service", "After")
     assert "vif-route-qubes.socket" in after and "vif-route-qubes.service" in after
     assert "network-pre.target" in prop("vif-route-qubes-init.service", "Before")
+
+
+XL_DEVD_STOP = "/usr/local/sbin/vrq-test-xl-devd-stop"
+
+
+def test_at_shutdown_the_server_serves_the_offlines_xl_devd_runs_last(system):
+    """Shutdown stops xl devd and our units in one transaction.  xl devd's last
+    offlines (here vif38's, from its ExecStop, a second after it is asked to
+    stop) are served by the running server, which stops only after them."""
+    box = system.box
+    box.run("systemctl start vif-route-qubes.service")  # resident, as after boot
+    pid = main_pid(box)
+    # As xl devd runs the script: the service's environment plus libxl's variables, stdin /dev/null.
+    box.write(XL_DEVD_STOP, "#!/bin/sh\nsleep 1  # unordered, the server would be gone by now\n"
+              "exec env vif=vif38.0 XENBUS_PATH=backend/vif/38/0 XENBUS_TYPE=vif XENBUS_BASE_PATH=backend "
+              f"netdev= script={XEN_SCRIPT} {XEN_SCRIPT} offline type_if=vif </dev/null\n", 0o755)
+    dropin = "/etc/systemd/system/xendriverdomain.service.d/stop.conf"
+    box.write(dropin, f"[Service]\nExecStop={XL_DEVD_STOP}\n")
+    box.run("systemctl daemon-reload")
+    before = served_lines(box)
+    try:
+        box.run("systemctl stop xendriverdomain.service vif-route-qubes.socket vif-route-qubes.service")
+        assert box.run("systemctl show -p Result --value xendriverdomain.service").stdout.strip() == "success"
+        journal = box.journal("vif-route-qubes.service")
+        after = served_lines(box)
+        assert len(after) == len(before) + 1, journal
+        assert f"serve[{pid}]" in after[-1] and "status 0" in after[-1], after[-1]
+        assert journal.rindex(after[-1]) < journal.rindex("stopping: no new requests"), journal
+        assert box.run(f"ip -4 route show {VM2_IP}").stdout.strip() == "", "vif38's route outlived its offline"
+    finally:
+        box.run(f"rm -f {dropin} && systemctl daemon-reload && systemctl start vif-route-qubes.socket "
+                "vif-route-qubes.service xendriverdomain.service")
 
 
 @pytest.mark.parametrize("bindir", ["/usr/local/bin", "/rw/venv/bin", "/home/user/venv/bin", "/root/venv/bin"])

@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 from vif_route_qubes.check.report import lines_drift
 from vif_route_qubes.facts import ipt_state, nft_state
-from vif_route_qubes.model import VIF_NAME
+from vif_route_qubes.model import NFT_TABLE, VIF_NAME
 from vif_route_qubes.plan import antispoof_ipt, elements, nft
 from vif_route_qubes.system.ipset import Ipsets
 
@@ -91,7 +91,7 @@ def _read_nft() -> AntispoofView:
 
 def static_drift(view: AntispoofView) -> list[tuple[str, str, str]]:
     """What all vifs rely on: the sets, the static rules, the jump to them."""
-    scope = "qubes" if view.backend == "nft" else antispoof_ipt.DISPATCH
+    scope = NFT_TABLE if view.backend == "nft" else antispoof_ipt.DISPATCH
     out = [(scope, "set-missing" if "set" in m or "qbs-" in m else "chain-missing", f"{m} missing")
            for m in view.missing]
     if view.backend == "nft":
@@ -154,7 +154,7 @@ def foreign_drift(view: AntispoofView, expected: frozenset = frozenset()) -> lis
     """Elements no vif event made: a pair for a name that is no vif, a
     downstream address that no pair holds and no vif is expected to have
     (`expected`: those are named as the vif's missing pair)."""
-    scope = "qubes" if view.backend == "nft" else antispoof_ipt.DISPATCH
+    scope = NFT_TABLE if view.backend == "nft" else antispoof_ipt.DISPATCH
     out = []
     for version in (4, 6):
         sets = view.sets[version]

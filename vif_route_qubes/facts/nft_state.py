@@ -12,9 +12,9 @@ matter (a table `init` did not make, which the last vif's offline removes).
 without a vif, parsed by nft.parse_ruleset): they need the rules too.
 """
 
+from vif_route_qubes.model import ALLOWED, DOWNSTREAM
 from vif_route_qubes.plan.nft import (FAMILIES, TABLE, VIF_GROUP, NftState, NftTable, another_vif, is_base,
                                       parse_ruleset)
-from vif_route_qubes.plan.elements import ALLOWED, DOWNSTREAM
 from vif_route_qubes.system import ip, nftables, tools
 
 

@@ -12,7 +12,7 @@ backend's NftElements step): batch.py's steps use these, and import no planner.
 
 from typing import NamedTuple
 
-ALLOWED, DOWNSTREAM = "allowed", "downstream"
+from vif_route_qubes.model import ALLOWED, DOWNSTREAM
 NFT_FAMILIES = {4: "ip", 6: "ip6"}  # nft's family of each IP version
 
 

@@ -18,10 +18,10 @@ or for element changes alone one netlink batch, system/nft_elements.py).
 import json
 from typing import NamedTuple
 
+from vif_route_qubes.model import ALLOWED, DOWNSTREAM, NFT_TABLE as TABLE
 from vif_route_qubes.plan import elements
 from vif_route_qubes.plan.batch import Nft, NftElements
 
-TABLE = "qubes"
 VIF_GROUP = 2
 FAMILIES = elements.NFT_FAMILIES
 ADDR_TYPE = {4: "ipv4_addr", 6: "ipv6_addr"}
@@ -69,11 +69,11 @@ def parse_ruleset(text: str) -> NftState:
     tables = {}
     for version in chains:
         found = sets.get(version, {})
-        allowed = frozenset(tuple(e["concat"]) for e in found.get("allowed", [])
+        allowed = frozenset(tuple(e["concat"]) for e in found.get(ALLOWED, [])
                             if isinstance(e, dict) and "concat" in e)
-        downstream = frozenset(e for e in found.get("downstream", []) if isinstance(e, str))
+        downstream = frozenset(e for e in found.get(DOWNSTREAM, []) if isinstance(e, str))
         tables[version] = NftTable(frozenset(chains[version]), allowed, downstream,
-                                   "allowed" in found and "downstream" in found)
+                                   ALLOWED in found and DOWNSTREAM in found)
     return NftState(tables)
 
 

@@ -19,14 +19,13 @@ import traceback
 from vif_route_qubes import timing
 from vif_route_qubes.server import protocol
 from vif_route_qubes.server.client import note_mode
-from vif_route_qubes.server.commands import served
+from vif_route_qubes.server.commands import module_of
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWNET = 0x40000000
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 _libc = ctypes.CDLL(None, use_errno=True)
-SERVED = served()  # command name -> module whose main() the child runs
 
 
 def _check(result: int, what: str) -> None:
@@ -152,7 +151,7 @@ def run(request: dict, fds: list[int], server_pid: int, report_fd: int) -> None:
                              f"vif-route-qubes server child: {exc}\n")
             raise SystemExit(1) from None
         note_mode(f"served by vif-route-qubes server pid {server_pid}")
-        importlib.import_module(SERVED[request["entry"]]).main()
+        importlib.import_module(module_of(request["entry"])).main()
         status = 0
     except SystemExit as exc:
         status = exit_status(exc)
@@ -182,7 +181,7 @@ def decode(request: dict) -> dict:
 
     if request.get("version") != protocol.VERSION:
         raise protocol.ProtocolError(f"protocol version {request.get('version')!r}, not {protocol.VERSION}")
-    if request.get("entry") not in SERVED:
+    if module_of(request.get("entry")) is None:
         raise protocol.ProtocolError("unknown entry")
     argv, env = request.get("argv"), request.get("env")
     if not isinstance(argv, list) or not argv or not isinstance(env, list):

@@ -44,7 +44,7 @@ class Server:
         self.readings: list[intake.Reading] = []
         self.accepting = True
         self.last_request = time.monotonic()
-        self.files = warm.loaded_files()
+        self.files = warm.loaded_files(early)
         self.fingerprint = warm.fingerprint(self.files)
         self.log_fd = 2 if early else os.dup(2)
         os.set_inheritable(self.log_fd, False)

@@ -11,6 +11,7 @@ server refuses and exits rather than serve old code with new files beside.
 """
 
 import ast
+import functools
 import gc
 import importlib
 import os
@@ -20,14 +21,18 @@ from collections.abc import Iterator
 
 from vif_route_qubes.server.commands import served
 
-# This package and those of the commands it serves (the DNS command's).
-PACKAGES = tuple(dict.fromkeys(["vif_route_qubes", *(module.split(".")[0] for module in served().values())]))
 LIBRARIES = ("click", "pyroute2", "sh")
+
+
+@functools.cache
+def packages() -> tuple[str, ...]:
+    """This package and those of the commands it serves (the DNS command's)."""
+    return tuple(dict.fromkeys(["vif_route_qubes", *(module.split(".")[0] for module in served().values())]))
 
 
 def _our_modules() -> list[str]:
     names = []
-    for package in PACKAGES:
+    for package in packages():
         module = importlib.import_module(package)
         names.append(package)
         for info in pkgutil.walk_packages(module.__path__, package + "."):
@@ -76,15 +81,18 @@ def load() -> Iterator[None]:
     gc.freeze()  # the children's garbage collector leaves these pages shared
 
 
-def loaded_files() -> list[str]:
+def loaded_files(early: bool = False) -> list[str]:
     """The interpreter, every loaded module file of ours and the libraries'
     packages (their __init__: an upgrade rewrites it too), taken once after
-    load(); about 50 stats a request (all 440 loaded modules would cost 4 ms)."""
+    load(); about 50 stats a request (all 440 loaded modules would cost 4 ms).
+    `early` (before the warm-up, which reads the served commands' packages):
+    this package's, the only one loaded then."""
+    tops = ("vif_route_qubes",) if early else packages()
     files = {os.path.realpath(sys.executable)}
     for name, module in list(sys.modules.items()):
         path = getattr(module, "__file__", None)
         top = name.split(".")[0]
-        if path and (top in PACKAGES or name in LIBRARIES):
+        if path and (top in tops or name in LIBRARIES):
             files.add(path)
     return sorted(files)
 

@@ -14,13 +14,13 @@ import os
 import time
 
 from vif_route_qubes.errors import InputError, VifError
+from vif_route_qubes.model import ALLOWED, DOWNSTREAM, NFT_TABLE as TABLE
 
 BACKENDS = ("auto", "iptables", "nft")
 # Files of Qubes' networking package (R4.2+) that make up its nftables base.
 QUBES_NFT_BASE = ("/etc/qubes/qubes-antispoof.nft", "/etc/qubes/qubes-ipv4.nft")
 BASE_POLL = 0.1  # seconds between two looks for the base
-TABLE = "qubes"
-ANTISPOOF_SETS = frozenset({"allowed", "downstream"})
+ANTISPOOF_SETS = frozenset({ALLOWED, DOWNSTREAM})
 
 
 def resolve(choice: str, wait_base: float | None = None) -> str:
@@ -36,8 +36,8 @@ def resolve(choice: str, wait_base: float | None = None) -> str:
     qubes = qubes_nft_base()
     if qubes and wait_base is not None:
         if not antispoof_loaded() and not _wait_for_antispoof(wait_base):
-            raise VifError(f"Qubes' nftables base ({QUBES_NFT_BASE[0]}: the sets allowed and downstream "
-                           f"of table ip qubes) is not loaded after {wait_base:g} s; is qubes-antispoof.service "
+            raise VifError(f"Qubes' nftables base ({QUBES_NFT_BASE[0]}: the sets {ALLOWED} and {DOWNSTREAM} "
+                           f"of table ip {TABLE}) is not loaded after {wait_base:g} s; is qubes-antispoof.service "
                            "running? Nothing was changed")
         return "nft"
     if choice == "nft" or qubes:
