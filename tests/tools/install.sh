@@ -17,7 +17,11 @@ if ((${#missing[@]})); then
     apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-python=${PYTHON:-python3}
+# Debian's interpreter, the one the package and the README's install use (not
+# another python3 first on PATH, such as pyenv's): tests and benchmarks run what users run.
+default_python=python3
+[ -x /usr/bin/python3 ] && default_python=/usr/bin/python3
+python=${PYTHON:-$default_python}
 if [ ! -x .venv/bin/python ]; then
     "$python" -m venv .venv
 fi
