@@ -50,6 +50,12 @@ CLEAN_ENV = {"PATH": SERVICE_PATH, "LANG": "C.UTF-8", "HOME": "/root", "TERM": "
 XEN_SCRIPT = "/etc/xen/scripts/vif-route-qubes"
 
 
+def libxl_env(vif: str, path: str, script: str = XEN_SCRIPT) -> dict[str, str]:
+    """The variables libxl adds to xl devd's environment for a vif's script."""
+    return {"vif": vif, "XENBUS_PATH": path, "XENBUS_TYPE": "vif", "XENBUS_BASE_PATH": "backend",
+            "netdev": "", "script": script}
+
+
 def cannot_boot() -> str | None:
     """Why systemd-nspawn cannot boot a container here (None: it can)."""
     if os.geteuid() != 0:
@@ -206,8 +212,7 @@ class Container:
                 timeout: float = 60, **extra: str) -> subprocess.CompletedProcess:
         """Run the Xen script as `xl devd` runs it (libxl_linux.c): from a service,
         stdin /dev/null, the service's environment plus libxl's variables only."""
-        env = {"vif": vif, "XENBUS_PATH": path, "XENBUS_TYPE": "vif", "XENBUS_BASE_PATH": "backend",
-               "netdev": "", "script": script, **extra}
+        env = {**libxl_env(vif, path, script), **extra}
         flags = " ".join(f"-E {shlex.quote(f'{k}={v}')}" for k, v in env.items())
         return self.run(f"systemd-run --quiet --wait --pipe --collect -p KillMode=mixed {flags} "
                         f"{shlex.quote(script)} {shlex.quote(command)} type_if=vif", check=False, timeout=timeout)

@@ -107,9 +107,8 @@ def uninstall_project(box) -> subprocess.CompletedProcess:
 
 
 # -- the stand-in Qubes networking package -----------------------------------
-# Our own minimal base files with the layout of CONTRACT section 1 (Qubes R4.2+'s
-# names: tables ip/ip6 qubes, sets allowed and downstream, raw prerouting rules
-# for vifs, which are interface group 2), and a masquerade so a vif reaches out.
+# Our own minimal base files: the anti-spoofing one is tests/kit/qubes_base.py's
+# (the layout of CONTRACT section 1), this one a masquerade so a vif reaches out.
 IPV4_NFT = """\
 #!/usr/sbin/nft -f
 # test stand-in base (tests/system): forwarding out of vifs, masqueraded

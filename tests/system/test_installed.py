@@ -4,13 +4,14 @@ network VM.  One container for the module; the tests run in file order and
 each leaves the system as the next expects (the last one uninstalls)."""
 
 import re
+import shlex
 from dataclasses import dataclass
 
 import pytest
 
 import standins
 import uevents
-from booted import XEN_SCRIPT, Container
+from booted import XEN_SCRIPT, Container, libxl_env
 from vmnet import ANSWER, DNS1, HOST, VM_IP, VMNet
 
 HOOK_LOG = "/var/log/vrq-hook.log"  # on the root folder (/run and /tmp are tmpfs inside)
@@ -172,9 +173,9 @@ def test_at_shutdown_the_server_serves_the_offlines_xl_devd_runs_last(system):
     box.run("systemctl start vif-route-qubes.service")  # resident, as after boot
     pid = main_pid(box)
     # As xl devd runs the script: the service's environment plus libxl's variables, stdin /dev/null.
+    env = " ".join(shlex.quote(f"{k}={v}") for k, v in libxl_env("vif38.0", "backend/vif/38/0").items())
     box.write(XL_DEVD_STOP, "#!/bin/sh\nsleep 1  # unordered, the server would be gone by now\n"
-              "exec env vif=vif38.0 XENBUS_PATH=backend/vif/38/0 XENBUS_TYPE=vif XENBUS_BASE_PATH=backend "
-              f"netdev= script={XEN_SCRIPT} {XEN_SCRIPT} offline type_if=vif </dev/null\n", 0o755)
+              f"exec env {env} {XEN_SCRIPT} offline type_if=vif </dev/null\n", 0o755)
     dropin = "/etc/systemd/system/xendriverdomain.service.d/stop.conf"
     box.write(dropin, f"[Service]\nExecStop={XL_DEVD_STOP}\n")
     box.run("systemctl daemon-reload")

@@ -67,13 +67,13 @@ def read_facts(ipsets: Ipsets, vif: str, addresses: tuple, host_routes: tuple,
         allowed = antispoof_ipt.set_name(elements.ALLOWED, version)
         downstream = antispoof_ipt.set_name(elements.DOWNSTREAM, version)
         want = {str(a) for a in addresses if a.version == version}
-        # The vif's own pairs: the addresses it is given and those it routes.
-        candidates = (want | {addr for v, addr, _ in host_routes if v == version}
-                      | {addr for v, addr in neighbours if v == version})
+        # The vif's own pairs: the addresses it is given, routes and keeps neighbours for.
+        routes = {addr for v, addr, _ in host_routes if v == version}
+        candidates = want | routes | {addr for v, addr in neighbours if v == version}
         mine = {a for a in candidates if sets[allowed].exists and ipsets.test(allowed, version, (a, vif))}
         down = {a for a in candidates if sets[downstream].exists and ipsets.test(downstream, version, (a,))}
         unrouted = (not enable and sets[allowed].elements > len(mine)
-                    and (version not in routed or not any(v == version for v, _, _ in host_routes)))
+                    and (version not in routed or not routes))
         if sets[allowed].elements > sets[downstream].elements or (want - mine) & down or unrouted:
             # More pairs than addresses, or an address of ours with no pair: a pair
             # changed by hand, or a restarted VM's two vifs.  Only then is the set read whole.

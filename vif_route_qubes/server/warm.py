@@ -21,13 +21,14 @@ from collections.abc import Iterator
 
 from vif_route_qubes.server.commands import served
 
+OWN_PACKAGE = __name__.split(".")[0]
 LIBRARIES = ("click", "pyroute2", "sh")
 
 
 @functools.cache
 def packages() -> tuple[str, ...]:
     """This package and those of the commands it serves (the DNS command's)."""
-    return tuple(dict.fromkeys(["vif_route_qubes", *(module.split(".")[0] for module in served().values())]))
+    return tuple(dict.fromkeys([OWN_PACKAGE, *(module.split(".")[0] for module in served().values())]))
 
 
 def _our_modules() -> list[str]:
@@ -87,7 +88,7 @@ def loaded_files(early: bool = False) -> list[str]:
     load(); about 50 stats a request (all 440 loaded modules would cost 4 ms).
     `early` (before the warm-up, which reads the served commands' packages):
     this package's, the only one loaded then."""
-    tops = ("vif_route_qubes",) if early else packages()
+    tops = (OWN_PACKAGE,) if early else packages()
     files = {os.path.realpath(sys.executable)}
     for name, module in list(sys.modules.items()):
         path = getattr(module, "__file__", None)
