@@ -4,23 +4,31 @@ run routes, neighbours, gateways, link, sysctls, then the set elements, so a
 kill between them leaves a vif whose pairs no route (or no route and no
 neighbour) tells of.  The half-done states are made here by hand, the way the
 killed run would have left them (test_faults kills at random; these are its
-windows, every time)."""
+windows, every time), for a VM with two IPv4 addresses, the same without a MAC
+in xenstore (online makes no neighbours), and a dual-stack one."""
 
 import pytest
 
 from netns import BIN, run_libxl, state_of
 
-VIF, MAC, GATEWAY = "vif37.0", "00:16:3e:5e:6c:19", "10.137.7.1"
-ADDRS = ("10.137.7.27", "10.137.7.28")
+VIF, MAC, GATEWAY, GATEWAY6 = "vif37.0", "00:16:3e:5e:6c:19", "10.137.7.1", "fd09:24ef:4179::a89:1"
+ADDRS4 = ("10.137.7.27", "10.137.7.28")
+# The VM's addresses and whether xenstore gives its MAC (no MAC: online makes no
+# neighbours, so none can name the addresses a killed offline left).
+SHAPES = {"ipv4": (ADDRS4, True), "no mac": (ADDRS4, False),
+          "dual-stack": ((*ADDRS4, "fd09:24ef:4179::a89:1b"), True)}
 
 
 @pytest.fixture
-def vif(netns, xen, backend):
+def vif(request, netns, xen, backend):
+    addrs, has_mac = SHAPES[request.param]
     proxy, vm = netns.make("proxy"), netns.make("app")
-    netns.vif(proxy, vm, VIF, vm_mac=MAC, vm_addrs=ADDRS, gateway=GATEWAY)
-    path = xen.backend(37, ip=" ".join(ADDRS), mac=MAC)
+    netns.vif(proxy, vm, VIF, vm_mac=MAC, vm_addrs=addrs, gateway=GATEWAY)
+    path = xen.backend(37, ip=" ".join(addrs), mac=MAC if has_mac else None)
     xen.qdb_write("/qubes-netvm-gateway", GATEWAY)
-    return proxy, path
+    if any(":" in a for a in addrs):
+        xen.qdb_write("/qubes-netvm-gateway6", GATEWAY6)
+    return proxy, path, addrs
 
 
 def event(proxy, xen, path, backend, action):
@@ -30,29 +38,39 @@ def event(proxy, xen, path, backend, action):
     return result
 
 
-def elements(proxy) -> str:
+def elements(proxy, addrs) -> str:
     """The set elements that name the VM's addresses, both backends."""
     text = proxy.sh("ipset save", check=False).stdout + proxy.sh("nft list ruleset", check=False).stdout
-    return "\n".join(line for line in text.splitlines() if any(a in line for a in ADDRS))
+    return "\n".join(line for line in text.splitlines() if any(a in line for a in addrs))
 
 
-@pytest.mark.parametrize("killed_after", ["all routes", "one route", "routes and neighbours", "link down"])
+def killing(addrs: tuple, killed_after: str) -> list[str]:
+    """What the killed offline had done: its steps, up to where it was killed."""
+    routes = [f"ip route del {a} dev {VIF}" for a in addrs]
+    neighbours = [f"ip neigh flush dev {VIF} nud permanent"]
+    return {"one route": routes[:1],
+            "the IPv4 routes": [r for r, a in zip(routes, addrs) if ":" not in a],
+            "all routes": routes,
+            "routes and neighbours": routes + neighbours,
+            "link down": routes + neighbours + [f"ip addr flush dev {VIF}", f"ip link set {VIF} down"]}[killed_after]
+
+
+CASES = [("ipv4", k) for k in ("all routes", "one route", "routes and neighbours", "link down")] + [
+    ("no mac", "one route"), ("no mac", "all routes"),
+    ("dual-stack", "the IPv4 routes"), ("dual-stack", "one route"), ("dual-stack", "routes and neighbours")]
+
+
+@pytest.mark.parametrize("vif, killed_after", CASES, indirect=["vif"])
 def test_the_rerun_of_a_killed_offline_undoes_everything(vif, xen, backend, killed_after):
-    proxy, path = vif
+    proxy, path, addrs = vif
     # What a whole offline leaves (iptables keeps its tables, emptied, once made).
     event(proxy, xen, path, backend, "online")
     event(proxy, xen, path, backend, "offline")
     before = state_of(proxy)
     event(proxy, xen, path, backend, "online")
-    assert elements(proxy)  # the VM's pairs and downstream addresses are there
-    steps = {"one route": [f"ip route del {ADDRS[0]} dev {VIF}"],
-             "all routes": [f"ip route del {a} dev {VIF}" for a in ADDRS],
-             "routes and neighbours": [f"ip route del {a} dev {VIF}" for a in ADDRS]
-             + [f"ip neigh flush dev {VIF} nud permanent"],
-             "link down": [f"ip route del {a} dev {VIF}" for a in ADDRS]
-             + [f"ip neigh flush dev {VIF} nud permanent", f"ip addr flush dev {VIF}", f"ip link set {VIF} down"]}
-    for command in steps[killed_after]:
+    assert all(a in elements(proxy, addrs) for a in addrs)  # the VM's pairs and downstream addresses are there
+    for command in killing(addrs, killed_after):
         proxy.sh(command)
     event(proxy, xen, path, backend, "offline")
-    assert elements(proxy) == "", f"killed after {killed_after}: the rerun left these"
+    assert elements(proxy, addrs) == "", f"killed after {killed_after}: the rerun left these"
     assert state_of(proxy) == before

@@ -4,8 +4,10 @@ elements tested one by one, and the raw tables only when the static parts
 are missing (or of the old layout) or this may be the last vif's offline.
 The `allowed` set is read whole only when it has more pairs than
 `downstream` has addresses (a pair made by hand, or a restarted VM's two vifs),
-or for an offline, in a family where the vif's addresses need not have a route
-(the interface gone, or IPv6 off on it): it learns them from the set."""
+or for an offline that the kernel cannot tell all the vif's addresses: in a
+family where they need not have a route (the interface gone, or IPv6 off on
+it), or after a killed event (no route or no permanent neighbour left on the
+vif): it learns them from the set."""
 
 import socket
 
@@ -57,12 +59,16 @@ def read_facts(ipsets: Ipsets, vif: str, addresses: tuple, host_routes: tuple,
                enable: bool, routed: frozenset = frozenset({4, 6}), neighbours: tuple = ()) -> antispoof_ipt.IptFacts:
     """`routed`: the families in which every address of the vif has a route (the
     vif is there, with IPv6 on for 6): an offline that learns its addresses from
-    the kernel reads the set whole for the others, where a pair may have no route,
-    and where the vif routes nothing at all: an offline killed after it deleted
-    the routes (its first step; its permanent neighbours, the next one, name the
-    addresses while only some routes are gone) left pairs no route tells of."""
+    the kernel reads the set whole for the others, where a pair may have no route.
+    In the routed ones the vif's routes and permanent neighbours name all its
+    addresses while it has both: routes come before neighbours in online and in
+    offline (plan/vif.py), so while any route is left a killed offline has not
+    touched the neighbours, and while any neighbour is there a killed online has
+    made every route.  With no route, or no neighbour (killed, or no MAC), left
+    on the vif, every family is read whole: a pair may have neither."""
     sets = read_sets(ipsets)
     held = {}
+    kernel_names_all = bool(host_routes) and bool(neighbours)
     for version in (4, 6):
         allowed = antispoof_ipt.set_name(elements.ALLOWED, version)
         downstream = antispoof_ipt.set_name(elements.DOWNSTREAM, version)
@@ -73,7 +79,7 @@ def read_facts(ipsets: Ipsets, vif: str, addresses: tuple, host_routes: tuple,
         mine = {a for a in candidates if sets[allowed].exists and ipsets.test(allowed, version, (a, vif))}
         down = {a for a in candidates if sets[downstream].exists and ipsets.test(downstream, version, (a,))}
         unrouted = (not enable and sets[allowed].elements > len(mine)
-                    and (version not in routed or not routes))
+                    and (version not in routed or not kernel_names_all))
         if sets[allowed].elements > sets[downstream].elements or (want - mine) & down or unrouted:
             # More pairs than addresses, or an address of ours with no pair: a pair
             # changed by hand, or a restarted VM's two vifs.  Only then is the set read whole.
