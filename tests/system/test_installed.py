@@ -15,13 +15,16 @@ from booted import XEN_SCRIPT, Container, libxl_env
 from vmnet import ANSWER, DNS1, HOST, VM_IP, VMNet
 
 HOOK_LOG = "/var/log/vrq-hook.log"  # on the root folder (/run and /tmp are tmpfs inside)
-XENDRIVERDOMAIN = """\
+XDD_LOG = "/var/log/vrq-xl-devd.log"
+# xl devd's stand-in sends an event as it starts, as xl devd does for a backend
+# already waiting then (a vif that is not there: an offline tolerates it; no hook).
+XENDRIVERDOMAIN = f"""\
 [Unit]
 Description=test stand-in for Xen's driver domain (xl devd)
 [Service]
 Type=oneshot
 RemainAfterExit=yes
-ExecStart=/bin/true
+ExecStart=-/bin/sh -c 'VIF_ROUTE_HOOKS_DIR=/nonexistent VIF_ROUTE_VERBOSE=1 {XEN_SCRIPT} offline vif99.0 >>{XDD_LOG} 2>&1'
 [Install]
 WantedBy=multi-user.target
 """
@@ -75,6 +78,20 @@ def test_units_enabled_and_started_at_boot(system):
     assert journal.count("listening on /run/vif-route-qubes/server.sock") == 1, journal
     for name in ("vif-route-qubes", "qubes-setup-dnat-to-ns", "qubes_setup_dnat_to_ns"):
         assert box.run(f"readlink /usr/bin/{name}").stdout.strip() == f"{standins.VENV}/bin/{name}"
+
+
+def test_xl_devd_starts_once_the_server_is_warm(system):
+    """The server tells systemd it is ready after its warm-up (Type=notify), and
+    xl devd is ordered after it: the event sent as xl devd starts is served by a
+    warm server, not by a child that imports the engine for it."""
+    box = system.box
+    said = box.read(XDD_LOG)
+    child = re.search(r"served by vif-route-qubes server pid \d+, child (\d+)", said)
+    assert child, said
+    line = [line for line in served_lines(box) if re.search(rf"by (spare )?child {child[1]}:", line)]
+    assert len(line) == 1 and ": status 0," in line[0], (line, served_lines(box))
+    assert "forked in the warm-up" not in line[0], line
+    assert box.run("systemctl show -p StatusText --value vif-route-qubes.service").stdout.startswith("warm:")
 
 
 def test_first_event_after_boot_is_served_once(system):

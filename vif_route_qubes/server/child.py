@@ -150,7 +150,7 @@ def run(request: dict, fds: list[int], server_pid: int, report_fd: int) -> None:
             sys.stderr.write(f"{os.path.basename(sys.argv[0] or 'vif-route-qubes')}: the event failed: "
                              f"vif-route-qubes server child: {exc}\n")
             raise SystemExit(1) from None
-        note_mode(f"served by vif-route-qubes server pid {server_pid}")
+        note_mode(f"served by vif-route-qubes server pid {server_pid}, child {os.getpid()}")
         importlib.import_module(module_of(request["entry"])).main()
         status = 0
     except SystemExit as exc:

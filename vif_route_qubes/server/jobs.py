@@ -17,8 +17,10 @@ from vif_route_qubes.server import child, intake, reaper, spare
 
 
 class Job:
-    def __init__(self, pid: int, conn: socket.socket, entry: str, report_fd: int, from_spare: bool) -> None:
+    def __init__(self, pid: int, conn: socket.socket, entry: str, report_fd: int, from_spare: bool,
+                 unwarmed: bool) -> None:
         self.pid, self.conn, self.entry, self.from_spare = pid, conn, entry, from_spare
+        self.unwarmed = unwarmed  # forked in the warm-up: it imports what its event needs
         self.pidfd = os.pidfd_open(pid)
         self.report_fd: int | None = report_fd
         self.started = time.monotonic()
@@ -36,11 +38,12 @@ class Jobs:
     (each descriptor registered with its handler, which the loop calls),
     `log`, `close_inherited()` (run in every new child or spare: what it must
     not keep of the server's, close_in_child() below included) and
-    `spare_wanted()` (the server's side of the spare policy)."""
+    `spare_wanted()` (the server's side of the spare policy); `warming`: the
+    server in the warm-up, whose children are not yet warm."""
 
     def __init__(self, selector: selectors.BaseSelector, log: Callable[[str], None],
-                 close_inherited: Callable[[], None], spare_wanted: Callable[[], bool]) -> None:
-        self.selector, self.log = selector, log
+                 close_inherited: Callable[[], None], spare_wanted: Callable[[], bool], warming: bool = False) -> None:
+        self.selector, self.log, self.warming = selector, log, warming
         self.close_inherited, self.spare_wanted = close_inherited, spare_wanted
         self.running: dict[int, Job] = {}
         self.spare: spare.Spare | None = None
@@ -60,7 +63,7 @@ class Jobs:
         pid, report_r, from_spare = started
         for fd in fds:
             os.close(fd)
-        job = Job(pid, conn, request["entry"], report_r, from_spare)
+        job = Job(pid, conn, request["entry"], report_r, from_spare, self.warming)
         self.running[pid] = job
         self._watch(job.pidfd, self._reap, job)
         self._watch(report_r, self._read_report, job)
@@ -210,6 +213,7 @@ class Jobs:
         self.served += 1
         by = "spare child" if job.from_spare else "child"
         self.log(f"served {job.entry} by {by} {job.pid}: {outcome}, {took:.1f} ms, peak {peak} kB"
+                 + (" (forked in the warm-up)" if job.unwarmed else "")
                  + (" (client gone)" if job.client_gone else ""))  # before the reply: tests count it
         if not job.client_gone:
             try:

@@ -1,5 +1,6 @@
 """Where the server listens: the socket systemd passes (socket activation,
-sd_listen_fds' protocol without its library), or one bound at a path."""
+sd_listen_fds' protocol without its library), or one bound at a path; and
+its readiness told to systemd (sd_notify's protocol, also without it)."""
 
 import os
 import socket
@@ -40,3 +41,19 @@ def bound_listener(path: str) -> socket.socket:
     sock.listen(1024)
     return sock
 
+
+def notify_socket() -> str | None:
+    """Where systemd (Type=notify) takes our readiness, taken out of the
+    environment so that no child, hook or program inherits it."""
+    address = os.environ.pop("NOTIFY_SOCKET", None)
+    if not address or address[0] not in "/@":
+        return None  # unset, or a transport (vsock) only the service manager of a VM uses
+    return "\0" + address[1:] if address[0] == "@" else address
+
+
+def notify(address: str | None, state: str) -> None:
+    """sd_notify(): one datagram of `state` lines; nothing when not asked for."""
+    if address is None:
+        return
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        sock.sendto(state.encode(), address)

@@ -12,8 +12,9 @@ are done), hello, the request with its descriptors (read with a short
 timeout: a stuck client delays the loop by at most that), then it runs in
 the spare or in a child forked for it (jobs.Jobs, an object the server owns
 and calls; spare.py).  The loop turns during the warm-up too, between its
-imports (serve() below).  Resident unless --idle-timeout; the spare is
-dropped after --spare-idle without a request.
+imports (serve() below), and tells systemd it is ready after them.
+Resident unless --idle-timeout; the spare is dropped after --spare-idle
+without a request.
 """
 
 import functools
@@ -40,7 +41,7 @@ class Server:
         self.listener.setblocking(False)
         self.selector = selectors.PollSelector()  # no descriptor of its own for the children to inherit
         self.selector.register(listener, selectors.EVENT_READ, self._accept)
-        self.jobs = Jobs(self.selector, self.log, self._close_inherited, self._spare_wanted)
+        self.jobs = Jobs(self.selector, self.log, self._close_inherited, self._spare_wanted, warming=early)
         self.readings: list[intake.Reading] = []
         self.accepting = True
         self.last_request = time.monotonic()
@@ -269,8 +270,9 @@ class Server:
             self._drop_reading(reading, f"no whole request within {intake.REQUEST_TIMEOUT:g} s")
         self.jobs.end_overdue(now)
 
+
 def serve(socket_path: str, idle: float | None, spares: bool = True, spare_idle: float = 30.0) -> None:
-    listener = listen.systemd_listener()
+    listener, notify_to = listen.systemd_listener(), listen.notify_socket()
     path = None
     if listener is None:
         listener, path = listen.bound_listener(socket_path), socket_path
@@ -285,4 +287,10 @@ def serve(socket_path: str, idle: float | None, spares: bool = True, spare_idle:
         early.early_turn()
     server = Server(listener, idle, path, spares=spares, spare_idle=spare_idle)
     server.adopt(early)
+    # Type=notify: started only now for systemd, so xl devd (ordered after us)
+    # sends its first event to a warm server.
+    try:
+        listen.notify(notify_to, "READY=1\nSTATUS=warm: each event runs in a child of the loaded engine")
+    except OSError as exc:
+        server.log(f"could not tell systemd the server is ready: {exc}")
     server.run()
