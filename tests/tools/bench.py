@@ -352,7 +352,7 @@ def lone(args, runs) -> dict:
         netns.make = make_with_base
         subprocess.run(["ip", "netns", "add", home], check=True)
         try:
-            return bench_lone.measure(netns, env, xen, runs, args.originals, args.backend, args.quiet, BIN,
+            return bench_lone.measure(netns, env, xen, runs, args.originals, args.backend, args.quiet, args.gap, BIN,
                                       TestServer, home, lambda role: Namespaces.make(netns, role))
         finally:
             netns.cleanup()
@@ -379,7 +379,10 @@ def main() -> None:
                              "(and the original with --originals), compiled stand-ins (tests/tools/bench_lone.py)")
     parser.add_argument("--only-lone", action="store_true", help="the lone events alone (implies --lone)")
     parser.add_argument("--quiet", type=float, default=60.0,
-                        help="seconds without an event before each of the resident server's lone events")
+                        help="seconds without an event before each lone event of the resident server and the original")
+    parser.add_argument("--gap", type=float, default=10.0,
+                        help="seconds without an event before each lone event of the socket-started and in-process "
+                             "sides (each starts new processes anyway; the gap lets the machine go idle)")
     args = parser.parse_args()
     runs = max(args.runs, 10)
     args.lone = args.lone or args.only_lone

@@ -1,8 +1,13 @@
-"""Lone events (issue 28): `tests/tools/bench.py --lone [--quiet SECONDS]`.
+"""Lone events (issue 28): `tests/tools/bench.py --lone [--quiet SECONDS] [--gap SECONDS]`.
 
 Most events on a network VM come alone, minutes apart.  Each round times one
 online+offline of vif37.0 in Xen's form (type_if=vif, relative XENBUS_PATH,
-stdin /dev/null), interleaved, each side in a namespace of its own:
+stdin /dev/null), interleaved, each side in a namespace of its own, and
+every event a lone one: after QUIET seconds without any (the resident server
+and the original) or GAP seconds (the socket-started and in-process sides,
+which start new processes for each event anyway; the gap lets the machine go
+idle, as before a lone event: until 2026-12-07 they ran right after the
+resident's event, the first one on a machine just woken, and paid for it):
   socket     the server started by its socket for the event: systemd-socket-activate
              holds VIF_ROUTE_SERVER_SOCKET (the path the client really uses) and
              starts `vif-route-qubes serve` on the event's connection; a new server
@@ -36,9 +41,8 @@ import bench_originals as orig
 
 HERE = Path(__file__).parent
 EVENTS = ("online", "offline")
-# Sides whose every event comes after its own quiet period: the resident server
-# and the original, compared as lone events both (the socket and in-process
-# sides start a whole new process for each event anyway).
+# Sides whose every event comes after QUIET seconds: the resident server (its
+# spare gone) and the original, compared as lone events both; the others after GAP.
 AFTER_QUIET = ("resident", "original")
 
 
@@ -119,8 +123,8 @@ def _pss(pid: int) -> dict:
     return {"server_kb": pss_kb(pid), "children_kb": kids, "total_kb": pss_kb(pid) + sum(kids)}
 
 
-def measure(netns, env, xen, runs: int, originals: Path | None, backend: str, quiet: float, bin_dir: Path,
-            server_cls, home: str, plain_make) -> dict:
+def measure(netns, env, xen, runs: int, originals: Path | None, backend: str, quiet: float, gap: float,
+            bin_dir: Path, server_cls, home: str, plain_make) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="lone-", dir=xen.root))
     cbin = build_standins(tmp / "cbin")
     path = xen.backend(orig.DOMID, ip=orig.ADDR, mac=orig.MAC)
@@ -177,14 +181,13 @@ def measure(netns, env, xen, runs: int, originals: Path | None, backend: str, qu
         for _ in range(runs):
             for command in EVENTS:
                 for name in sides:
-                    if name in AFTER_QUIET:
-                        time.sleep(quiet)  # a lone event: nothing ran for `quiet` seconds before it
+                    time.sleep(quiet if name in AFTER_QUIET else gap)  # a lone event: nothing ran just before it
                     if name == "resident" and command == "online":
                         memory.append(_pss(resident.pid))
                     elapsed, err = event(name, command)
                     times[name][command].append(elapsed)
                     splits[name][command].append(_split(err))
-        report = {"quiet_s": quiet, "runs": runs, "standins": "compiled C (tests/tools/bench_standins.c)"}
+        report = {"quiet_s": quiet, "gap_s": gap, "runs": runs, "standins": "compiled C (tests/tools/bench_standins.c)"}
         for name in sides:
             pair = [a + b for a, b in zip(times[name]["online"], times[name]["offline"])]
             report[name] = {"pair_ms": round(statistics.median(pair) * 1000, 1),
