@@ -78,11 +78,13 @@ def read_facts(ipsets: Ipsets, vif: str, addresses: tuple, host_routes: tuple,
         candidates = want | routes | {addr for v, addr in neighbours if v == version}
         mine = {a for a in candidates if sets[allowed].exists and ipsets.test(allowed, version, (a, vif))}
         down = {a for a in candidates if sets[downstream].exists and ipsets.test(downstream, version, (a,))}
-        unrouted = (not enable and sets[allowed].elements > len(mine)
-                    and (version not in routed or not kernel_names_all))
-        if sets[allowed].elements > sets[downstream].elements or (want - mine) & down or unrouted:
-            # More pairs than addresses, or an address of ours with no pair: a pair
-            # changed by hand, or a restarted VM's two vifs.  Only then is the set read whole.
+        # An offline's pairs the kernel may not name (see the docstring).
+        unnamed = (not enable and sets[allowed].elements > len(mine)
+                   and (version not in routed or not kernel_names_all))
+        if sets[allowed].elements > sets[downstream].elements or (want - mine) & down or unnamed:
+            # More pairs than addresses, or an address of ours with no pair (a pair
+            # changed by hand, or a restarted VM's two vifs), or such an offline.
+            # Only then is the set read whole.
             extra = {e[0] for e in ipsets.members(allowed) or () if e[1:] == (vif,)} - mine
             mine |= extra
             down |= {a for a in extra if ipsets.test(downstream, version, (a,))}
