@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 import memory
+from vif_route_qubes.server.spare import WAITING_NAME
 from netns import BIN, RUN_PREFIX, run_cmd
 from server_kit import HEAVY, PY, ROOT, VIFCMD, own_server, pids_in, cmdline, run_help, served_env, wait_for  # noqa: F401
 from test_vif_behaviour import PATH37, err_lines, is_up, vrq
@@ -71,13 +72,17 @@ def _children(pid: int) -> list[int]:
 
 
 def _waiting(pid: int) -> bool:
-    """A spare past its start: it drops to SCHED_IDLE only once it has closed
-    what it inherited.  A spare forked while a request ran holds that
-    request's connection until then (CI saw it still there)."""
+    """A spare past its start, waiting for a request (named so only then).  A
+    spare forked while a request ran holds that request's connection until
+    it has closed what it inherited (CI saw it still there)."""
+    return _comm(pid) == WAITING_NAME
+
+
+def _comm(pid: int) -> str | None:
     try:
-        return os.sched_getscheduler(pid) == os.SCHED_IDLE
-    except ProcessLookupError:
-        return False
+        return Path(f"/proc/{pid}/comm").read_text().rstrip("\n")
+    except (FileNotFoundError, ProcessLookupError):
+        return None
 
 
 @pytest.mark.parametrize("spare", [True, False], ids=["spare", "no-spare"])
@@ -127,6 +132,21 @@ def _one_spare(server, not_this: int | None = None) -> int:
             assert len(found) == 1, (found, server.log())
             return found[0]
         time.sleep(0.05)
+
+
+def test_a_ready_spare_waits_at_the_servers_priority(own_server):
+    """It prefaults on idle CPU time only (SCHED_IDLE); ready, it waits at the
+    server's policy and nice value.  A SCHED_IDLE spare woken on a busy CPU
+    waits for an idle one (0.36 s for `--version` here, with a busy loop on
+    its CPU, against 10 ms in a child forked then: BENCHMARKS.md)."""
+    server = own_server()
+    assert run_help(server).returncode == 0
+    waiting = _one_spare(server)
+    assert wait_for(lambda: _waiting(waiting), 5), _comm(waiting)
+    assert os.sched_getscheduler(waiting) == os.sched_getscheduler(server.pid) == os.SCHED_OTHER
+    assert os.getpriority(os.PRIO_PROCESS, waiting) == os.getpriority(os.PRIO_PROCESS, server.pid) == -10
+    assert run_help(server).returncode == 0
+    assert f"served vif-route-qubes by spare child {waiting}:" in server.log().splitlines()[-1], server.log()
 
 
 def test_a_spare_killed_while_it_waits_is_replaced_and_events_still_run(own_server):

@@ -12,11 +12,14 @@ at that moment would: same checks (intake.read_more), same child.run.
 
 It holds nothing of a request's before one arrives: it is the server as it
 was when idle, no netlink socket, thread or event loop.  It prefaults on
-idle CPU time only (SCHED_IDLE), costs its private copy of the server's
-memory while it waits (about 30 MB here), is killed when the server stops
-accepting, and dies with the server (PR_SET_PDEATHSIG).  The server makes
-one only while at most the request just started is running, so a burst of
-events is not slowed by spares made for it.
+idle CPU time only (SCHED_IDLE), then waits at the server's priority (a
+SCHED_IDLE task woken on a busy CPU waits for an idle one: 0.36 s for a
+trivial request here), named WAITING_NAME for ps; it costs its private
+copy of the server's memory while it waits (about 30 MB here), is killed
+when the server stops accepting, and dies with the server
+(PR_SET_PDEATHSIG).  The server makes one only while at most the request
+just started is running, so a burst of events is not slowed by spares
+made for it.
 """
 
 import ctypes
@@ -28,6 +31,7 @@ from vif_route_qubes.server import child, intake
 
 MADV_POPULATE_WRITE = 23
 READY = b"r"
+WAITING_NAME = "vif-route-spare"  # its comm (ps, top) while it waits; the server's again for the event
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 
@@ -100,6 +104,15 @@ def _schedule(policy: int) -> None:
         pass  # a spare at the usual priority is only a little less polite
 
 
+def _rename(name: str) -> str:
+    """This process's comm set to `name`; the one it had is returned."""
+    with open("/proc/self/comm") as comm:
+        had = comm.read().rstrip("\n")
+    with open("/proc/self/comm", "w") as comm:
+        comm.write(name)
+    return had
+
+
 def _wait_and_run(channel: socket.socket, report_w: int, server_pid: int) -> None:
     """In the spare; never returns."""
     try:
@@ -107,14 +120,16 @@ def _wait_and_run(channel: socket.socket, report_w: int, server_pid: int) -> Non
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, signal.SIG_DFL)
         policy = os.sched_getscheduler(0)
-        _schedule(os.SCHED_IDLE)  # on idle CPU time only: a running event goes first
+        _schedule(os.SCHED_IDLE)  # the prefault on idle CPU time only: a running event goes first
         prefault()
+        _schedule(policy)  # waiting takes no CPU; the request, when it comes, must not wait for an idle one
+        name = _rename(WAITING_NAME)
         channel.sendall(READY)
         reading = intake.Reading(channel)
         request = None
         while request is None:
             request = intake.read_more(reading)
-        _schedule(policy)
+        _rename(name)
     except BaseException as exc:  # noqa: BLE001  (never back into the server's loop)
         try:  # the hand-over broke: the server answers the client with this
             os.write(report_w, f"failed spare child: {exc}".encode(errors="replace")[:200])
