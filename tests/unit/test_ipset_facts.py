@@ -10,6 +10,7 @@ import pytest
 
 from vif_route_qubes.facts import ipsets as facts
 from vif_route_qubes.plan import antispoof_ipt, elements
+from vif_route_qubes.system import ip
 from vif_route_qubes.system.ipset import SetInfo
 
 VIF = "vif37.0"
@@ -50,7 +51,7 @@ def _sets(own: dict[int, tuple], other_v6_vms: int = 50) -> FakeIpsets:
 
 @pytest.fixture(autouse=True)
 def no_route_lookups(monkeypatch):
-    monkeypatch.setattr(facts, "_route_dev", lambda addr: None)  # no other vif holds an address
+    monkeypatch.setattr(ip, "route_dev", lambda addr: None)  # no other vif holds an address
 
 
 def _offline(sets, routes=(), neighbours=(), routed=frozenset({4, 6})):

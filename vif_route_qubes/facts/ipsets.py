@@ -9,11 +9,10 @@ family where they need not have a route (the interface gone, or IPv6 off on
 it), or after a killed event (no route or no permanent neighbour left on the
 vif): it learns them from the set."""
 
-import socket
-
 from vif_route_qubes.facts import ipt_state
 from vif_route_qubes.model import VIF_NAME
 from vif_route_qubes.plan import antispoof_ipt, elements
+from vif_route_qubes.system import ip
 from vif_route_qubes.system.ipset import Ipsets, SetInfo
 
 
@@ -26,31 +25,11 @@ def read_raw() -> dict:
     return {4: antispoof_ipt.parse_save(save4), 6: antispoof_ipt.parse_save(save6)}
 
 
-def _route_dev(addr: str) -> str | None:
-    """The interface the kernel routes `addr` through now."""
-    from pyroute2 import IPRoute  # start-up: this part of pyroute2 only when used
-    from pyroute2.netlink.exceptions import NetlinkError  # start-up: this part of pyroute2 only when used
-
-    try:
-        with IPRoute() as ipr:
-            found = ipr.route("get", dst=addr)
-    except NetlinkError:
-        return None
-    for msg in found:
-        oif = msg.get_attr("RTA_OIF")
-        if oif:
-            try:
-                return socket.if_indextoname(oif)
-            except OSError:
-                return None
-    return None
-
-
 def _held_elsewhere(ipsets: Ipsets, version: int, addr: str, vif: str) -> bool:
     """Another vif holds `addr` in `allowed`: the vif the kernel routes it
     through (a restarted VM's new vif, whose route has the lower metric), when
     that vif has the pair.  One route look-up and one test, not a listing."""
-    dev = _route_dev(addr)
+    dev = ip.route_dev(addr)
     return (dev is not None and dev != vif and bool(VIF_NAME.fullmatch(dev))
             and ipsets.test(antispoof_ipt.set_name(elements.ALLOWED, version), version, (addr, dev)))
 

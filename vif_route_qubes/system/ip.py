@@ -181,6 +181,23 @@ def route_del(index: int, address: str, metric: int) -> None:
     _socket().route("del", scope=255, **_route(address, index, metric))
 
 
+def route_dev(address: str) -> str | None:
+    """The interface the kernel routes `address` through now (`ip route get`),
+    None when it routes it through none (no route, unreachable)."""
+    try:
+        found = _socket().route("get", dst=address, family=_family(address))
+    except NetlinkError:
+        return None
+    for msg in found:
+        oif = msg.get_attr("RTA_OIF")
+        if oif:
+            try:
+                return socket.if_indextoname(oif)
+            except OSError:
+                return None
+    return None
+
+
 @_mapped
 def neigh_replace(index: int, address: str, mac: str) -> None:
     _socket().neigh("replace", ifindex=index, dst=address, lladdr=mac, state="permanent", family=_family(address))
