@@ -104,12 +104,18 @@ def _schedule(policy: int) -> None:
         pass  # a spare at the usual priority is only a little less polite
 
 
-def _rename(name: str) -> str:
-    """This process's comm set to `name`; the one it had is returned."""
-    with open("/proc/self/comm") as comm:
-        had = comm.read().rstrip("\n")
-    with open("/proc/self/comm", "w") as comm:
-        comm.write(name)
+def _rename(name: str | None) -> str | None:
+    """This process's comm set to `name`; the one it had is returned.  Only a
+    name for ps: where /proc refuses it, the spare waits and runs unnamed."""
+    if name is None:
+        return None
+    try:
+        with open("/proc/self/comm") as comm:
+            had = comm.read().rstrip("\n")
+        with open("/proc/self/comm", "w") as comm:
+            comm.write(name)
+    except OSError:
+        return None
     return had
 
 
